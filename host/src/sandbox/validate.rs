@@ -1,0 +1,288 @@
+//! The security boundary: every value that leaves the component is checked
+//! here before the host uses it. The wit types are untrusted; the
+//! `sandnic_device` types these functions return are what the host acts on.
+//!
+//! The bounds are the host's own, not the component's: a component that
+//! asks for 65 535 queue pairs, a 10 000-entry filter, a 4 KiB virtio header
+//! or offloads the TAP cannot do is refused, and the call counts as failed.
+
+use super::bindings::wit;
+use sandnic_device::features as f;
+use sandnic_device::{DeviceConfig, Effect, Mac, Offloads, RxFilter, MAC_TABLE_ENTRIES, VLAN_WORDS};
+
+/// What effects may ask for on this device.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_queue_pairs: u16,
+    pub backend_offloads: Offloads,
+    pub max_effects: usize,
+}
+
+impl Bounds {
+    pub fn new(config: &DeviceConfig, max_effects: usize) -> Self {
+        Self { max_queue_pairs: config.max_queue_pairs, backend_offloads: config.backend_offloads, max_effects }
+    }
+}
+
+pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, String> {
+    if list.len() > bounds.max_effects {
+        return Err(format!("{} effects, at most {} allowed", list.len(), bounds.max_effects));
+    }
+    list.into_iter().map(|e| effect(e, bounds)).collect()
+}
+
+fn effect(effect: wit::Effect, bounds: &Bounds) -> Result<Effect, String> {
+    Ok(match effect {
+        wit::Effect::SetRxFilter(filter) => Effect::SetRxFilter(rx_filter(filter)?),
+        wit::Effect::SetTapOffloads(o) => Effect::SetTapOffloads(tap_offloads(o, bounds.backend_offloads)?),
+        wit::Effect::SetVnetHdrLen(len @ (10 | 12)) => Effect::SetVnetHdrLen(len),
+        wit::Effect::SetVnetHdrLen(len) => return Err(format!("virtio-net header length {len} is not 10 or 12")),
+        wit::Effect::EnableQueuePairs(n) if (1..=bounds.max_queue_pairs).contains(&n) => Effect::EnableQueuePairs(n),
+        wit::Effect::EnableQueuePairs(n) => {
+            return Err(format!("{n} queue pairs outside 1..={}", bounds.max_queue_pairs));
+        }
+        wit::Effect::ConfigChanged => Effect::ConfigChanged,
+        wit::Effect::NeedsReset => Effect::NeedsReset,
+    })
+}
+
+/// Offloads must be a subset of what the TAP reported and a combination
+/// TUNSETOFFLOAD accepts (segmentation needs checksum; ECN needs TSO).
+fn tap_offloads(offloads: wit::Offloads, backend: Offloads) -> Result<Offloads, String> {
+    let offloads = Offloads::from(offloads);
+    if !backend.contains(offloads) {
+        return Err(format!("{offloads:?} not within what the TAP supports ({backend:?})"));
+    }
+    let needs_csum = Offloads::TSO4 | Offloads::TSO6 | Offloads::ECN | Offloads::UFO;
+    let tso = Offloads::TSO4 | Offloads::TSO6;
+    if (!(offloads & needs_csum).is_empty() && !offloads.contains(Offloads::CSUM))
+        || (offloads.contains(Offloads::ECN) && (offloads & tso).is_empty())
+    {
+        return Err(format!("{offloads:?} is a combination the TAP refuses"));
+    }
+    Ok(offloads)
+}
+
+fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
+    let mac = mac(&filter.mac).ok_or("rx filter MAC is not 6 bytes")?;
+    let unicast = mac_list(&filter.unicast, "unicast")?;
+    let multicast = mac_list(&filter.multicast, "multicast")?;
+    if unicast.len() + multicast.len() > MAC_TABLE_ENTRIES {
+        return Err(format!(
+            "rx filter has {} addresses, at most {MAC_TABLE_ENTRIES}",
+            unicast.len() + multicast.len()
+        ));
+    }
+    if filter.vlans.len() != VLAN_WORDS {
+        return Err(format!("VLAN table of {} words, expected {VLAN_WORDS}", filter.vlans.len()));
+    }
+    Ok(RxFilter {
+        promisc: filter.promisc,
+        all_multi: filter.all_multi,
+        all_uni: filter.all_uni,
+        no_multi: filter.no_multi,
+        no_uni: filter.no_uni,
+        no_bcast: filter.no_bcast,
+        mac,
+        unicast,
+        multicast,
+        unicast_overflow: filter.unicast_overflow,
+        multicast_overflow: filter.multicast_overflow,
+        vlan_filtering: filter.vlan_filtering,
+        vlans: filter.vlans,
+    })
+}
+
+fn mac(bytes: &[u8]) -> Option<Mac> {
+    bytes.try_into().ok()
+}
+
+fn mac_list(bytes: &[u8], which: &str) -> Result<Vec<Mac>, String> {
+    if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
+        return Err(format!("{which} address list of {} bytes", bytes.len()));
+    }
+    Ok(bytes.chunks_exact(6).filter_map(mac).collect())
+}
+
+pub fn ack(ack: u8) -> Result<u8, String> {
+    match ack {
+        sandnic_device::ACK_OK | sandnic_device::ACK_ERR => Ok(ack),
+        other => Err(format!("control ack {other} is neither OK nor ERR")),
+    }
+}
+
+/// The device may clear bits the driver wrote (FEATURES_OK) and keep
+/// DEVICE_NEEDS_RESET; it may not invent others.
+pub fn status(requested: u8, returned: u8) -> Result<u8, String> {
+    use sandnic_device::device::status::NEEDS_RESET;
+    if returned & !(requested | NEEDS_RESET) != 0 {
+        return Err(format!("status {returned:#x} sets bits the driver did not write ({requested:#x})"));
+    }
+    Ok(returned)
+}
+
+pub fn config_bytes(bytes: Vec<u8>, requested: u32) -> Result<Vec<u8>, String> {
+    if bytes.len() != requested as usize {
+        return Err(format!("{} config bytes for a {requested}-byte read", bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Features the host's datapath implements for `config`: the ceiling for
+/// what a component may offer to the driver.
+pub fn feature_ceiling(config: &DeviceConfig) -> u64 {
+    let mut ceiling = f::VERSION_1
+        | f::MAC
+        | f::STATUS
+        | f::CTRL_VQ
+        | f::CTRL_RX
+        | f::CTRL_RX_EXTRA
+        | f::CTRL_VLAN
+        | f::GUEST_ANNOUNCE
+        | f::CTRL_MAC_ADDR
+        | f::CTRL_GUEST_OFFLOADS
+        | f::MRG_RXBUF
+        | f::EVENT_IDX
+        | f::INDIRECT_DESC;
+    if config.mtu.is_some() {
+        ceiling |= f::MTU;
+    }
+    if config.max_queue_pairs > 1 {
+        ceiling |= f::MQ;
+    }
+    let caps = config.backend_offloads;
+    for (offload, bits) in [
+        (Offloads::CSUM, f::CSUM | f::GUEST_CSUM),
+        (Offloads::TSO4, f::HOST_TSO4 | f::GUEST_TSO4),
+        (Offloads::TSO6, f::HOST_TSO6 | f::GUEST_TSO6),
+        (Offloads::ECN, f::HOST_ECN | f::GUEST_ECN),
+        (Offloads::UFO, f::HOST_UFO | f::GUEST_UFO),
+    ] {
+        if caps.contains(offload) {
+            ceiling |= bits;
+        }
+    }
+    ceiling
+}
+
+pub fn device_features(bits: u64, config: &DeviceConfig) -> Result<u64, String> {
+    let extra = bits & !feature_ceiling(config);
+    if extra != 0 {
+        return Err(format!("offers features the host cannot serve: {}", f::names(extra).join(",")));
+    }
+    if bits & f::VERSION_1 == 0 {
+        return Err("does not offer VERSION_1".into());
+    }
+    Ok(bits)
+}
+
+pub fn bounded_bytes(bytes: Vec<u8>, max: usize, what: &str) -> Result<Vec<u8>, String> {
+    if bytes.len() > max {
+        return Err(format!("{what} of {} bytes, at most {max}", bytes.len()));
+    }
+    Ok(bytes)
+}
+
+pub fn bounded_text(text: String, max: usize, what: &str) -> Result<String, String> {
+    if text.len() > max {
+        return Err(format!("{what} of {} bytes, at most {max}", text.len()));
+    }
+    Ok(text)
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, for logging
+/// strings whose length the component chose.
+pub fn truncate_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}… ({} bytes)", &text[..cut], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandnic_device::Compat;
+
+    fn config() -> DeviceConfig {
+        DeviceConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            max_queue_pairs: 2,
+            mtu: None,
+            backend_offloads: Offloads::CSUM | Offloads::TSO4,
+            compat: Compat::default(),
+        }
+    }
+
+    fn wit_filter() -> wit::RxFilter {
+        wit::RxFilter {
+            promisc: false,
+            all_multi: false,
+            all_uni: false,
+            no_multi: false,
+            no_uni: false,
+            no_bcast: false,
+            mac: vec![0x52, 0x54, 0, 0, 0, 1],
+            unicast: vec![],
+            multicast: vec![],
+            unicast_overflow: false,
+            multicast_overflow: false,
+            vlan_filtering: true,
+            vlans: vec![0; VLAN_WORDS],
+        }
+    }
+
+    #[test]
+    fn effects_within_bounds_pass() {
+        let b = Bounds::new(&config(), 16);
+        let ok = effects(
+            vec![
+                wit::Effect::SetVnetHdrLen(12),
+                wit::Effect::EnableQueuePairs(2),
+                wit::Effect::SetTapOffloads(wit::Offloads::CSUM | wit::Offloads::TSO4),
+                wit::Effect::SetRxFilter(wit_filter()),
+                wit::Effect::ConfigChanged,
+            ],
+            &b,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 5);
+    }
+
+    #[test]
+    fn out_of_range_effects_are_refused() {
+        let b = Bounds::new(&config(), 4);
+        let bad = [
+            wit::Effect::SetVnetHdrLen(4096),
+            wit::Effect::EnableQueuePairs(0),
+            wit::Effect::EnableQueuePairs(3),
+            wit::Effect::SetTapOffloads(wit::Offloads::TSO6 | wit::Offloads::CSUM),
+            wit::Effect::SetTapOffloads(wit::Offloads::TSO4),
+            wit::Effect::SetRxFilter(wit::RxFilter { mac: vec![1, 2, 3], ..wit_filter() }),
+            wit::Effect::SetRxFilter(wit::RxFilter { unicast: vec![2; 7], ..wit_filter() }),
+            wit::Effect::SetRxFilter(wit::RxFilter { multicast: vec![1; 6 * 65], ..wit_filter() }),
+            wit::Effect::SetRxFilter(wit::RxFilter { vlans: vec![0; 4096], ..wit_filter() }),
+        ];
+        for e in bad {
+            assert!(effects(vec![e.clone()], &b).is_err(), "{e:?} accepted");
+        }
+        assert!(effects(vec![wit::Effect::ConfigChanged; 5], &b).is_err());
+    }
+
+    #[test]
+    fn scalar_outputs() {
+        assert!(ack(0).is_ok() && ack(1).is_ok() && ack(2).is_err());
+        assert_eq!(status(0x0f, 0x07), Ok(0x07));
+        assert!(status(0x03, 0x07).is_err());
+        assert_eq!(status(0x07, 0x47), Ok(0x47));
+        assert!(config_bytes(vec![0; 5], 4).is_err());
+        let cfg = config();
+        assert!(device_features(f::VERSION_1 | f::CSUM | f::HOST_TSO4 | f::MQ, &cfg).is_ok());
+        assert!(device_features(f::VERSION_1 | f::HOST_TSO6, &cfg).is_err());
+        assert!(device_features(f::VERSION_1 | f::MTU, &cfg).is_err());
+        assert!(device_features(f::VERSION_1 | (1 << 30), &cfg).is_err());
+        assert!(device_features(f::MAC, &cfg).is_err());
+        assert_eq!(truncate_text("héllo", 2), "h… (6 bytes)");
+    }
+}

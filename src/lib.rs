@@ -1,0 +1,1 @@
+//! sandnic: whole-system tests and benches live in tests/ and benches/.
