@@ -366,9 +366,7 @@ fn queue_enable_is_tracked_in_the_state<D: Dut>(make: impl Fn(DeviceConfig) -> D
     }
     d.queue_enabled(1, false);
     d.queue_enabled(999, true);
-    let blob = d.save();
-    let json = d.describe(&blob).unwrap();
-    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let value = common::described(&mut d);
     assert_eq!(value["enabled_queues"], serde_json::json!([0, 4]));
 }
 
@@ -434,8 +432,7 @@ fn corrupt_states_are_refused_and_change_nothing<D: Dut>(make: impl Fn(DeviceCon
 fn describe_renders_json<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
     let mut d = negotiated(&make);
     d.ctrl(&CtrlCommand::VlanAdd(42).encode());
-    let blob = d.save();
-    let json: serde_json::Value = serde_json::from_str(&d.describe(&blob).unwrap()).unwrap();
+    let json = common::described(&mut d);
     assert_eq!(json["version"], 1);
     assert_eq!(json["mac"], "52:54:00:12:34:56");
     assert_eq!(json["vlans"], serde_json::json!([42]));

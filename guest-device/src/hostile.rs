@@ -3,6 +3,7 @@
 //! the rest of the device works normally so a restored instance can be
 //! checked to be healthy.
 
+#[cfg(feature = "hostile")]
 use crate::types::{CtrlReply, DeviceConfig, Effect, Offloads, RxFilter, ACK_OK};
 
 /// A control class no virtio-net driver sends.
@@ -20,6 +21,7 @@ pub const EFFECT_FLOOD: u8 = 9;
 /// Devices whose MAC starts with this prefix loop forever in `load`.
 pub const LOOP_IN_LOAD_MAC_PREFIX: [u8; 3] = [0x02, 0xde, 0xad];
 
+#[cfg(feature = "hostile")]
 pub fn ctrl(bytes: &[u8]) -> Option<CtrlReply> {
     let [HOSTILE_CLASS, command, ..] = bytes else { return None };
     let ok = |effects| Some(CtrlReply { ack: ACK_OK, effects });
@@ -47,12 +49,14 @@ pub fn ctrl(bytes: &[u8]) -> Option<CtrlReply> {
     }
 }
 
+#[cfg(feature = "hostile")]
 pub fn load(config: &DeviceConfig) {
     if config.mac[..3] == LOOP_IN_LOAD_MAC_PREFIX {
         spin();
     }
 }
 
+#[cfg(feature = "hostile")]
 fn spin() -> ! {
     let mut n: u64 = 0;
     loop {
@@ -60,11 +64,18 @@ fn spin() -> ! {
     }
 }
 
+#[cfg(feature = "hostile")]
 fn recurse(depth: u64) -> u64 {
-    let frame = std::hint::black_box([depth; 64]);
-    if depth == 0 { frame[0] } else { recurse(depth - 1).wrapping_add(frame[63]) }
+    // Scalars only, so the frames live on the wasm stack (not in linear
+    // memory), and a non-associative combination so LLVM cannot turn the
+    // recursion into a loop.
+    if depth == 0 {
+        return 1;
+    }
+    (recurse(std::hint::black_box(depth - 1)) ^ depth).rotate_left(7)
 }
 
+#[cfg(feature = "hostile")]
 fn huge_filter() -> RxFilter {
     let many: Vec<[u8; 6]> = (0..10_000u32).map(|i| { let b = i.to_be_bytes(); [2, 0, b[0], b[1], b[2], b[3]] }).collect();
     RxFilter {

@@ -18,7 +18,6 @@ pub mod config_space;
 pub mod ctrl;
 pub mod device;
 pub mod features;
-#[cfg(feature = "hostile")]
 pub mod hostile;
 pub mod log;
 pub mod rx_filter;

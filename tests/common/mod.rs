@@ -58,6 +58,12 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// The device's current state, saved and described as JSON.
+pub fn described(d: &mut impl Dut) -> serde_json::Value {
+    let blob = d.save();
+    serde_json::from_str(&d.describe(&blob).expect("describe")).expect("describe gives JSON")
+}
+
 /// The device-model calls, with native result types.
 pub trait Dut {
     fn features(&mut self) -> u64;

@@ -68,11 +68,14 @@ impl InstanceData {
         }
     }
 
-    /// The last line the component wrote to stderr (a panic message).
-    fn last_stderr_line(&self) -> Option<String> {
+    /// What the component wrote to stderr before dying (a panic message),
+    /// without Rust's "note: run with RUST_BACKTRACE" hints.
+    fn panic_message(&self) -> Option<String> {
         let text = String::from_utf8_lossy(&self.stderr.contents()).into_owned();
-        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-        Some(truncate_text(line, 512))
+        let lines: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note:")).collect();
+        let tail = lines[lines.len().saturating_sub(2)..].join(" ");
+        (!tail.is_empty()).then(|| truncate_text(&tail, 512))
     }
 }
 
@@ -99,13 +102,15 @@ fn classify(call: &'static str, error: &wasmtime::Error, data: &InstanceData) ->
     if data.limiter.memory_limit_hit {
         return SandboxError::MemoryLimit { call };
     }
-    match error.downcast_ref::<Trap>() {
+    tracing::debug!("{call} failed: {error:?}");
+    let trap = error.chain().find_map(|cause| cause.downcast_ref::<Trap>());
+    match trap {
         Some(Trap::OutOfFuel) => SandboxError::OutOfFuel { call },
         Some(Trap::StackOverflow) => SandboxError::StackOverflow { call },
         _ => {
-            let mut detail = format!("{error}");
-            if let Some(line) = data.last_stderr_line() {
-                detail = format!("{detail} ({line})");
+            let mut detail = error.root_cause().to_string();
+            if let Some(panic) = data.panic_message() {
+                detail = format!("{detail}: {panic}");
             }
             SandboxError::Trap { call, detail }
         }
