@@ -253,7 +253,7 @@ impl NetDevice {
                 Ok(vec![Effect::SetRxFilter(self.rx_filter())])
             }
             CtrlCommand::MacTableSet { unicast, multicast } => {
-                self.state.mac_table = MacTable::from_lists(&unicast, &multicast);
+                self.state.mac_table = MacTable::from_lists(unicast, multicast);
                 Ok(vec![Effect::SetRxFilter(self.rx_filter())])
             }
             CtrlCommand::MacAddrSet(mac) => {

@@ -14,7 +14,6 @@
 use crate::device::{status, DeviceState, NetDevice};
 use crate::features;
 use crate::types::{format_mac, is_valid_unicast, DeviceConfig, Effect, Offloads, VLAN_WORDS};
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "sandnic-net";
@@ -48,11 +47,8 @@ pub struct BodyV2 {
     pub announce_count: u32,
 }
 
-#[derive(Deserialize)]
-struct Header(String, u32, IgnoredAny);
-
-#[derive(Serialize, Deserialize)]
-struct Blob<T>(String, u32, T);
+#[derive(Serialize)]
+struct Blob<'a, T>(&'a str, u32, T);
 
 /// A decoded blob of any version this build understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,8 +92,7 @@ pub fn check_len(len: usize) -> Result<(), String> {
 /// Decodes a blob: format, version range, then the body of that version.
 pub fn decode(blob: &[u8]) -> Result<Saved, String> {
     check_len(blob.len())?;
-    let Header(format, version, _) =
-        rmp_serde::from_slice(blob).map_err(|e| format!("not a sandnic device state: {e}"))?;
+    let (format, version, body) = split_header(blob)?;
     if format != FORMAT {
         return Err(format!("not a sandnic device state (format {format:?})"));
     }
@@ -107,16 +102,42 @@ pub fn decode(blob: &[u8]) -> Result<Saved, String> {
         ));
     }
     let body_error = |e: rmp_serde::decode::Error| format!("corrupt version-{version} state: {e}");
-    match version {
-        1 => Ok(Saved::V1(rmp_serde::from_slice::<Blob<BodyV1>>(blob).map_err(body_error)?.2)),
-        2 => Ok(Saved::V2(rmp_serde::from_slice::<Blob<BodyV2>>(blob).map_err(body_error)?.2)),
-        _ => Err(format!("state version {version} is older than this device supports ({OLDEST_STATE_VERSION}..)")),
+    let saved = match version {
+        1 => Saved::V1(body_from(body).map_err(body_error)?),
+        2 => Saved::V2(body_from(body).map_err(body_error)?),
+        _ => return Err(format!("state version {version} is older than this device supports ({OLDEST_STATE_VERSION}..)")),
+    };
+    Ok(saved)
+}
+
+/// Reads `[format, version, ...` and returns them with the rest (the body).
+fn split_header(blob: &[u8]) -> Result<(&str, u32, &[u8]), String> {
+    let not_ours = |e: &dyn std::fmt::Display| format!("not a sandnic device state: {e}");
+    let mut rest = blob;
+    let len = rmp::decode::read_array_len(&mut rest).map_err(|e| not_ours(&e))?;
+    if len != 3 {
+        return Err(not_ours(&format!("array of {len} items")));
     }
+    let (format, after) = rmp::decode::read_str_from_slice(rest).map_err(|e| not_ours(&e))?;
+    rest = after;
+    let version: u32 = rmp::decode::read_int(&mut rest).map_err(|e| not_ours(&e))?;
+    Ok((format, version, rest))
+}
+
+fn body_from<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut rest = body;
+    let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))?;
+    if !rest.is_empty() {
+        return Err(rmp_serde::decode::Error::Syntax("trailing bytes after the state".into()));
+    }
+    Ok(value)
 }
 
 fn encode<T: Serialize>(version: u32, body: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
     // Serializing plain data into a Vec cannot fail.
-    rmp_serde::to_vec(&Blob(FORMAT.to_string(), version, body)).expect("in-memory msgpack encoding")
+    rmp_serde::encode::write(&mut out, &Blob(FORMAT, version, body)).expect("in-memory msgpack encoding");
+    out
 }
 
 /// Encodes a decoded blob again, in its own version. With [`decode`] this
