@@ -1,1 +1,8 @@
-//! sandnic: whole-system tests and benches live in tests/ and benches/.
+//! sandnic's whole-system test support: the in-repo vhost-user test
+//! frontend (`frontend/`) and the harness that runs `sandnic serve` next to
+//! TAP devices in private network namespaces (`harness/`). The tests live in
+//! `tests/`, the benches in `benches/`.
+
+pub mod frontend;
+pub mod frames;
+pub mod harness;

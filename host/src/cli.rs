@@ -1,6 +1,8 @@
 //! The `sandnic` command line.
 
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
+use crate::serve::{serve, ServeError, ServeOptions, TapSource};
+use sandnic_device::Mac;
 use clap::{Parser, Subcommand};
 use sandnic_device::{Compat, DeviceConfig, Offloads};
 use std::path::PathBuf;
@@ -15,6 +17,40 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve a virtio-net device over vhost-user, backed by a TAP device.
+    Serve {
+        /// Listen here as the vhost-user server.
+        #[arg(long)]
+        socket: PathBuf,
+        /// An existing TAP device to attach to (one queue per queue pair).
+        #[arg(long, conflicts_with = "tap_fd", required_unless_present = "tap_fd")]
+        tap: Option<String>,
+        /// TAP queue fds opened by the caller, one per queue pair.
+        #[arg(long, value_delimiter = ',')]
+        tap_fd: Vec<i32>,
+        /// The device's MAC address.
+        #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
+        mac: Mac,
+        /// Queue pairs (multiqueue when more than one).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        queues: u16,
+        /// MTU advertised to the driver (VIRTIO_NET_F_MTU).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(68..))]
+        mtu: Option<u16>,
+        /// Device component to run instead of the builtin one.
+        #[arg(long)]
+        component: Option<PathBuf>,
+        /// JSON-lines control socket.
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
+    /// Talk to a running `sandnic serve` through its control socket.
+    Ctl {
+        #[arg(long)]
+        api: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Print a saved device state as JSON.
     Inspect {
         /// The saved state (as written by `save`, a handover or a fixture).
@@ -24,6 +60,39 @@ pub enum Command {
         #[arg(long)]
         component: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Component, features, queue pairs, link.
+    Status,
+    /// Per-queue packet counters and control-path counters.
+    Stats,
+    /// Set the link up or down (the guest sees a config change).
+    Link {
+        #[arg(value_parser = ["up", "down"])]
+        state: String,
+    },
+    /// Hot-swap the device component.
+    Swap { component: PathBuf },
+    /// Ask the guest to announce itself (GUEST_ANNOUNCE).
+    Announce,
+}
+
+fn parse_mac(text: &str) -> Result<Mac, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bytes: Result<Vec<u8>, _> = parts.iter().map(|p| u8::from_str_radix(p, 16)).collect();
+    match bytes {
+        Ok(b) if b.len() == 6 && parts.iter().all(|p| p.len() == 2) => {
+            let mac: Mac = b.try_into().expect("6 bytes");
+            if sandnic_device::is_valid_unicast(&mac) {
+                Ok(mac)
+            } else {
+                Err("not a unicast address".into())
+            }
+        }
+        _ => Err("expected six hex bytes like 52:54:00:12:34:56".into()),
+    }
 }
 
 /// Runs the command line; the exit code follows the usual convention
@@ -39,6 +108,25 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect { file, component } => inspect(&file, component),
+        Command::Serve { socket, tap, tap_fd, mac, queues, mtu, component, api } => {
+            let tap = match tap {
+                Some(name) => TapSource::Name(name),
+                None => TapSource::Fds(tap_fd),
+            };
+            let opts = ServeOptions { socket, tap, mac, queues, mtu, component, api };
+            return match serve(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ServeError::Usage(e)) => {
+                    eprintln!("sandnic: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("sandnic: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Ctl { api, command } => return ctl(&api, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,6 +141,33 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SANDNIC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
+    let request = match command {
+        CtlCommand::Status => serde_json::json!({ "cmd": "status" }),
+        CtlCommand::Stats => serde_json::json!({ "cmd": "stats" }),
+        CtlCommand::Link { state } => serde_json::json!({ "cmd": "link", "up": state == "up" }),
+        CtlCommand::Swap { component } => {
+            let path = std::fs::canonicalize(&component).unwrap_or(component);
+            serde_json::json!({ "cmd": "swap", "component": path })
+        }
+        CtlCommand::Announce => serde_json::json!({ "cmd": "announce" }),
+    };
+    match crate::api::client(api, request) {
+        Ok((reply, ok)) => {
+            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("sandnic: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn inspect(file: &PathBuf, component: Option<PathBuf>) -> anyhow::Result<()> {

@@ -3,9 +3,21 @@
 //! that runs the device model.
 //!
 //! - `sandbox/` — wasmtime runtime, limits, validation, hot swap
+//! - `vhost_user/` — the vhost-user protocol: framing and fd passing, requests
+//! - `backend/` — one virtio-net device: requests, rings, control queue, effects
+//! - `datapath/` — the per-queue-pair packet threads (TX, RX, rx filter)
+//! - `tap.rs` — the TAP device
+//! - `serve.rs` — `sandnic serve`'s event loop
+//! - `api.rs` — the JSON-lines control API and `sandnic ctl`
 //! - `cli.rs` — command-line interface of the `sandnic` binary
 
+pub mod api;
+pub mod backend;
 pub mod cli;
+pub mod datapath;
 pub mod sandbox;
+pub mod serve;
+pub mod tap;
+pub mod vhost_user;
 
 pub use sandnic_device as device_model;

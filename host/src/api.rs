@@ -1,0 +1,189 @@
+//! The JSON-lines control API (`--api PATH`) and its client (`sandnic ctl`).
+//!
+//! A request is one JSON object per line with `"cmd"`; the reply is one
+//! object with `"ok": true|false` and either the result fields or
+//! `"error"`. Commands: `status`, `stats`, `link` (`"up": bool`), `swap`
+//! (`"component": FILE`), `announce`.
+
+use crate::backend::NetBackend;
+use crate::sandbox::{ComponentSource, Runtime};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request line accepted: the client chooses the length.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One connected API client and its partial input.
+pub struct ApiClient {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl ApiClient {
+    pub fn new(stream: UnixStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self { stream, buf: Vec::new() })
+    }
+
+    /// Reads what is available; returns complete lines, or None when the
+    /// client is gone (closed, error, or an over-long line).
+    pub fn read_lines(&mut self) -> Option<Vec<String>> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+            if self.buf.len() > MAX_LINE {
+                return None;
+            }
+        }
+        let mut lines = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            lines.push(String::from_utf8_lossy(&line).trim().to_string());
+        }
+        Some(lines)
+    }
+
+    pub fn reply(&mut self, value: &Value) -> std::io::Result<()> {
+        self.stream.set_nonblocking(false)?;
+        self.stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = value.to_string();
+        line.push('\n');
+        let result = self.stream.write_all(line.as_bytes());
+        self.stream.set_nonblocking(true)?;
+        result
+    }
+}
+
+/// Everything an API command may touch.
+pub struct ApiContext<'a> {
+    pub backend: &'a mut NetBackend,
+    pub runtime: &'a Arc<Runtime>,
+    pub connected: bool,
+}
+
+fn error(message: impl std::fmt::Display) -> Value {
+    json!({ "ok": false, "error": message.to_string() })
+}
+
+/// Executes one request line.
+pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
+    let request: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return error(format!("request is not JSON: {e}")),
+    };
+    let Some(cmd) = request.get("cmd").and_then(Value::as_str) else {
+        return error("request has no \"cmd\"");
+    };
+    match cmd {
+        "status" => status(ctx),
+        "stats" => stats(ctx),
+        "link" => match request.get("up").and_then(Value::as_bool) {
+            Some(up) => match ctx.backend.set_link(up) {
+                Ok(()) => json!({ "ok": true, "link_up": up }),
+                Err(e) => error(e),
+            },
+            None => error("link needs \"up\": true|false"),
+        },
+        "announce" => match ctx.backend.announce() {
+            Ok(()) => json!({ "ok": true }),
+            Err(e) => error(e),
+        },
+        "swap" => match request.get("component").and_then(Value::as_str) {
+            Some(path) => swap(ctx, Path::new(path)),
+            None => error("swap needs \"component\": FILE"),
+        },
+        other => error(format!("unknown command {other:?}")),
+    }
+}
+
+fn status(ctx: &mut ApiContext<'_>) -> Value {
+    let b = &*ctx.backend;
+    let info = b.device().info();
+    let config = b.device().config();
+    json!({
+        "ok": true,
+        "component": { "name": info.name, "version": info.version, "state_version": info.state_version, "origin": b.device().component().origin },
+        "frontend_connected": ctx.connected,
+        "mac": sandnic_device::format_mac(&config.mac),
+        "tap": b.datapath().tap().name(),
+        "queue_pairs": { "max": config.max_queue_pairs, "active": b.active_pairs() },
+        "link_up": b.link_up(),
+        "features_acked": b.protocol().acked_features.map(|f| sandnic_device::features::names(f & !crate::vhost_user::F_PROTOCOL_FEATURES)),
+        "protocol_features": b.protocol().protocol_features,
+        "sandbox": b.device().stats(),
+        "needs_reset": b.device().needs_reset(),
+    })
+}
+
+fn stats(ctx: &mut ApiContext<'_>) -> Value {
+    let queues: Vec<Value> = ctx
+        .backend
+        .datapath()
+        .stats()
+        .iter()
+        .enumerate()
+        .map(|(pair, s)| {
+            let mut v = serde_json::to_value(s).expect("plain counters");
+            v["pair"] = pair.into();
+            v
+        })
+        .collect();
+    json!({ "ok": true, "queues": queues, "control": ctx.backend.counters, "sandbox": ctx.backend.device().stats() })
+}
+
+fn swap(ctx: &mut ApiContext<'_>, path: &Path) -> Value {
+    let component = match ctx.runtime.load(&ComponentSource::File(path.to_path_buf())) {
+        Ok(c) => c,
+        Err(e) => return error(format!("{e:#}")),
+    };
+    match ctx.backend.swap(component) {
+        Ok(report) => json!({
+            "ok": true,
+            "pause_us": report.pause.as_micros() as u64,
+            "from": report.from,
+            "to": report.to,
+        }),
+        Err(e) => error(e),
+    }
+}
+
+/// Binds a listening socket at `path`. A live socket there is "in use"; a
+/// stale one (nobody answers) is replaced; anything else is left alone.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("socket {} is in use by another process", path.display()));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
+}
+
+/// `sandnic ctl`: sends one request, prints the reply, and says whether it
+/// was ok.
+pub fn client(api: &PathBuf, request: Value) -> Result<(Value, bool), String> {
+    let mut stream = UnixStream::connect(api).map_err(|e| format!("connecting to {}: {e}", api.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut line = request.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(|e| format!("sending: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
+    let value: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
+    let ok = value.get("ok").and_then(Value::as_bool).unwrap_or(false);
+    Ok((value, ok))
+}

@@ -1,0 +1,87 @@
+//! Applying the device model's effects (already validated by the sandbox
+//! boundary) to the TAP, the datapath and the frontend.
+
+use super::NetBackend;
+use crate::datapath::rx::{MAX_FRAME, MAX_GSO_FRAME};
+use crate::datapath::rx_filter::NativeFilter;
+use crate::sandbox::DeviceError;
+use sandnic_device::{Effect, Offloads};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+impl NetBackend {
+    pub(super) fn apply(&mut self, effects: Vec<Effect>) {
+        let mut settings_changed = false;
+        let mut notify = false;
+        for effect in effects {
+            match effect {
+                Effect::SetRxFilter(filter) => {
+                    self.settings.filter = Arc::new(NativeFilter::from(&filter));
+                    settings_changed = true;
+                }
+                Effect::SetTapOffloads(offloads) => {
+                    if let Err(e) = self.datapath.tap().set_offloads(offloads) {
+                        warn!("{e}");
+                    }
+                    let segmentation = Offloads::TSO4 | Offloads::TSO6 | Offloads::UFO;
+                    let gso = !(offloads & segmentation).is_empty();
+                    self.settings.frame_room = if gso { MAX_GSO_FRAME } else { MAX_FRAME };
+                    settings_changed = true;
+                }
+                Effect::SetVnetHdrLen(len) => {
+                    if let Err(e) = self.datapath.tap().set_vnet_hdr_len(len) {
+                        warn!("{e}");
+                    }
+                    self.settings.hdr_len = len as usize;
+                    settings_changed = true;
+                }
+                Effect::EnableQueuePairs(pairs) => {
+                    let pairs = pairs.min(self.datapath.pair_count() as u16);
+                    self.datapath.set_active_pairs(usize::from(pairs));
+                    self.active_pairs = pairs;
+                }
+                Effect::ConfigChanged => notify = true,
+                Effect::NeedsReset => {
+                    warn!("device model requests a reset");
+                    notify = true;
+                }
+            }
+        }
+        if settings_changed {
+            self.datapath.set_settings(&self.settings);
+        }
+        if notify {
+            self.notify_config_change();
+        }
+    }
+
+    /// Applies the effects of a device call, or counts its failure.
+    pub(super) fn apply_result(&mut self, result: Result<Vec<Effect>, DeviceError>) -> Result<(), String> {
+        match result {
+            Ok(effects) => {
+                self.apply(effects);
+                Ok(())
+            }
+            Err(e) => {
+                self.note_failure(&e);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The host's view of the link changed (API `link`).
+    pub fn set_link(&mut self, up: bool) -> Result<(), String> {
+        let result = self.device.link_changed(up);
+        self.apply_result(result)?;
+        self.settings.link_up = up;
+        self.datapath.set_settings(&self.settings);
+        info!(up, "link changed");
+        Ok(())
+    }
+
+    /// Asks the guest to announce itself (after a migration).
+    pub fn announce(&mut self) -> Result<(), String> {
+        let result = self.device.announce();
+        self.apply_result(result)
+    }
+}

@@ -1,0 +1,125 @@
+//! Guest memory as the frontend describes it in SET_MEM_TABLE: regions of
+//! shared files (memfd, UML's physmem file) mapped into this process.
+//!
+//! Two address spaces meet here. Descriptor addresses are guest-physical;
+//! the ring addresses of SET_VRING_ADDR are the *frontend's* virtual
+//! addresses and must be translated through the region table (for UML the
+//! two coincide; for QEMU they do not).
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion,
+};
+
+/// One SET_MEM_TABLE region as sent (without its fd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionInfo {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    pub userspace_addr: u64,
+    pub mmap_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region's numbers do not describe a mappable range.
+    #[error("memory region {0:?} is invalid (empty, overflowing or not page aligned)")]
+    BadRegion(RegionInfo),
+    /// mmap of a region failed.
+    #[error("mapping memory region {region:?}: {error}")]
+    Map { region: RegionInfo, error: String },
+    /// Regions overlap or cannot form a guest address space.
+    #[error("memory regions do not form a guest address space: {0}")]
+    Layout(String),
+    /// The number of fds does not match the number of regions.
+    #[error("{regions} memory regions but {fds} fds")]
+    FdCount { regions: usize, fds: usize },
+}
+
+/// The mapped guest memory plus what is needed to describe it again (for a
+/// handover: the region table and the fds).
+pub struct GuestMemory {
+    mem: GuestMemoryMmap,
+    regions: Vec<RegionInfo>,
+}
+
+const PAGE: u64 = 4096;
+
+impl GuestMemory {
+    /// Maps every region from its fd.
+    pub fn map(regions: Vec<RegionInfo>, fds: Vec<OwnedFd>) -> Result<Self, MemoryError> {
+        if regions.len() != fds.len() {
+            return Err(MemoryError::FdCount { regions: regions.len(), fds: fds.len() });
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (info, fd) in regions.iter().zip(fds) {
+            let valid = info.memory_size > 0
+                && info.mmap_offset % PAGE == 0
+                && info.guest_phys_addr.checked_add(info.memory_size).is_some()
+                && info.userspace_addr.checked_add(info.memory_size).is_some()
+                && info.mmap_offset.checked_add(info.memory_size).is_some()
+                && usize::try_from(info.memory_size).is_ok();
+            if !valid {
+                return Err(MemoryError::BadRegion(*info));
+            }
+            let file = File::from(fd);
+            let mmap = MmapRegion::<()>::from_file(FileOffset::new(file, info.mmap_offset), info.memory_size as usize)
+                .map_err(|e| MemoryError::Map { region: *info, error: e.to_string() })?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(info.guest_phys_addr))
+                .ok_or(MemoryError::BadRegion(*info))?;
+            mapped.push(region);
+        }
+        mapped.sort_by_key(|r| r.start_addr());
+        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        Ok(Self { mem, regions })
+    }
+
+    pub fn mmap(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn regions(&self) -> &[RegionInfo] {
+        &self.regions
+    }
+
+    /// The fd behind each region, in `regions()` order (for a handover).
+    pub fn region_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.regions
+            .iter()
+            .filter_map(|info| self.mem.find_region(GuestAddress(info.guest_phys_addr)))
+            .filter_map(|region| region.file_offset().map(|f| f.file().as_fd()))
+            .collect()
+    }
+
+    /// Translates a frontend virtual address range (a ring) to a guest
+    /// address; the whole range must lie in one region.
+    pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<GuestAddress> {
+        self.regions.iter().find_map(|r| {
+            let offset = va.checked_sub(r.userspace_addr)?;
+            (offset.checked_add(len)? <= r.memory_size).then(|| GuestAddress(r.guest_phys_addr + offset))
+        })
+    }
+}
+
+/// A guest buffer as host memory, for readv/writev.
+pub type IoVec = libc::iovec;
+
+/// Appends the host ranges backing guest range `[addr, addr+len)` to `out`
+/// (several when it crosses regions). Fails if any byte is outside guest
+/// memory: the guest chooses these addresses.
+pub fn translate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32, out: &mut Vec<IoVec>) -> Result<(), GuestAddress> {
+    let mut addr = addr;
+    let mut left = u64::from(len);
+    while left > 0 {
+        let region = mem.find_region(addr).ok_or(addr)?;
+        let offset = addr.checked_offset_from(region.start_addr()).ok_or(addr)?;
+        let take = left.min(region.len() - offset);
+        let host = region.get_host_address(MemoryRegionAddress(offset)).map_err(|_| addr)?;
+        out.push(IoVec { iov_base: host.cast(), iov_len: take as usize });
+        left -= take;
+        addr = addr.checked_add(take).ok_or(addr)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The packet hot path: one thread per queue pair moving frames between the
+//! guest's vrings and the TAP queue, with no calls into wasm and no
+//! allocation per packet.
+//!
+//! - `guest_memory.rs` — mapping SET_MEM_TABLE regions, address translation
+//! - `vring.rs` — ring setup and start, defensive chain walking
+//! - `tx.rs` / `rx.rs` — the two directions
+//! - `rx_filter.rs` — the native receive filter
+//! - `worker.rs` — the per-pair thread and its epoll loop
+//! - `notify.rs` — kick/call fds
+//! - `stats.rs` — counters
+
+pub mod guest_memory;
+pub mod notify;
+pub mod rx;
+pub mod rx_filter;
+pub mod stats;
+pub mod tx;
+pub mod vring;
+mod worker;
+
+use crate::tap::Tap;
+use guest_memory::GuestMemory;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use rx::RxPending;
+use rx_filter::NativeFilter;
+use stats::{QueueStats, StatsSnapshot};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use virtio_queue::QueueT;
+use vring::Vring;
+
+/// What every pair needs to know about the negotiated device.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub hdr_len: usize,
+    pub mergeable: bool,
+    pub frame_room: u64,
+    pub filter: Arc<NativeFilter>,
+    pub link_up: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { hdr_len: 12, mergeable: false, frame_room: rx::MAX_FRAME, filter: Arc::default(), link_up: true }
+    }
+}
+
+/// One queue pair's datapath state. Only touched with the pair's mutex held.
+pub struct PairState {
+    pub memory: Option<Arc<GuestMemory>>,
+    pub rx: Option<Vring>,
+    pub tx: Option<Vring>,
+    pub rx_pending: RxPending,
+    /// The guest gave no room for the next frame; wait for an RX kick.
+    pub rx_starved: bool,
+    pub settings: Settings,
+    /// The pair is within the active queue pairs.
+    pub active: bool,
+    /// Stopped for a snapshot (swap, handover).
+    pub paused: bool,
+    /// Bumped whenever the fds to poll change.
+    pub generation: u64,
+}
+
+pub struct PairShared {
+    pub index: u16,
+    pub state: Mutex<PairState>,
+    pub stats: QueueStats,
+    wake: EventFd,
+    stop: AtomicBool,
+}
+
+impl PairShared {
+    fn lock(&self) -> MutexGuard<'_, PairState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        notify::signal(self.wake.as_fd());
+    }
+}
+
+/// All queue pairs and their threads.
+pub struct Datapath {
+    tap: Arc<Tap>,
+    pairs: Vec<Arc<PairShared>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Which ring of a pair a virtqueue index is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Rx,
+    Tx,
+}
+
+impl Datapath {
+    /// Starts one thread per TAP queue. Only pair 0 is active until the
+    /// device model enables more.
+    pub fn start(tap: Arc<Tap>) -> std::io::Result<Self> {
+        let mut pairs = Vec::new();
+        let mut threads = Vec::new();
+        for index in 0..tap.queue_count() {
+            let shared = Arc::new(PairShared {
+                index: index as u16,
+                state: Mutex::new(PairState {
+                    memory: None,
+                    rx: None,
+                    tx: None,
+                    rx_pending: RxPending::default(),
+                    rx_starved: false,
+                    settings: Settings::default(),
+                    active: index == 0,
+                    paused: false,
+                    generation: 0,
+                }),
+                stats: QueueStats::default(),
+                wake: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                    .map_err(std::io::Error::from)?,
+                stop: AtomicBool::new(false),
+            });
+            let (s, t) = (shared.clone(), tap.clone());
+            threads.push(std::thread::Builder::new().name(format!("sandnic-q{index}")).spawn(move || worker::run(s, t))?);
+            pairs.push(shared);
+        }
+        for index in 1..tap.queue_count() {
+            let _ = tap.set_queue_attached(index, false);
+        }
+        Ok(Self { tap, pairs, threads })
+    }
+
+    pub fn tap(&self) -> &Arc<Tap> {
+        &self.tap
+    }
+
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Runs `f` on a pair's state at a batch boundary, then wakes its thread
+    /// so it picks up changed fds.
+    pub fn with_pair<R>(&self, pair: usize, f: impl FnOnce(&mut PairState) -> R) -> Option<R> {
+        let shared = self.pairs.get(pair)?;
+        let result = {
+            let mut st = shared.lock();
+            let r = f(&mut st);
+            st.generation += 1;
+            r
+        };
+        shared.wake();
+        Some(result)
+    }
+
+    /// Stops ring `(pair, dir)`: pending RX buffers go back to the guest and
+    /// the next available index is returned (GET_VRING_BASE).
+    pub fn stop_ring(&self, pair: usize, dir: Direction) -> Option<u16> {
+        self.with_pair(pair, |st| {
+            let ring = match dir {
+                Direction::Rx => st.rx.as_mut().map(|ring| {
+                    st.rx_pending.rewind(ring);
+                    ring
+                }),
+                Direction::Tx => st.tx.as_mut(),
+            }?;
+            let next = ring.queue.next_avail();
+            match dir {
+                Direction::Rx => st.rx = None,
+                Direction::Tx => st.tx = None,
+            }
+            Some(next)
+        })
+        .flatten()
+    }
+
+    pub fn install_ring(&self, pair: usize, dir: Direction, ring: Vring) {
+        self.with_pair(pair, |st| {
+            st.rx_starved = false;
+            match dir {
+                Direction::Rx => st.rx = Some(ring),
+                Direction::Tx => st.tx = Some(ring),
+            }
+        });
+    }
+
+    /// New guest memory for every pair. Rings must have been stopped (their
+    /// addresses are re-translated against the new table by the caller).
+    pub fn set_memory(&self, memory: Option<Arc<GuestMemory>>) {
+        for pair in 0..self.pairs.len() {
+            self.with_pair(pair, |st| st.memory = memory.clone());
+        }
+    }
+
+    pub fn set_settings(&self, settings: &Settings) {
+        for pair in 0..self.pairs.len() {
+            self.with_pair(pair, |st| st.settings = settings.clone());
+        }
+    }
+
+    /// Serves pairs `0..n` and detaches the TAP queues of the others so the
+    /// kernel steers nothing to a queue nobody reads.
+    pub fn set_active_pairs(&self, n: usize) {
+        for pair in 0..self.pairs.len() {
+            let active = pair < n;
+            let _ = self.tap.set_queue_attached(pair, active);
+            self.with_pair(pair, |st| st.active = active);
+        }
+    }
+
+    /// Holds every pair at a batch boundary until the guard is dropped.
+    pub fn pause(&self) -> Vec<MutexGuard<'_, PairState>> {
+        self.pairs.iter().map(|p| p.lock()).collect()
+    }
+
+    pub fn stats(&self) -> Vec<StatsSnapshot> {
+        self.pairs.iter().map(|p| p.stats.snapshot()).collect()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        for p in &self.pairs {
+            p.stop.store(true, Ordering::Release);
+            p.wake();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

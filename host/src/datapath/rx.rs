@@ -1,0 +1,210 @@
+//! Receive: TAP → guest. Frames are read with one `readv` straight into the
+//! guest's buffers. Never a partial frame: the read is offered more room
+//! than the largest frame that can arrive, and a read that fills everything
+//! offered is treated as truncated and dropped.
+//!
+//! With MRG_RXBUF a frame may span several chains (`num_buffers` in the
+//! header says how many). Chains are popped ahead of need and kept in
+//! `RxPending`; a frame the filter rejects leaves them pending for the next
+//! one. Pending chains are rewound (given back to the available ring) when
+//! the ring stops, so the guest loses no buffers.
+
+use super::guest_memory::IoVec;
+use super::rx_filter::NativeFilter;
+use super::stats::Batch;
+use super::vring::{chain_iovecs, read_iov, write_iov, Vring};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+/// Room needed for any frame when segmentation offloads are on.
+pub const MAX_GSO_FRAME: u64 = 65_550;
+/// Room needed for any frame without them (a 9000-byte MTU, VLAN tagged).
+pub const MAX_FRAME: u64 = 9_022;
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    head: u16,
+    segments: usize,
+    capacity: u64,
+    bad: bool,
+}
+
+/// Chains popped from the RX ring but not yet used, with their host
+/// buffers. The buffers point into the guest memory mapping current when
+/// they were popped: the owner must `rewind` before that mapping changes.
+#[derive(Debug, Default)]
+pub struct RxPending {
+    chains: VecDeque<Pending>,
+    iov: Vec<IoVec>,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory mappings owned
+// by the same `PairState` (behind its mutex), never into thread-local data.
+unsafe impl Send for RxPending {}
+
+impl RxPending {
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+
+    /// Gives every pending chain back to the available ring.
+    pub fn rewind(&mut self, ring: &mut Vring) {
+        let n = self.chains.len() as u16;
+        ring.queue.set_next_avail(ring.queue.next_avail().wrapping_sub(n));
+        self.chains.clear();
+        self.iov.clear();
+    }
+
+    /// Room, chains and segments of the good chains at the front.
+    fn usable(&self) -> (u64, usize, usize) {
+        self.chains.iter().take_while(|c| !c.bad).fold((0, 0, 0), |(cap, n, s), c| (cap + c.capacity, n + 1, s + c.segments))
+    }
+
+    fn consume(&mut self, chains: usize) {
+        let segments: usize = self.chains.drain(..chains).map(|c| c.segments).sum();
+        self.iov.drain(..segments);
+    }
+
+    fn pop_into(&mut self, ring: &mut Vring, mem: &GuestMemoryMmap) -> bool {
+        let Some(chain) = ring.pop(mem) else { return false };
+        let head = chain.head_index();
+        let before = self.iov.len();
+        let result = chain_iovecs(chain, mem, true, u64::from(u32::MAX), &mut self.iov);
+        let (capacity, bad) = match result {
+            Ok(capacity) => (capacity, false),
+            Err(_) => (0, true),
+        };
+        self.chains.push_back(Pending { head, segments: self.iov.len() - before, capacity, bad });
+        true
+    }
+}
+
+pub struct RxContext<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub tap: BorrowedFd<'a>,
+    pub hdr_len: usize,
+    pub mergeable: bool,
+    /// Room to gather before reading (see MAX_FRAME / MAX_GSO_FRAME).
+    pub frame_room: u64,
+    pub filter: &'a NativeFilter,
+    pub link_up: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// The TAP has nothing more to read.
+    TapEmpty,
+    /// The guest has not given enough buffers; wait for its kick.
+    NeedBuffers,
+    /// The budget ran out with the TAP maybe still readable.
+    Budget,
+}
+
+/// Moves up to `budget` frames from the TAP into the guest.
+pub fn process_rx(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>, budget: usize) -> (Batch, RxOutcome) {
+    let mut batch = Batch::default();
+    let mut used_any = false;
+    let mut outcome = RxOutcome::Budget;
+    for _ in 0..budget {
+        used_any |= return_bad_chains(ring, pending, ctx.mem, &mut batch);
+        if !gather(ring, pending, ctx) {
+            outcome = RxOutcome::NeedBuffers;
+            break;
+        }
+        let (room, chains, segments) = pending.usable();
+        // SAFETY: the iovecs point into guest buffers the guest handed to
+        // the device (device-writable, inside `ctx.mem`, which stays mapped
+        // for the call). The kernel writes at most `room` bytes into them.
+        let n = unsafe { libc::readv(ctx.tap.as_raw_fd(), pending.iov.as_ptr(), segments as libc::c_int) };
+        if n < 0 {
+            outcome = RxOutcome::TapEmpty;
+            break;
+        }
+        let n = n as u64;
+        if n >= room || n <= ctx.hdr_len as u64 || !ctx.link_up {
+            batch.drops += 1;
+            continue;
+        }
+        let mut head = [0u8; 18];
+        let got = read_iov(&pending.iov, ctx.hdr_len, &mut head);
+        if !ctx.filter.accepts(&head[..got.min(n as usize - ctx.hdr_len)]) {
+            batch.filtered += 1;
+            continue;
+        }
+        deliver(ring, pending, ctx, n, chains);
+        used_any = true;
+        batch.packets += 1;
+        batch.bytes += n - ctx.hdr_len as u64;
+    }
+    if used_any {
+        ring.notify(ctx.mem);
+    }
+    (batch, outcome)
+}
+
+/// Malformed chains at the front are returned to the guest unused.
+fn return_bad_chains(ring: &mut Vring, pending: &mut RxPending, mem: &GuestMemoryMmap, batch: &mut Batch) -> bool {
+    let mut any = false;
+    while pending.chains.front().is_some_and(|c| c.bad) {
+        let head = pending.chains[0].head;
+        pending.consume(1);
+        let _ = ring.queue.add_used(mem, head, 0);
+        batch.bad_chains += 1;
+        any = true;
+    }
+    any
+}
+
+/// Pops chains until there is room for the largest frame (mergeable) or one
+/// chain (not mergeable). False when the guest must give more buffers first.
+fn gather(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>) -> bool {
+    loop {
+        let (room, chains, _) = pending.usable();
+        let enough = if ctx.mergeable { room > ctx.frame_room } else { chains > 0 };
+        let blocked = pending.chains.iter().any(|c| c.bad);
+        if enough || (blocked && chains > 0) {
+            return true;
+        }
+        if !pending.pop_into(ring, ctx.mem) {
+            // Every buffer of the ring is pending: use what there is.
+            if chains > 0 && pending.len() >= usize::from(ring.queue.size()) {
+                return true;
+            }
+            match ring.queue.enable_notification(ctx.mem) {
+                Ok(true) => continue,
+                _ => return false,
+            }
+        }
+        let _ = ring.queue.disable_notification(ctx.mem);
+    }
+}
+
+/// Hands a frame of `n` bytes, read into the first chains, to the guest.
+fn deliver(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>, n: u64, available: usize) {
+    let mut count = 0;
+    let mut left = n;
+    for c in pending.chains.iter().take(available) {
+        count += 1;
+        if c.capacity >= left {
+            break;
+        }
+        left -= c.capacity;
+    }
+    if ctx.hdr_len >= 12 {
+        // num_buffers must be in place before the used ring says so.
+        write_iov(&pending.iov, 10, &(count as u16).to_le_bytes());
+    }
+    let mut left = n;
+    for c in pending.chains.iter().take(count) {
+        let len = c.capacity.min(left);
+        let _ = ring.queue.add_used(ctx.mem, c.head, len as u32);
+        left -= len;
+    }
+    pending.consume(count);
+}

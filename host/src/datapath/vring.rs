@@ -1,0 +1,221 @@
+//! One virtqueue: what the frontend configured (`VringSetup`, protocol
+//! state that survives stops and handovers) and the started ring (`Vring`,
+//! a `virtio_queue::Queue` over guest memory).
+//!
+//! Descriptor chains come from the guest and are walked defensively here:
+//! every buffer must lie in guest memory and go in the expected direction,
+//! the total length and segment count are bounded, and a chain the walker
+//! had to cut short (a loop, an index past the table) is rejected.
+
+use super::guest_memory::{translate, GuestMemory, IoVec};
+use super::notify;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+/// Largest queue a split ring may have.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Segments per chain accepted (Linux's UIO_MAXIOV): a chain is one readv or
+/// writev.
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// Ring addresses as the frontend sent them (its virtual addresses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// What the frontend configured for one virtqueue.
+#[derive(Debug, Default)]
+pub struct VringSetup {
+    pub num: u16,
+    pub addrs: Option<RingAddrs>,
+    /// Next available index to process (SET_VRING_BASE; updated when the
+    /// ring stops).
+    pub base: u16,
+    pub enabled: bool,
+    /// A kick fd arrived and no GET_VRING_BASE stopped the ring since.
+    pub started: bool,
+    pub kick: Option<Arc<OwnedFd>>,
+    pub call: Option<Arc<OwnedFd>>,
+    pub err: Option<OwnedFd>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VringError {
+    /// The ring lacks a size, addresses or a kick fd.
+    #[error("ring {0} is not fully configured")]
+    NotConfigured(u16),
+    /// The size is zero, not a power of two, or too large.
+    #[error("ring {index}: invalid size {num}")]
+    BadSize { index: u16, num: u16 },
+    /// A ring address is misaligned or not inside guest memory.
+    #[error("ring {index}: {part} ring at {va:#x} is not inside guest memory or misaligned")]
+    BadAddress { index: u16, part: &'static str, va: u64 },
+}
+
+/// A started virtqueue.
+pub struct Vring {
+    pub index: u16,
+    pub queue: Queue,
+    pub kick: Arc<OwnedFd>,
+    pub call: Option<Arc<OwnedFd>>,
+}
+
+impl Vring {
+    /// Starts ring `index` as configured in `setup`, at `setup.base`.
+    pub fn start(index: u16, setup: &VringSetup, memory: &GuestMemory, event_idx: bool) -> Result<Self, VringError> {
+        let (Some(addrs), Some(kick)) = (setup.addrs, setup.kick.clone()) else {
+            return Err(VringError::NotConfigured(index));
+        };
+        let num = setup.num;
+        if num == 0 || !num.is_power_of_two() || num > MAX_QUEUE_SIZE {
+            return Err(VringError::BadSize { index, num });
+        }
+        let n = u64::from(num);
+        let gpa = |part, va: u64, len| {
+            memory.va_to_gpa(va, len).ok_or(VringError::BadAddress { index, part, va })
+        };
+        let desc = gpa("descriptor", addrs.desc, 16 * n)?;
+        let avail = gpa("available", addrs.avail, 6 + 2 * n)?;
+        let used = gpa("used", addrs.used, 6 + 8 * n)?;
+        let bad = |part, va| VringError::BadAddress { index, part, va };
+        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| VringError::BadSize { index, num })?;
+        queue.try_set_size(num).map_err(|_| VringError::BadSize { index, num })?;
+        queue.try_set_desc_table_address(desc).map_err(|_| bad("descriptor", addrs.desc))?;
+        queue.try_set_avail_ring_address(avail).map_err(|_| bad("available", addrs.avail))?;
+        queue.try_set_used_ring_address(used).map_err(|_| bad("used", addrs.used))?;
+        queue.set_event_idx(event_idx);
+        queue.set_next_avail(setup.base);
+        let used_idx = queue.used_idx(memory.mmap(), Ordering::Acquire).map_err(|_| bad("used", addrs.used))?;
+        queue.set_next_used(used_idx.0);
+        queue.set_ready(true);
+        Ok(Self { index, queue, kick, call: setup.call.clone() })
+    }
+
+    /// Signals the driver if the ring's notification rules ask for it.
+    pub fn notify(&mut self, mem: &GuestMemoryMmap) {
+        // An unreadable used_event means a broken ring: notify anyway, the
+        // driver will find out.
+        if self.queue.needs_notification(mem).unwrap_or(true) {
+            if let Some(call) = &self.call {
+                notify::signal(call.as_fd());
+            }
+        }
+    }
+
+    /// The next chain, or none when the ring is empty or its available
+    /// index is corrupt (more entries than the ring holds).
+    pub fn pop<'m>(&mut self, mem: &'m GuestMemoryMmap) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+        self.queue.iter(mem).ok()?.next()
+    }
+}
+
+/// Why a chain is rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainError {
+    Empty,
+    /// The walk ended on a descriptor that still points onwards: a loop, a
+    /// next index past the table, or a broken indirect table.
+    Truncated,
+    WrongDirection,
+    OutsideMemory,
+    TooLong,
+    TooManySegments,
+}
+
+/// Collects the host ranges of every buffer in `chain`, which must all be
+/// device-writable (`writable`) or all device-readable, at most `max_len`
+/// bytes in total. Returns the total length.
+pub fn chain_iovecs(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    writable: bool,
+    max_len: u64,
+    out: &mut Vec<IoVec>,
+) -> Result<u64, ChainError> {
+    let start = out.len();
+    let result = collect(chain, mem, writable, max_len, out);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+fn collect(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    writable: bool,
+    max_len: u64,
+    out: &mut Vec<IoVec>,
+) -> Result<u64, ChainError> {
+    let start = out.len();
+    let mut total = 0u64;
+    let mut last_points_on = false;
+    let mut count = 0usize;
+    for desc in chain {
+        count += 1;
+        last_points_on = desc.has_next();
+        if desc.is_write_only() != writable {
+            return Err(ChainError::WrongDirection);
+        }
+        total += u64::from(desc.len());
+        if total > max_len {
+            return Err(ChainError::TooLong);
+        }
+        translate(mem, desc.addr(), desc.len(), out).map_err(|_| ChainError::OutsideMemory)?;
+        if out.len() - start > MAX_SEGMENTS {
+            return Err(ChainError::TooManySegments);
+        }
+    }
+    if last_points_on {
+        return Err(ChainError::Truncated);
+    }
+    if count == 0 || total == 0 {
+        return Err(ChainError::Empty);
+    }
+    Ok(total)
+}
+
+/// Copies bytes at `offset` of the buffers in `iov` into `out` (as many as
+/// there are); returns how many were copied.
+pub fn read_iov(iov: &[IoVec], offset: usize, out: &mut [u8]) -> usize {
+    walk_iov(iov, offset, out.len(), |ptr, done, n| {
+        // SAFETY: `ptr..ptr+n` lies inside a guest-memory mapping
+        // (`translate` checked it against the regions) that the caller keeps
+        // mapped; `out[done..done+n]` is in bounds by construction.
+        unsafe { std::ptr::copy_nonoverlapping(ptr, out[done..].as_mut_ptr(), n) }
+    })
+}
+
+/// Writes `data` at `offset` of the buffers in `iov`; returns how many bytes
+/// fitted.
+pub fn write_iov(iov: &[IoVec], offset: usize, data: &[u8]) -> usize {
+    walk_iov(iov, offset, data.len(), |ptr, done, n| {
+        // SAFETY: as in `read_iov`; the buffers are device-writable guest
+        // memory the guest gave to the device.
+        unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), ptr, n) }
+    })
+}
+
+fn walk_iov(iov: &[IoVec], mut offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) -> usize {
+    let mut done = 0;
+    for v in iov {
+        if done == len {
+            break;
+        }
+        if offset >= v.iov_len {
+            offset -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - offset).min(len - done);
+        f(v.iov_base.cast::<u8>().wrapping_add(offset), done, n);
+        done += n;
+        offset = 0;
+    }
+    done
+}

@@ -1,0 +1,159 @@
+//! The per-queue-pair thread: waits on the TX and RX kick fds, the TAP queue
+//! and a wake fd, and moves packets in batches.
+//!
+//! All state the thread works on sits in `PairState` behind one mutex that
+//! is held for one batch at a time. The control thread takes the same mutex
+//! to reconfigure the pair, so every change (new memory, a stopped ring, a
+//! pause for handover) lands exactly at a batch boundary.
+
+use super::notify;
+use super::rx::{process_rx, RxContext, RxOutcome};
+use super::tx::{process_tx, TxContext};
+use super::{PairShared, PairState};
+use crate::tap::Tap;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{error, warn};
+
+/// Chains or frames per batch: bounds how long the lock is held and keeps
+/// notifications coalesced.
+pub const BATCH: usize = 256;
+
+const WAKE: u64 = 0;
+const TX_KICK: u64 = 1;
+const RX_KICK: u64 = 2;
+const TAP: u64 = 3;
+
+/// The fds the thread currently polls; rebuilt when the control thread
+/// changes the pair (its generation moves).
+struct Registration {
+    epoll: Epoll,
+    generation: u64,
+    _kicks: Vec<Arc<OwnedFd>>,
+    tap_armed: bool,
+}
+
+pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
+    let Some(tap_fd) = tap.queue(usize::from(shared.index)) else {
+        error!(pair = shared.index, "no TAP queue for this pair");
+        return;
+    };
+    let mut iov = Vec::with_capacity(64);
+    let mut reg: Option<Registration> = None;
+    let mut events = [EpollEvent::empty(); 8];
+    let mut busy = false;
+    while !shared.stop.load(Ordering::Acquire) {
+        let generation = shared.state.lock().unwrap_or_else(|p| p.into_inner()).generation;
+        if reg.as_ref().map(|r| r.generation) != Some(generation) {
+            match register(&shared, tap_fd, generation) {
+                Ok(r) => reg = Some(r),
+                Err(e) => {
+                    error!(pair = shared.index, "epoll setup failed: {e}");
+                    return;
+                }
+            }
+        }
+        let r = reg.as_mut().expect("registered above");
+        let timeout = if busy { EpollTimeout::ZERO } else { EpollTimeout::NONE };
+        let n = match r.epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                error!(pair = shared.index, "epoll_wait: {e}");
+                return;
+            }
+        };
+        let mut rx_kicked = false;
+        for event in &events[..n] {
+            match event.data() {
+                WAKE => notify::drain(shared.wake.as_fd()),
+                TX_KICK | RX_KICK => {
+                    rx_kicked |= event.data() == RX_KICK;
+                    for k in &r._kicks {
+                        notify::drain(k.as_fd());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.generation != r.generation {
+            continue;
+        }
+        let (more, want_tap) = one_batch(&shared, &mut st, tap_fd, &mut iov, rx_kicked);
+        drop(st);
+        busy = more;
+        if want_tap != r.tap_armed {
+            let flags = if want_tap { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
+            if let Err(e) = r.epoll.modify(tap_fd, &mut EpollEvent::new(flags, TAP)) {
+                warn!(pair = shared.index, "epoll modify TAP: {e}");
+            }
+            r.tap_armed = want_tap;
+        }
+    }
+}
+
+fn register(shared: &PairShared, tap_fd: std::os::fd::BorrowedFd<'_>, generation: u64) -> nix::Result<Registration> {
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    epoll.add(shared.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
+    epoll.add(tap_fd, EpollEvent::new(EpollFlags::empty(), TAP))?;
+    let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kicks = Vec::new();
+    for (ring, token) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
+        if let Some(ring) = ring {
+            epoll.add(ring.kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+            kicks.push(ring.kick.clone());
+        }
+    }
+    Ok(Registration { epoll, generation, _kicks: kicks, tap_armed: false })
+}
+
+/// One TX batch and one RX batch. Returns whether more work is waiting and
+/// whether the TAP should be polled.
+fn one_batch(
+    shared: &PairShared,
+    st: &mut PairState,
+    tap_fd: std::os::fd::BorrowedFd<'_>,
+    iov: &mut Vec<libc::iovec>,
+    rx_kicked: bool,
+) -> (bool, bool) {
+    if st.paused {
+        return (false, false);
+    }
+    let Some(mem) = st.memory.clone() else { return (false, false) };
+    let mem = mem.mmap();
+    let settings = st.settings.clone();
+    let mut more = false;
+    if let Some(tx) = st.tx.as_mut() {
+        let ctx = TxContext { mem, tap: tap_fd, hdr_len: settings.hdr_len, link_up: settings.link_up && st.active };
+        let (batch, tx_more) = process_tx(tx, &ctx, iov, BATCH);
+        shared.stats.add_tx(&batch);
+        more |= tx_more;
+    }
+    if rx_kicked {
+        st.rx_starved = false;
+    }
+    let rx_ready = st.active && settings.link_up && !st.rx_starved;
+    if let (Some(rx), true) = (st.rx.as_mut(), rx_ready) {
+        let ctx = RxContext {
+            mem,
+            tap: tap_fd,
+            hdr_len: settings.hdr_len,
+            mergeable: settings.mergeable,
+            frame_room: settings.frame_room,
+            filter: &settings.filter,
+            link_up: settings.link_up,
+        };
+        let (batch, outcome) = process_rx(rx, &mut st.rx_pending, &ctx, BATCH);
+        shared.stats.add_rx(&batch);
+        match outcome {
+            RxOutcome::Budget => more = true,
+            RxOutcome::NeedBuffers => st.rx_starved = true,
+            RxOutcome::TapEmpty => {}
+        }
+    }
+    let want_tap = st.rx.is_some() && st.active && settings.link_up && !st.rx_starved;
+    (more, want_tap)
+}

@@ -1,0 +1,301 @@
+//! `sandnic serve`: set everything up, then run the control thread's event
+//! loop (the vhost-user socket, the control queue, the API, signals) while
+//! the datapath threads move packets.
+
+use crate::api::{self, ApiClient, ApiContext};
+use crate::backend::{NetBackend, Outcome};
+use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
+use crate::tap::Tap;
+use crate::vhost_user::{request, wire};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use sandnic_device::{Compat, DeviceConfig, Mac};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub enum TapSource {
+    Name(String),
+    Fds(Vec<RawFd>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub socket: PathBuf,
+    pub tap: TapSource,
+    pub mac: Mac,
+    pub queues: u16,
+    pub mtu: Option<u16>,
+    pub component: Option<PathBuf>,
+    pub api: Option<PathBuf>,
+}
+
+/// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+/// How long a frontend may take to send the rest of a message it started.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const LISTENER: u64 = 1;
+const CONNECTION: u64 = 2;
+const CTRL_KICK: u64 = 3;
+const API_LISTENER: u64 = 4;
+const SIGNALS: u64 = 5;
+const API_CLIENT: u64 = 100;
+
+/// Removes the listening sockets when serving ends, whatever the reason.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    let usage = |e: String| ServeError::Usage(e);
+    let signals = block_signals().map_err(ServeError::Runtime)?;
+    let tap = Arc::new(open_tap(&opts)?);
+    let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
+    let source = opts.component.clone().map_or(ComponentSource::Builtin, ComponentSource::File);
+    let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
+    let config = DeviceConfig {
+        mac: opts.mac,
+        max_queue_pairs: opts.queues,
+        mtu: opts.mtu,
+        backend_offloads: tap.offload_caps(),
+        compat: Compat::default(),
+    };
+    config.validate().map_err(usage)?;
+    let device = SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
+
+    let mut files = SocketFiles(Vec::new());
+    let listener = api::bind_unix(&opts.socket).map_err(usage)?;
+    files.0.push(opts.socket.clone());
+    let api_listener = match &opts.api {
+        Some(path) => {
+            let l = api::bind_unix(path).map_err(usage)?;
+            files.0.push(path.clone());
+            Some(l)
+        }
+        None => None,
+    };
+    let backend = NetBackend::new(device, tap.clone()).map_err(ServeError::Runtime)?;
+    info!(
+        socket = %opts.socket.display(),
+        tap = tap.name(),
+        queues = opts.queues,
+        offloads = ?tap.offload_caps(),
+        component = %backend.device().info().version,
+        "serving"
+    );
+    let mut server = Server { backend, runtime, listener, api_listener, signals, conn: None, api_clients: Vec::new(), ctrl_kick: None };
+    let result = server.run().map_err(ServeError::Runtime);
+    drop(files);
+    result
+}
+
+fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {
+    let tap = match &opts.tap {
+        TapSource::Name(name) => Tap::open(name, usize::from(opts.queues)),
+        TapSource::Fds(fds) => {
+            // SAFETY: the fds were named on the command line as ours to
+            // take over (inherited from the parent); each is adopted once.
+            let owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+            Tap::adopt(owned)
+        }
+    }
+    .map_err(|e| ServeError::Usage(e.to_string()))?;
+    if tap.queue_count() < usize::from(opts.queues) {
+        return Err(ServeError::Usage(format!("{} TAP queues for {} queue pairs", tap.queue_count(), opts.queues)));
+    }
+    Ok(tap)
+}
+
+/// SIGINT/SIGTERM become readable events (blocked before any thread
+/// starts, so every thread inherits the mask).
+fn block_signals() -> anyhow::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block()?;
+    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
+}
+
+struct Server {
+    backend: NetBackend,
+    runtime: Arc<Runtime>,
+    listener: UnixListener,
+    api_listener: Option<UnixListener>,
+    signals: SignalFd,
+    conn: Option<UnixStream>,
+    api_clients: Vec<Option<ApiClient>>,
+    /// The control queue's kick fd as registered in epoll.
+    ctrl_kick: Option<Arc<OwnedFd>>,
+}
+
+impl Server {
+    fn run(&mut self) -> anyhow::Result<()> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(self.listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+        epoll.add(self.signals.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
+        if let Some(api) = &self.api_listener {
+            epoll.add(api.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, API_LISTENER))?;
+        }
+        let mut events = [EpollEvent::empty(); 16];
+        loop {
+            let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    SIGNALS => {
+                        info!("signal received, shutting down");
+                        return Ok(());
+                    }
+                    LISTENER => self.accept_frontend(&epoll)?,
+                    CONNECTION => self.serve_message(&epoll),
+                    CTRL_KICK => self.backend.process_ctrl_queue(),
+                    API_LISTENER => self.accept_api(&epoll),
+                    token if token >= API_CLIENT => self.serve_api((token - API_CLIENT) as usize, &epoll),
+                    _ => {}
+                }
+            }
+            self.sync_ctrl_kick(&epoll);
+        }
+    }
+
+    fn accept_frontend(&mut self, epoll: &Epoll) -> anyhow::Result<()> {
+        let (stream, _) = match self.listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accept: {e}");
+                return Ok(());
+            }
+        };
+        if self.conn.is_some() {
+            warn!("a frontend is already connected; refusing another");
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
+        epoll.add(stream.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION))?;
+        info!("frontend connected");
+        self.conn = Some(stream);
+        Ok(())
+    }
+
+    fn serve_message(&mut self, epoll: &Epoll) {
+        let Some(conn) = &self.conn else { return };
+        let sock = conn.as_fd();
+        let msg = match wire::recv(sock) {
+            Ok(msg) => msg,
+            Err(e) => {
+                match e {
+                    wire::WireError::Closed => info!("frontend disconnected"),
+                    other => warn!("dropping the frontend connection: {other}"),
+                }
+                let _ = epoll.delete(sock);
+                self.conn = None;
+                self.backend.disconnected();
+                return;
+            }
+        };
+        let header = msg.header;
+        let outcome = match request::parse(msg) {
+            Ok(req) => self.backend.handle(req),
+            Err(e) => {
+                self.backend.counters.bad_requests += 1;
+                warn!("malformed request: {e}");
+                Outcome::Failed(e.to_string())
+            }
+        };
+        if let Err(e) = answer(sock, header, outcome, self.backend.protocol().reply_ack()) {
+            warn!("replying to request {}: {e}", header.request);
+        }
+    }
+
+    /// Keeps the control queue's kick fd in the poll set as the ring comes
+    /// and goes. Holding our own reference keeps the fd open until it is
+    /// unregistered.
+    fn sync_ctrl_kick(&mut self, epoll: &Epoll) {
+        let wanted = self.backend.ctrl_kick();
+        let unchanged = match (&self.ctrl_kick, &wanted) {
+            (Some(mine), Some(kick)) => Arc::ptr_eq(mine, kick),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        if let Some(old) = self.ctrl_kick.take() {
+            let _ = epoll.delete(old.as_fd());
+        }
+        if let Some(kick) = wanted {
+            if epoll.add(kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CTRL_KICK)).is_ok() {
+                self.ctrl_kick = Some(kick);
+            }
+            // Commands may already be waiting.
+            self.backend.process_ctrl_queue();
+        }
+    }
+
+    fn accept_api(&mut self, epoll: &Epoll) {
+        let Some(listener) = &self.api_listener else { return };
+        let Ok((stream, _)) = listener.accept() else { return };
+        let Ok(client) = ApiClient::new(stream) else { return };
+        let slot = self.api_clients.iter().position(Option::is_none).unwrap_or(self.api_clients.len());
+        if epoll.add(client.stream.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, API_CLIENT + slot as u64)).is_err() {
+            return;
+        }
+        if slot == self.api_clients.len() {
+            self.api_clients.push(Some(client));
+        } else {
+            self.api_clients[slot] = Some(client);
+        }
+    }
+
+    fn serve_api(&mut self, slot: usize, epoll: &Epoll) {
+        let Some(Some(client)) = self.api_clients.get_mut(slot) else { return };
+        let Some(lines) = client.read_lines() else {
+            let _ = epoll.delete(client.stream.as_fd());
+            self.api_clients[slot] = None;
+            return;
+        };
+        for line in lines.into_iter().filter(|l| !l.is_empty()) {
+            let mut ctx = ApiContext { backend: &mut self.backend, runtime: &self.runtime, connected: self.conn.is_some() };
+            let reply = api::handle_line(&line, &mut ctx);
+            let Some(Some(client)) = self.api_clients.get_mut(slot) else { return };
+            if client.reply(&reply).is_err() {
+                let _ = epoll.delete(client.stream.as_fd());
+                self.api_clients[slot] = None;
+                return;
+            }
+        }
+    }
+}
+
+/// Replies as the protocol asks: a body for GET requests; otherwise an ack
+/// (0 ok, 1 failed) only when REPLY_ACK was negotiated and requested.
+fn answer(sock: BorrowedFd<'_>, header: wire::Header, outcome: Outcome, reply_ack: bool) -> Result<(), wire::WireError> {
+    match outcome {
+        Outcome::Reply(body) => wire::reply(sock, header.request, &body),
+        Outcome::Ok if header.needs_reply() && reply_ack => wire::reply(sock, header.request, &0u64.to_ne_bytes()),
+        Outcome::Failed(_) if header.needs_reply() && reply_ack => wire::reply(sock, header.request, &1u64.to_ne_bytes()),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,257 @@
+//! The TAP backend: open (or adopt) the queues of a TAP device with a
+//! virtio-net header, probe and set offloads, set the header length, attach
+//! and detach queues.
+//!
+//! Offloads and the header length are device-wide in the kernel (they live in
+//! `struct tun_struct`), so they are set through queue 0; attach/detach is per
+//! queue.
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::sys::stat::Mode;
+use sandnic_device::Offloads;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+const IFF_TAP: i16 = 0x0002;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+const TUN_F_CSUM: u32 = 0x01;
+const TUN_F_TSO4: u32 = 0x02;
+const TUN_F_TSO6: u32 = 0x04;
+const TUN_F_TSO_ECN: u32 = 0x08;
+const TUN_F_UFO: u32 = 0x10;
+
+/// Linux's limit on queues per TAP (MAX_TAP_QUEUES).
+pub const MAX_TAP_QUEUES: usize = 256;
+
+/// `struct ifreq` as the TUN ioctls use it: a name and a flags word.
+#[repr(C)]
+#[derive(Default)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+nix::ioctl_write_ptr_bad!(tun_set_iff, nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()), IfReq);
+nix::ioctl_write_ptr_bad!(tun_set_queue, nix::request_code_write!(b'T', 217, std::mem::size_of::<libc::c_int>()), IfReq);
+nix::ioctl_read_bad!(tun_get_iff, nix::request_code_read!(b'T', 210, std::mem::size_of::<libc::c_uint>()), IfReq);
+nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+nix::ioctl_write_ptr!(tun_set_vnet_hdr_sz, b'T', 216, libc::c_int);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The TUN/TAP driver is not available.
+    #[error("cannot open /dev/net/tun: {0} (is the tun module loaded?)")]
+    NoTunDevice(Errno),
+    /// The named TAP device does not exist.
+    #[error("TAP device {0:?} does not exist (create it: ip tuntap add dev {0} mode tap vnet_hdr multi_queue)")]
+    Missing(String),
+    /// The name is not usable as an interface name.
+    #[error("invalid TAP name {0:?}")]
+    BadName(String),
+    /// TUNSETIFF refused the device.
+    #[error("cannot attach to TAP {name:?}: {errno}")]
+    Attach { name: String, errno: Errno },
+    /// An fd handed in is not a TAP with a virtio-net header.
+    #[error("fd {fd} is not a usable TAP queue: {why}")]
+    NotATap { fd: RawFd, why: String },
+    /// The fds handed in belong to different devices.
+    #[error("TAP fds belong to different devices ({0} and {1})")]
+    Mixed(String, String),
+    #[error("{op} on TAP {name:?}: {errno}")]
+    Ioctl { op: &'static str, name: String, errno: Errno },
+}
+
+/// An open TAP device: one fd per queue.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    queues: Vec<OwnedFd>,
+    multi_queue: bool,
+    offload_caps: Offloads,
+}
+
+impl Tap {
+    /// Attaches `queues` queues to the existing TAP device `name`.
+    pub fn open(name: &str, queues: usize) -> Result<Self, TapError> {
+        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains('\0') {
+            return Err(TapError::BadName(name.into()));
+        }
+        let sys = Path::new("/sys/class/net").join(name);
+        if !sys.join("tun_flags").exists() {
+            return Err(TapError::Missing(name.into()));
+        }
+        let existing_flags = std::fs::read_to_string(sys.join("tun_flags"))
+            .ok()
+            .and_then(|s| i64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        let multi_queue = queues > 1 || existing_flags & i64::from(IFF_MULTI_QUEUE) != 0;
+        let mut fds = Vec::with_capacity(queues);
+        for _ in 0..queues.clamp(1, MAX_TAP_QUEUES) {
+            fds.push(attach_queue(name, multi_queue)?);
+        }
+        Self::from_queues(name.to_string(), fds, multi_queue)
+    }
+
+    /// Adopts TAP queue fds opened by someone else (a management layer, or
+    /// the previous process in a handover).
+    pub fn adopt(fds: Vec<OwnedFd>) -> Result<Self, TapError> {
+        let mut name = None;
+        let mut multi_queue = false;
+        for fd in &fds {
+            let mut req = IfReq::default();
+            // SAFETY: TUNGETIFF writes at most a `struct ifreq` into `req`,
+            // which is a properly sized and aligned `IfReq`.
+            unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }
+                .map_err(|errno| TapError::NotATap { fd: fd.as_raw_fd(), why: errno.to_string() })?;
+            let flags = req.flags;
+            if flags & IFF_TAP == 0 || flags & IFF_VNET_HDR == 0 || flags & IFF_NO_PI == 0 {
+                return Err(TapError::NotATap {
+                    fd: fd.as_raw_fd(),
+                    why: format!("flags {flags:#x} lack IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"),
+                });
+            }
+            multi_queue |= flags & IFF_MULTI_QUEUE != 0;
+            let this = ifname(&req.name);
+            match &name {
+                None => name = Some(this),
+                Some(first) if *first != this => return Err(TapError::Mixed(first.clone(), this)),
+                Some(_) => {}
+            }
+            set_nonblocking(fd.as_fd()).map_err(|errno| TapError::NotATap { fd: fd.as_raw_fd(), why: errno.to_string() })?;
+        }
+        let Some(name) = name else {
+            return Err(TapError::NotATap { fd: -1, why: "no fds given".into() });
+        };
+        Self::from_queues(name, fds, multi_queue)
+    }
+
+    fn from_queues(name: String, queues: Vec<OwnedFd>, multi_queue: bool) -> Result<Self, TapError> {
+        let mut tap = Self { name, queues, multi_queue, offload_caps: Offloads::empty() };
+        tap.offload_caps = tap.probe_offloads();
+        tap.set_offloads(Offloads::empty())?;
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn queue(&self, index: usize) -> Option<BorrowedFd<'_>> {
+        self.queues.get(index).map(|fd| fd.as_fd())
+    }
+
+    pub fn queue_fds(&self) -> &[OwnedFd] {
+        &self.queues
+    }
+
+    /// The offloads TUNSETOFFLOAD accepted when probed.
+    pub fn offload_caps(&self) -> Offloads {
+        self.offload_caps
+    }
+
+    /// Tries the combinations the kernel may accept, largest first, and keeps
+    /// every flag that was part of an accepted one.
+    fn probe_offloads(&self) -> Offloads {
+        let candidates = [
+            Offloads::all(),
+            Offloads::CSUM | Offloads::TSO4 | Offloads::TSO6 | Offloads::ECN,
+            Offloads::CSUM | Offloads::TSO4 | Offloads::TSO6 | Offloads::UFO,
+            Offloads::CSUM | Offloads::TSO4 | Offloads::TSO6,
+            Offloads::CSUM | Offloads::TSO4,
+            Offloads::CSUM | Offloads::TSO6,
+            Offloads::CSUM | Offloads::UFO,
+            Offloads::CSUM,
+        ];
+        candidates
+            .into_iter()
+            .filter(|&offloads| self.set_offloads(offloads).is_ok())
+            .fold(Offloads::empty(), |acc, o| acc | o)
+    }
+
+    /// TUNSETOFFLOAD: what the kernel may hand us (and so the guest).
+    pub fn set_offloads(&self, offloads: Offloads) -> Result<(), TapError> {
+        let flags = [
+            (Offloads::CSUM, TUN_F_CSUM),
+            (Offloads::TSO4, TUN_F_TSO4),
+            (Offloads::TSO6, TUN_F_TSO6),
+            (Offloads::ECN, TUN_F_TSO_ECN),
+            (Offloads::UFO, TUN_F_UFO),
+        ]
+        .iter()
+        .filter(|(o, _)| offloads.contains(*o))
+        .fold(0u32, |acc, (_, f)| acc | f);
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is an
+        // open TAP queue we own.
+        unsafe { tun_set_offload(self.queues[0].as_raw_fd(), flags as libc::c_ulong) }
+            .map(drop)
+            .map_err(|errno| self.ioctl_error("TUNSETOFFLOAD", errno))
+    }
+
+    /// TUNSETVNETHDRSZ: the virtio-net header length on reads and writes.
+    pub fn set_vnet_hdr_len(&self, len: u32) -> Result<(), TapError> {
+        let len = len as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
+        // points at `len` for the duration of the call.
+        unsafe { tun_set_vnet_hdr_sz(self.queues[0].as_raw_fd(), &len) }
+            .map(drop)
+            .map_err(|errno| self.ioctl_error("TUNSETVNETHDRSZ", errno))
+    }
+
+    /// Attaches or detaches one queue. A detached queue gets no packets from
+    /// the kernel, so a queue pair the guest does not use loses nothing.
+    pub fn set_queue_attached(&self, index: usize, attached: bool) -> Result<(), TapError> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        let Some(fd) = self.queues.get(index) else { return Ok(()) };
+        let req = IfReq { flags: if attached { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE }, ..Default::default() };
+        // SAFETY: TUNSETQUEUE reads a `struct ifreq`; `req` is one.
+        match unsafe { tun_set_queue(fd.as_raw_fd(), &req) } {
+            // Attaching an attached queue (or detaching a detached one)
+            // answers EINVAL; the queue is in the wanted state either way.
+            Ok(_) | Err(Errno::EINVAL) => Ok(()),
+            Err(errno) => Err(self.ioctl_error("TUNSETQUEUE", errno)),
+        }
+    }
+
+    fn ioctl_error(&self, op: &'static str, errno: Errno) -> TapError {
+        TapError::Ioctl { op, name: self.name.clone(), errno }
+    }
+}
+
+fn attach_queue(name: &str, multi_queue: bool) -> Result<OwnedFd, TapError> {
+    let raw = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(TapError::NoTunDevice)?;
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq { flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, ..Default::default() };
+    if multi_queue {
+        req.flags |= IFF_MULTI_QUEUE;
+    }
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads a `struct ifreq`; `req` is one, with a
+    // NUL-terminated name (checked to be at most 15 bytes).
+    unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|errno| TapError::Attach { name: name.into(), errno })?;
+    Ok(fd)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
+fn ifname(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}

@@ -1,0 +1,343 @@
+//! `TestNic`: a vhost-user frontend (the `vhost` crate's `Frontend`) plus a
+//! minimal virtio-net driver over shared memfd memory. It plays the VMM and
+//! the guest at once, deterministically, for the integration tests and the
+//! benches.
+
+use super::guest_ram::GuestRam;
+use super::virtq::{Buf, RawDesc, Virtq};
+use anyhow::{anyhow, bail, Context};
+use sandnic_device::features as f;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+#[derive(Debug, Clone)]
+pub struct NicConfig {
+    /// Queue pairs to set up (all are enabled; MQ must be offered for > 1).
+    pub pairs: u16,
+    pub queue_size: u16,
+    /// Features the driver is willing to ack (intersected with the offer).
+    pub features: u64,
+    /// Bytes per RX buffer (one descriptor per chain).
+    pub rx_buf_len: u32,
+    /// Bytes per TX buffer.
+    pub tx_buf_len: u32,
+    pub ram_size: u64,
+    /// Ask for config-change notifications on a backend channel.
+    pub backend_channel: bool,
+}
+
+impl Default for NicConfig {
+    fn default() -> Self {
+        Self {
+            pairs: 1,
+            queue_size: 256,
+            features: f::VERSION_1
+                | f::MAC
+                | f::STATUS
+                | f::CTRL_VQ
+                | f::CTRL_RX
+                | f::CTRL_RX_EXTRA
+                | f::CTRL_VLAN
+                | f::GUEST_ANNOUNCE
+                | f::MQ
+                | f::CTRL_MAC_ADDR
+                | f::MRG_RXBUF
+                | f::EVENT_IDX,
+            rx_buf_len: 2048,
+            tx_buf_len: 2048,
+            ram_size: 64 << 20,
+            backend_channel: true,
+        }
+    }
+}
+
+/// One virtqueue with its eventfds and one fixed buffer per descriptor.
+pub struct Queue {
+    pub vq: Virtq,
+    pub kick: EventFd,
+    pub call: EventFd,
+    bufs: Vec<GuestAddress>,
+    buf_len: u32,
+}
+
+pub struct TestNic {
+    pub frontend: Frontend,
+    pub ram: GuestRam,
+    pub offered: u64,
+    pub acked: u64,
+    pub hdr_len: usize,
+    pub rx: Vec<Queue>,
+    pub tx: Vec<Queue>,
+    pub ctrl: Option<Queue>,
+    backend_channel: Option<UnixStream>,
+}
+
+impl TestNic {
+    /// Connects (retrying while the backend starts) and sets up every queue.
+    pub fn connect(socket: &Path, config: &NicConfig) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+            }
+        };
+        Self::setup(Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1), config)
+    }
+
+    fn setup(mut fe: Frontend, config: &NicConfig) -> anyhow::Result<Self> {
+        let offered = fe.get_features()?;
+        if offered & PROTOCOL_FEATURES == 0 {
+            bail!("backend does not offer protocol features");
+        }
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+        let proto = fe.get_protocol_features()? & wanted;
+        fe.set_protocol_features(proto)?;
+        fe.set_owner()?;
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let acked = offered & (config.features | PROTOCOL_FEATURES);
+        fe.set_features(acked)?;
+        let hdr_len = if acked & (f::VERSION_1 | f::MRG_RXBUF) != 0 { 12 } else { 10 };
+
+        let ram = GuestRam::new(config.ram_size)?;
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: super::guest_ram::RAM_BASE,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_address(),
+            mmap_offset: 0,
+            mmap_handle: ram.fd(),
+            ..Default::default()
+        };
+        fe.set_mem_table(&[region])?;
+
+        let backend_channel = if config.backend_channel && proto.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let (ours, theirs) = UnixStream::pair()?;
+            fe.set_backend_request_fd(&theirs)?;
+            ours.set_nonblocking(true)?;
+            Some(ours)
+        } else {
+            None
+        };
+
+        let event_idx = acked & f::EVENT_IDX != 0;
+        let mut nic = Self { frontend: fe, ram, offered, acked, hdr_len, rx: vec![], tx: vec![], ctrl: None, backend_channel };
+        let pairs = if acked & f::MQ != 0 { config.pairs } else { 1 };
+        for pair in 0..pairs {
+            let rx = nic.make_queue(2 * usize::from(pair), config.queue_size, config.rx_buf_len, event_idx)?;
+            let tx = nic.make_queue(2 * usize::from(pair) + 1, config.queue_size, config.tx_buf_len, event_idx)?;
+            nic.rx.push(rx);
+            nic.tx.push(tx);
+        }
+        if acked & f::CTRL_VQ != 0 {
+            let index = if acked & f::MQ != 0 { 2 * usize::from(config.pairs) } else { 2 };
+            nic.ctrl = Some(nic.make_queue(index, 64, 4096, event_idx)?);
+        }
+        for pair in 0..nic.rx.len() {
+            nic.fill_rx(pair);
+        }
+        Ok(nic)
+    }
+
+    fn make_queue(&mut self, index: usize, size: u16, buf_len: u32, event_idx: bool) -> anyhow::Result<Queue> {
+        let mut vq = Virtq::new(&self.ram, size);
+        vq.event_idx = event_idx;
+        let bufs = (0..size).map(|_| self.ram.alloc(u64::from(buf_len), 64)).collect();
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        let call = EventFd::new(EFD_NONBLOCK)?;
+        let fe = &mut self.frontend;
+        fe.set_vring_num(index, size)?;
+        fe.set_vring_base(index, 0)?;
+        let data = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: self.ram.va_of(vq.desc),
+            used_ring_addr: self.ram.va_of(vq.used),
+            avail_ring_addr: self.ram.va_of(vq.avail),
+            log_addr: None,
+        };
+        fe.set_vring_addr(index, &data)?;
+        fe.set_vring_call(index, &call)?;
+        fe.set_vring_kick(index, &kick)?;
+        fe.set_vring_enable(index, true)?;
+        vq.want_interrupts(self.ram.mem());
+        Ok(Queue { vq, kick, call, bufs, buf_len })
+    }
+
+    /// Posts every free RX descriptor as a buffer.
+    pub fn fill_rx(&mut self, pair: usize) {
+        let mem = self.ram.mem();
+        let q = &mut self.rx[pair];
+        let mut added = false;
+        while q.vq.free_descriptors() > 0 {
+            // One descriptor per chain: its index is the head, which names
+            // its fixed buffer.
+            let Some(probe) = q.vq.next_free() else { break };
+            let buf = Buf { addr: q.bufs[usize::from(probe)], len: q.buf_len, writable: true };
+            if q.vq.add(mem, &[buf]).is_none() {
+                break;
+            }
+            added = true;
+        }
+        if added && q.vq.needs_kick(mem) {
+            let _ = q.kick.write(1);
+        }
+    }
+
+    /// Queues frames on TX (header zeroed: no offloads) and kicks once.
+    /// Returns how many were queued (fewer when the ring is full).
+    pub fn send_batch<'a>(&mut self, pair: usize, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        let mem = self.ram.mem();
+        let hdr = self.hdr_len;
+        let q = &mut self.tx[pair];
+        while q.vq.pop_used(mem).is_some() {}
+        let mut sent = 0;
+        for frame in frames {
+            if q.vq.free_descriptors() == 0 {
+                break;
+            }
+            let Some(probe) = q.vq.next_free() else { break };
+            let addr = q.bufs[usize::from(probe)];
+            let len = hdr + frame.len();
+            assert!(len <= q.buf_len as usize, "frame larger than the TX buffer");
+            mem.write_slice(&[0u8; 12][..hdr], addr).unwrap();
+            mem.write_slice(frame, GuestAddress(addr.0 + hdr as u64)).unwrap();
+            q.vq.add(mem, &[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
+            sent += 1;
+        }
+        if sent > 0 && q.vq.needs_kick(mem) {
+            let _ = q.kick.write(1);
+        }
+        sent
+    }
+
+    pub fn send(&mut self, pair: usize, frame: &[u8]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.send_batch(pair, [frame]) == 0 {
+            if Instant::now() > deadline {
+                bail!("TX ring stayed full");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    /// TX chains the device has returned so far are reclaimed; how many TX
+    /// descriptors are still with the device.
+    pub fn tx_in_flight(&mut self, pair: usize) -> usize {
+        let mem = self.ram.mem();
+        let q = &mut self.tx[pair];
+        while q.vq.pop_used(mem).is_some() {}
+        usize::from(q.vq.size) - q.vq.free_descriptors()
+    }
+
+    /// The next received frame (without the virtio-net header), if any.
+    pub fn try_recv(&mut self, pair: usize) -> Option<Vec<u8>> {
+        let mem = self.ram.mem();
+        let hdr = self.hdr_len;
+        let q = &mut self.rx[pair];
+        let (head, len) = q.vq.pop_used(mem)?;
+        let first = q.bufs[usize::from(head)];
+        let num_buffers: u16 = if hdr == 12 { mem.read_obj(GuestAddress(first.0 + 10)).unwrap() } else { 1 };
+        let mut frame = vec![0u8; (len as usize).saturating_sub(hdr)];
+        mem.read_slice(&mut frame, GuestAddress(first.0 + hdr as u64)).unwrap();
+        for _ in 1..num_buffers.max(1) {
+            let Some((head, len)) = q.vq.pop_used(mem) else { break };
+            let mut more = vec![0u8; len as usize];
+            mem.read_slice(&mut more, q.bufs[usize::from(head)]).unwrap();
+            frame.extend_from_slice(&more);
+        }
+        self.fill_rx(pair);
+        Some(frame)
+    }
+
+    pub fn recv(&mut self, pair: usize, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = self.try_recv(pair) {
+                return Some(frame);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Sends one control command and returns the device's ack.
+    pub fn ctrl(&mut self, command: &[u8]) -> anyhow::Result<u8> {
+        let mem = self.ram.mem();
+        let q = self.ctrl.as_mut().ok_or_else(|| anyhow!("no control queue negotiated"))?;
+        let cmd_at = q.bufs[0];
+        let ack_at = GuestAddress(cmd_at.0 + u64::from(q.buf_len) - 1);
+        assert!(command.len() < q.buf_len as usize);
+        mem.write_slice(command, cmd_at).unwrap();
+        mem.write_obj(0xffu8, ack_at).unwrap();
+        q.vq.add(
+            mem,
+            &[Buf { addr: cmd_at, len: command.len() as u32, writable: false }, Buf { addr: ack_at, len: 1, writable: true }],
+        )
+        .ok_or_else(|| anyhow!("control queue full"))?;
+        let _ = q.kick.write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if q.vq.pop_used(mem).is_some() {
+                return Ok(mem.read_obj(ack_at).unwrap());
+            }
+            if Instant::now() > deadline {
+                bail!("no answer on the control queue");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Publishes hand-made descriptors on queue `index`'s ring (for the
+    /// bad-input tests) and kicks. `descs[i]` goes to descriptor slot
+    /// `slots[i]`; `head` is published.
+    pub fn raw_chain(&mut self, queue: &mut Queue, descs: &[RawDesc], slots: &[u16], head: u16) {
+        queue.vq.add_raw(self.ram.mem(), descs, slots, head);
+        let _ = queue.kick.write(1);
+    }
+
+    /// The device's config space (GET_CONFIG).
+    pub fn config(&mut self, len: u32) -> anyhow::Result<Vec<u8>> {
+        let (_, bytes) = self.frontend.get_config(0, len, VhostUserConfigFlags::WRITABLE, &vec![0; len as usize])?;
+        Ok(bytes)
+    }
+
+    /// Waits for a CONFIG_CHANGE_MSG on the backend channel.
+    pub fn wait_config_change(&mut self, timeout: Duration) -> bool {
+        let Some(channel) = &mut self.backend_channel else { return false };
+        let deadline = Instant::now() + timeout;
+        let mut header = [0u8; 12];
+        while Instant::now() < deadline {
+            match channel.read(&mut header) {
+                Ok(12) => return u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) == 2,
+                Ok(_) => return false,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        false
+    }
+
+    pub fn socket_fd(&self) -> i32 {
+        self.frontend.as_raw_fd()
+    }
+}

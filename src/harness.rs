@@ -1,0 +1,242 @@
+//! Running the real thing in tests: private network namespaces with a TAP
+//! device, `sandnic serve` as a child process, and sockets opened inside a
+//! namespace. Everything created here is removed on drop.
+
+use anyhow::{bail, Context};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Why this machine cannot run the network tests, if it cannot.
+pub fn network_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (TAP devices and network namespaces)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("needs /dev/net/tun".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs iproute2 (apt-get install iproute2)".into());
+    }
+    None
+}
+
+/// Prints a loud skip notice; tests return right after.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// Skips the calling test when the network tests cannot run here.
+#[macro_export]
+macro_rules! require_network {
+    ($test:expr) => {
+        if let Some(why) = $crate::harness::network_unavailable() {
+            $crate::harness::skip($test, &why);
+            return;
+        }
+    };
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted (with its devices) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> anyhow::Result<Self> {
+        let name = unique("snic");
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<Output> {
+        run(self.command("ip").args(args))
+    }
+
+    /// Creates a multi-queue TAP with a virtio-net header, addresses it and
+    /// brings it up.
+    pub fn add_tap(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr", "multi_queue"])?;
+        self.ip(&["addr", "add", cidr, "dev", name])?;
+        self.ip(&["link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it
+    /// creates live in the namespace and can be used from anywhere.
+    pub fn inside<R: Send>(&self, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+                f()
+            })
+            .join()
+            .expect("namespace thread")
+        })
+    }
+
+    /// A raw socket on `ifname` that sends and receives whole Ethernet
+    /// frames (from the host's side of the TAP).
+    pub fn packet_socket(&self, ifname: &str) -> anyhow::Result<OwnedFd> {
+        let ifname = ifname.to_string();
+        self.inside(move || {
+            let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
+            // SAFETY: plain socket(2) call; the result is checked and owned.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, (libc::ETH_P_ALL as u16).to_be() as i32) };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            addr.sll_ifindex = index as i32;
+            // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+            let r = unsafe {
+                libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            };
+            if r < 0 {
+                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
+            }
+            Ok(fd)
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique("sandnic-test-"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `sandnic` binary of this build (next to the test executables).
+pub fn sandnic_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    dir.join("sandnic")
+}
+
+/// A running `sandnic serve`; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Sandnic {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub api: PathBuf,
+    log: PathBuf,
+}
+
+impl Sandnic {
+    /// Starts `sandnic serve` in `ns` with `args` added, and waits for its
+    /// sockets to appear.
+    pub fn serve(ns: &NetNs, dir: &ScratchDir, args: &[&str]) -> anyhow::Result<Self> {
+        let socket = dir.path("vhost.sock");
+        let api = dir.path("api.sock");
+        let log = dir.path("sandnic.log");
+        let child = ns
+            .command(sandnic_binary().to_str().expect("utf-8 path"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--api")
+            .arg(&api)
+            .args(args)
+            .env("SANDNIC_LOG", std::env::var("SANDNIC_LOG").unwrap_or_else(|_| "info".into()))
+            .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning sandnic serve")?;
+        let mut me = Self { child, socket, api, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(me.socket.exists() && me.api.exists()) {
+            if let Some(status) = me.child.try_wait()? {
+                bail!("sandnic serve exited with {status}: {}", me.log());
+            }
+            if Instant::now() > deadline {
+                bail!("sandnic serve did not start: {}", me.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(me)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One API request; the reply object.
+    pub fn api(&self, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let (reply, _) = sandnic_host::api::client(&self.api, request).map_err(anyhow::Error::msg)?;
+        Ok(reply)
+    }
+
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        self.api(serde_json::json!({ "cmd": "stats" }))
+    }
+}
+
+impl Drop for Sandnic {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
