@@ -79,9 +79,11 @@ impl NetNs {
     }
 
     /// Creates a multi-queue TAP with a virtio-net header, addresses it and
-    /// brings it up.
+    /// brings it up. IPv6 is off on it so the link carries only what the
+    /// tests send (no router solicitations or MLD reports).
     pub fn add_tap(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
         self.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr", "multi_queue"])?;
+        run(self.command("sysctl").args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
         self.ip(&["addr", "add", cidr, "dev", name])?;
         self.ip(&["link", "set", name, "up"])?;
         Ok(())

@@ -6,3 +6,4 @@
 pub mod frontend;
 pub mod frames;
 pub mod harness;
+pub mod guest;

@@ -122,6 +122,7 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
         "protocol_features": b.protocol().protocol_features,
         "sandbox": b.device().stats(),
         "needs_reset": b.device().needs_reset(),
+        "pairs": b.datapath().pair_states(),
     })
 }
 

@@ -83,6 +83,18 @@ impl PairShared {
     }
 }
 
+/// A pair's state as `status` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairReport {
+    pub active: bool,
+    pub rx_running: bool,
+    pub tx_running: bool,
+    pub rx_pending_chains: usize,
+    pub rx_waiting_for_buffers: bool,
+    pub hdr_len: usize,
+    pub frame_room: u64,
+}
+
 /// All queue pairs and their threads.
 pub struct Datapath {
     tap: Arc<Tap>,
@@ -212,6 +224,25 @@ impl Datapath {
     /// Holds every pair at a batch boundary until the guard is dropped.
     pub fn pause(&self) -> Vec<MutexGuard<'_, PairState>> {
         self.pairs.iter().map(|p| p.lock()).collect()
+    }
+
+    /// What each pair is doing, for `status` (takes each pair's lock briefly).
+    pub fn pair_states(&self) -> Vec<PairReport> {
+        self.pairs
+            .iter()
+            .map(|p| {
+                let st = p.lock();
+                PairReport {
+                    active: st.active,
+                    rx_running: st.rx.is_some(),
+                    tx_running: st.tx.is_some(),
+                    rx_pending_chains: st.rx_pending.len(),
+                    rx_waiting_for_buffers: st.rx_starved,
+                    hdr_len: st.settings.hdr_len,
+                    frame_room: st.settings.frame_room,
+                }
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> Vec<StatsSnapshot> {

@@ -31,7 +31,8 @@ const TAP: u64 = 3;
 struct Registration {
     epoll: Epoll,
     generation: u64,
-    _kicks: Vec<Arc<OwnedFd>>,
+    /// Kick fds with their tokens (held open while registered).
+    kicks: Vec<(u64, Arc<OwnedFd>)>,
     tap_armed: bool,
 }
 
@@ -48,7 +49,12 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         let generation = shared.state.lock().unwrap_or_else(|p| p.into_inner()).generation;
         if reg.as_ref().map(|r| r.generation) != Some(generation) {
             match register(&shared, tap_fd, generation) {
-                Ok(r) => reg = Some(r),
+                Ok(r) => {
+                    reg = Some(r);
+                    // The wake that announced this change may already be
+                    // consumed: look at the rings once before sleeping.
+                    busy = true;
+                }
                 Err(e) => {
                     error!(pair = shared.index, "epoll setup failed: {e}");
                     return;
@@ -65,14 +71,14 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
                 return;
             }
         };
-        let mut rx_kicked = false;
         for event in &events[..n] {
             match event.data() {
                 WAKE => notify::drain(shared.wake.as_fd()),
-                TX_KICK | RX_KICK => {
-                    rx_kicked |= event.data() == RX_KICK;
-                    for k in &r._kicks {
-                        notify::drain(k.as_fd());
+                token @ (TX_KICK | RX_KICK) => {
+                    // Drain only the fd that fired: draining the other could
+                    // swallow a kick that epoll has not reported yet.
+                    if let Some((_, kick)) = r.kicks.iter().find(|(t, _)| *t == token) {
+                        notify::drain(kick.as_fd());
                     }
                 }
                 _ => {}
@@ -82,7 +88,7 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         if st.generation != r.generation {
             continue;
         }
-        let (more, want_tap) = one_batch(&shared, &mut st, tap_fd, &mut iov, rx_kicked);
+        let (more, want_tap) = one_batch(&shared, &mut st, tap_fd, &mut iov);
         drop(st);
         busy = more;
         if want_tap != r.tap_armed {
@@ -104,10 +110,10 @@ fn register(shared: &PairShared, tap_fd: std::os::fd::BorrowedFd<'_>, generation
     for (ring, token) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
         if let Some(ring) = ring {
             epoll.add(ring.kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
-            kicks.push(ring.kick.clone());
+            kicks.push((token, ring.kick.clone()));
         }
     }
-    Ok(Registration { epoll, generation, _kicks: kicks, tap_armed: false })
+    Ok(Registration { epoll, generation, kicks, tap_armed: false })
 }
 
 /// One TX batch and one RX batch. Returns whether more work is waiting and
@@ -117,7 +123,6 @@ fn one_batch(
     st: &mut PairState,
     tap_fd: std::os::fd::BorrowedFd<'_>,
     iov: &mut Vec<libc::iovec>,
-    rx_kicked: bool,
 ) -> (bool, bool) {
     if st.paused {
         return (false, false);
@@ -132,10 +137,9 @@ fn one_batch(
         shared.stats.add_tx(&batch);
         more |= tx_more;
     }
-    if rx_kicked {
-        st.rx_starved = false;
-    }
-    let rx_ready = st.active && settings.link_up && !st.rx_starved;
+    // RX is tried on every pass (cheap when the ring is empty), so a kick
+    // that raced with a drain cannot leave the ring starved for good.
+    let rx_ready = st.active && settings.link_up;
     if let (Some(rx), true) = (st.rx.as_mut(), rx_ready) {
         let ctx = RxContext {
             mem,
@@ -149,9 +153,12 @@ fn one_batch(
         let (batch, outcome) = process_rx(rx, &mut st.rx_pending, &ctx, BATCH);
         shared.stats.add_rx(&batch);
         match outcome {
-            RxOutcome::Budget => more = true,
+            RxOutcome::Budget => {
+                st.rx_starved = false;
+                more = true;
+            }
             RxOutcome::NeedBuffers => st.rx_starved = true,
-            RxOutcome::TapEmpty => {}
+            RxOutcome::TapEmpty => st.rx_starved = false,
         }
     }
     let want_tap = st.rx.is_some() && st.active && settings.link_up && !st.rx_starved;

@@ -1,0 +1,216 @@
+//! Real Linux guests for the integration tests: User-Mode Linux (a real
+//! `virtio_net` driver over `virtio_uml`) and QEMU with TCG. Images come from
+//! `scripts/guest-initramfs`; the guest runs a shell script from the kernel
+//! command line and reports through console markers. UML guests also share a
+//! host directory (hostfs), used for step-by-step handshakes with the test.
+
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Uml,
+    Qemu,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Uml => "uml",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
+/// Why guests of `kind` cannot run here, naming the package to install.
+pub fn unavailable(kind: Kind) -> Option<String> {
+    let needs = |path: &str, package: &str| (!Path::new(path).exists()).then(|| format!("needs {path} (apt-get install {package})"));
+    needs("/bin/busybox", "busybox-static")
+        .or_else(|| needs("/usr/sbin/ethtool", "ethtool"))
+        .or_else(|| needs("/usr/bin/iperf3", "iperf3"))
+        .or_else(|| match kind {
+            Kind::Uml => needs("/usr/bin/linux.uml", "user-mode-linux"),
+            Kind::Qemu => needs("/usr/bin/qemu-system-x86_64", "qemu-system-x86")
+                .or_else(|| qemu_kernel().is_none().then(|| "needs a cloud kernel (apt-get install linux-image-cloud-amd64)".into())),
+        })
+}
+
+fn qemu_kernel() -> Option<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")))
+        .collect();
+    kernels.sort();
+    kernels.pop()
+}
+
+/// Builds (or reuses) the initramfs; returns it and the kernel to boot.
+pub fn image(kind: Kind) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out_dir = root.join("target/guest-images");
+    let out = Command::new(root.join("scripts/guest-initramfs"))
+        .arg(kind.name())
+        .arg(&out_dir)
+        .env("SANDNIC_GUEST_QUIET", "1")
+        .output()
+        .context("running scripts/guest-initramfs")?;
+    if !out.status.success() {
+        bail!("guest-initramfs failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let initrd = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let kernel = std::fs::read_to_string(out_dir.join(format!("initramfs-{}.kernel", kind.name())))?;
+    Ok((initrd, PathBuf::from(kernel.trim())))
+}
+
+fn host_khz() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mhz = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(2000.0);
+    format!("{}", (mhz * 1000.0) as u64)
+}
+
+/// A booted guest; killed on drop.
+pub struct Guest {
+    child: Child,
+    console: PathBuf,
+}
+
+pub struct GuestOptions<'a> {
+    pub kind: Kind,
+    /// The vhost-user socket of the backend.
+    pub socket: &'a Path,
+    /// Shell script the guest runs (busybox sh).
+    pub script: &'a str,
+    /// UML only: host directory mounted at /mnt in the guest.
+    pub hostdir: Option<&'a Path>,
+    /// Where the console output goes.
+    pub console: PathBuf,
+}
+
+impl Guest {
+    pub fn boot(opts: GuestOptions<'_>) -> anyhow::Result<Self> {
+        let (initrd, kernel) = image(opts.kind)?;
+        let script = compress_b64(opts.script)?;
+        let mut cmd = match opts.kind {
+            Kind::Uml => {
+                let mut c = Command::new(&kernel);
+                c.arg("mem=256M")
+                    .arg(format!("initrd={}", initrd.display()))
+                    .args(["con=null", "con0=fd:0,fd:1", "ssl=null", "loglevel=4"])
+                    .arg(format!("virtio_uml.device={}:1", opts.socket.display()))
+                    .arg(format!("sandnic.cmdgz={script}"));
+                if let Some(dir) = opts.hostdir {
+                    c.arg(format!("sandnic.hostdir={}", dir.display()));
+                }
+                c
+            }
+            Kind::Qemu => {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args(["-M", "microvm,acpi=on", "-accel", "tcg", "-m", "256", "-nodefaults", "-no-user-config"])
+                    .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
+                    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"])
+                    .arg("-chardev")
+                    .arg(format!("socket,id=c0,path={}", opts.socket.display()))
+                    .args(["-netdev", "vhost-user,id=n0,chardev=c0", "-device", "virtio-net-device,netdev=n0"])
+                    .arg("-kernel")
+                    .arg(&kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .arg("-append")
+                    .arg(format!(
+                        "console=ttyS0 loglevel=4 edd=off panic=-1 tsc_early_khz={} sandnic.cmdgz={script}",
+                        host_khz()
+                    ));
+                c
+            }
+        };
+        let console = std::fs::File::create(&opts.console)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            .spawn()
+            .with_context(|| format!("starting the {} guest", opts.kind.name()))?;
+        Ok(Self { child, console: opts.console })
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default().replace('\r', "")
+    }
+
+    /// Waits for the guest to power off; returns its script's exit status.
+    pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                let console = self.console();
+                let status = console
+                    .lines()
+                    .find_map(|l| l.split("SANDNIC-GUEST: script exit ").nth(1))
+                    .and_then(|s| s.trim().parse().ok());
+                return status.with_context(|| format!("guest ended without running its script:\n{console}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("guest did not finish within {timeout:?}:\n{}", self.console())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn compress_b64(script: &str) -> anyhow::Result<String> {
+    let mut gzip = Command::new("gzip").args(["-9n"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    gzip.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+    let out = gzip.wait_with_output()?;
+    let mut b64 = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    b64.stdin.take().expect("stdin").write_all(&out.stdout)?;
+    let encoded = String::from_utf8(b64.wait_with_output()?.stdout)?;
+    if encoded.len() > 1500 {
+        bail!("guest script too long for the kernel command line ({} bytes encoded)", encoded.len());
+    }
+    Ok(encoded)
+}
+
+/// A directory shared with a UML guest (hostfs) and the step handshake on
+/// it: the guest writes `guest-STEP` and waits for `host-STEP`.
+pub struct HostDir(pub PathBuf);
+
+impl HostDir {
+    /// Waits for the guest to reach `step`; returns what it wrote.
+    pub fn wait_for(&self, step: &str, timeout: Duration, guest: &Guest) -> anyhow::Result<String> {
+        let path = self.0.join(format!("guest-{step}"));
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return Ok(text);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("guest never reached step {step:?}:\n{}", guest.console())
+    }
+
+    /// Lets the guest continue past `step`.
+    pub fn release(&self, step: &str) {
+        let _ = std::fs::write(self.0.join(format!("host-{step}")), b"go\n");
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.0.join(name)).unwrap_or_default()
+    }
+}
+
+/// The shell function guest scripts use for the handshake.
+pub const STEP_FN: &str = "step() { echo \"$2\" > /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
