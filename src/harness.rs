@@ -89,6 +89,15 @@ impl NetNs {
         Ok(())
     }
 
+    /// The MAC address of interface `name` in this namespace.
+    pub fn mac_of(&self, name: &str) -> anyhow::Result<crate::frames::Mac> {
+        let out = self.ip(&["-o", "link", "show", name])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).context("no MAC")?;
+        let bytes: Result<Vec<u8>, _> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
+        bytes?.try_into().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
+    }
+
     /// Runs `f` on a thread that has entered this namespace; sockets it
     /// creates live in the namespace and can be used from anywhere.
     pub fn inside<R: Send>(&self, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
@@ -240,5 +249,49 @@ impl Drop for Sandnic {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A namespace with `tap0` (10.77.0.1/24, guest 10.77.0.2 as a permanent
+/// neighbour), `sandnic serve` on it, and the test frontend connected.
+pub struct Rig {
+    pub nic: crate::frontend::TestNic,
+    pub sandnic: Sandnic,
+    pub ns: NetNs,
+    pub tap_mac: crate::frames::Mac,
+    pub dir: ScratchDir,
+}
+
+pub const RIG_GUEST_MAC: crate::frames::Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+pub const RIG_GUEST_IP: [u8; 4] = [10, 77, 0, 2];
+pub const RIG_HOST_IP: [u8; 4] = [10, 77, 0, 1];
+
+impl Rig {
+    pub fn new(serve_args: &[&str], config: crate::frontend::NicConfig) -> anyhow::Result<Self> {
+        let ns = NetNs::new()?;
+        ns.add_tap("tap0", "10.77.0.1/24")?;
+        ns.ip(&["neigh", "add", "10.77.0.2", "lladdr", "52:54:00:12:34:56", "dev", "tap0", "nud", "permanent"])?;
+        let dir = ScratchDir::new()?;
+        let mut args = vec!["--tap", "tap0"];
+        args.extend_from_slice(serve_args);
+        let sandnic = Sandnic::serve(&ns, &dir, &args)?;
+        let nic = crate::frontend::TestNic::connect(&sandnic.socket, &config)
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", sandnic.log()))?;
+        let tap_mac = ns.mac_of("tap0")?;
+        Ok(Self { nic, sandnic, ns, tap_mac, dir })
+    }
+
+    /// A UDP frame from the test guest to the host.
+    pub fn guest_udp(&self, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        crate::frames::udp_frame(self.tap_mac, RIG_GUEST_MAC, (RIG_GUEST_IP, RIG_HOST_IP), (5000, dst_port), payload)
+    }
+
+    /// A counter of queue pair `pair` from the `stats` API.
+    pub fn stat(&self, pair: usize, field: &str) -> u64 {
+        self.sandnic.stats().expect("stats")["queues"][pair][field].as_u64().expect("counter")
+    }
+
+    pub fn control_stat(&self, field: &str) -> u64 {
+        self.sandnic.stats().expect("stats")["control"][field].as_u64().expect("counter")
     }
 }

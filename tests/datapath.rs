@@ -4,44 +4,17 @@
 
 use sandnic::frames::{self, Mac};
 use sandnic::frontend::{NicConfig, TestNic};
-use sandnic::harness::{NetNs, Sandnic, ScratchDir};
+use sandnic::harness::{NetNs, Rig};
 use sandnic::require_network;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-const GUEST_MAC: Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
-const HOST_IP: [u8; 4] = [10, 77, 0, 1];
-
-/// A namespace with `tap0` (10.77.0.1/24), `sandnic serve` on it, and the
-/// test frontend connected.
-struct Rig {
-    nic: TestNic,
-    sandnic: Sandnic,
-    ns: NetNs,
-    tap_mac: Mac,
-    _dir: ScratchDir,
-}
+const GUEST_MAC: Mac = sandnic::harness::RIG_GUEST_MAC;
+const GUEST_IP: [u8; 4] = sandnic::harness::RIG_GUEST_IP;
+const HOST_IP: [u8; 4] = sandnic::harness::RIG_HOST_IP;
 
 fn rig(serve_args: &[&str], config: NicConfig) -> Rig {
-    let ns = NetNs::new().expect("netns");
-    ns.add_tap("tap0", "10.77.0.1/24").expect("tap");
-    ns.ip(&["neigh", "add", "10.77.0.2", "lladdr", "52:54:00:12:34:56", "dev", "tap0"]).expect("neighbour");
-    let dir = ScratchDir::new().unwrap();
-    let mut args = vec!["--tap", "tap0"];
-    args.extend_from_slice(serve_args);
-    let sandnic = Sandnic::serve(&ns, &dir, &args).expect("sandnic serve");
-    let nic = TestNic::connect(&sandnic.socket, &config).unwrap_or_else(|e| panic!("{e:#}\n{}", sandnic.log()));
-    let tap_mac = tap_mac(&ns);
-    Rig { nic, sandnic, ns, tap_mac, _dir: dir }
-}
-
-fn tap_mac(ns: &NetNs) -> Mac {
-    let out = ns.ip(&["-o", "link", "show", "tap0"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("tap mac");
-    let bytes: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
-    bytes.try_into().unwrap()
+    Rig::new(serve_args, config).expect("test rig")
 }
 
 fn host_udp(ns: &NetNs, port: u16) -> UdpSocket {
@@ -63,10 +36,6 @@ fn recv_udp(nic: &mut TestNic, timeout: Duration) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-fn stat(sandnic: &Sandnic, pair: usize, field: &str) -> u64 {
-    sandnic.stats().unwrap()["queues"][pair][field].as_u64().unwrap()
 }
 
 #[test]
@@ -95,8 +64,8 @@ fn udp_flows_both_ways_through_the_tap() {
         let payload = recv_udp(&mut rig.nic, Duration::from_secs(5)).unwrap_or_else(|| panic!("frame {i} not received"));
         assert_eq!(payload, [i; 300]);
     }
-    assert_eq!(stat(&rig.sandnic, 0, "tx_packets"), 20);
-    assert!(stat(&rig.sandnic, 0, "rx_packets") >= 20);
+    assert_eq!(rig.stat(0, "tx_packets"), 20);
+    assert!(rig.stat(0, "rx_packets") >= 20);
 }
 
 #[test]
@@ -147,5 +116,5 @@ fn frames_wait_in_the_tap_until_the_guest_gives_buffers() {
         }
     }
     assert_eq!(got, (0..48u8).collect::<Vec<_>>(), "every frame, in order");
-    assert_eq!(stat(&rig.sandnic, 0, "rx_drops"), 0);
+    assert_eq!(rig.stat(0, "rx_drops"), 0);
 }

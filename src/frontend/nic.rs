@@ -34,6 +34,8 @@ pub struct NicConfig {
     pub ram_size: u64,
     /// Ask for config-change notifications on a backend channel.
     pub backend_channel: bool,
+    /// RX buffers kept posted (default: the whole ring).
+    pub rx_posted: Option<usize>,
 }
 
 impl Default for NicConfig {
@@ -57,8 +59,17 @@ impl Default for NicConfig {
             tx_buf_len: 2048,
             ram_size: 64 << 20,
             backend_channel: true,
+            rx_posted: None,
         }
     }
+}
+
+/// Which queue.
+#[derive(Debug, Clone, Copy)]
+pub enum QueueId {
+    Rx(usize),
+    Tx(usize),
+    Ctrl,
 }
 
 /// One virtqueue with its eventfds and one fixed buffer per descriptor.
@@ -80,6 +91,7 @@ pub struct TestNic {
     pub tx: Vec<Queue>,
     pub ctrl: Option<Queue>,
     backend_channel: Option<UnixStream>,
+    rx_posted: Option<usize>,
 }
 
 impl TestNic {
@@ -137,7 +149,7 @@ impl TestNic {
         };
 
         let event_idx = acked & f::EVENT_IDX != 0;
-        let mut nic = Self { frontend: fe, ram, offered, acked, hdr_len, rx: vec![], tx: vec![], ctrl: None, backend_channel };
+        let mut nic = Self { frontend: fe, ram, offered, acked, hdr_len, rx: vec![], tx: vec![], ctrl: None, backend_channel, rx_posted: None };
         let pairs = if acked & f::MQ != 0 { config.pairs } else { 1 };
         for pair in 0..pairs {
             let rx = nic.make_queue(2 * usize::from(pair), config.queue_size, config.rx_buf_len, event_idx)?;
@@ -149,8 +161,16 @@ impl TestNic {
             let index = if acked & f::MQ != 0 { 2 * usize::from(config.pairs) } else { 2 };
             nic.ctrl = Some(nic.make_queue(index, 64, 4096, event_idx)?);
         }
+        nic.rx_posted = config.rx_posted;
         for pair in 0..nic.rx.len() {
             nic.fill_rx(pair);
+        }
+        if nic.rx.len() > 1 && nic.ctrl.is_some() {
+            // As a Linux driver does at probe: use every queue pair.
+            let command = sandnic_device::ctrl::CtrlCommand::MqPairsSet(nic.rx.len() as u16).encode();
+            if nic.ctrl(&command)? != sandnic_device::ACK_OK {
+                bail!("the device refused VQ_PAIRS_SET {}", nic.rx.len());
+            }
         }
         Ok(nic)
     }
@@ -184,9 +204,10 @@ impl TestNic {
     /// Posts every free RX descriptor as a buffer.
     pub fn fill_rx(&mut self, pair: usize) {
         let mem = self.ram.mem();
+        let limit = self.rx_posted.unwrap_or(usize::MAX);
         let q = &mut self.rx[pair];
         let mut added = false;
-        while q.vq.free_descriptors() > 0 {
+        while q.vq.free_descriptors() > 0 && usize::from(q.vq.size) - q.vq.free_descriptors() < limit {
             // One descriptor per chain: its index is the head, which names
             // its fixed buffer.
             let Some(probe) = q.vq.next_free() else { break };
@@ -290,16 +311,22 @@ impl TestNic {
         assert!(command.len() < q.buf_len as usize);
         mem.write_slice(command, cmd_at).unwrap();
         mem.write_obj(0xffu8, ack_at).unwrap();
-        q.vq.add(
-            mem,
-            &[Buf { addr: cmd_at, len: command.len() as u32, writable: false }, Buf { addr: ack_at, len: 1, writable: true }],
-        )
-        .ok_or_else(|| anyhow!("control queue full"))?;
+        let ours = q
+            .vq
+            .add(
+                mem,
+                &[Buf { addr: cmd_at, len: command.len() as u32, writable: false }, Buf { addr: ack_at, len: 1, writable: true }],
+            )
+            .ok_or_else(|| anyhow!("control queue full"))?;
         let _ = q.kick.write(1);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if q.vq.pop_used(mem).is_some() {
-                return Ok(mem.read_obj(ack_at).unwrap());
+            // Used entries of other chains (hand-made ones) are skipped.
+            if let Some((head, _)) = q.vq.pop_used(mem) {
+                if head == ours {
+                    return Ok(mem.read_obj(ack_at).unwrap());
+                }
+                continue;
             }
             if Instant::now() > deadline {
                 bail!("no answer on the control queue");
@@ -308,12 +335,32 @@ impl TestNic {
         }
     }
 
-    /// Publishes hand-made descriptors on queue `index`'s ring (for the
-    /// bad-input tests) and kicks. `descs[i]` goes to descriptor slot
-    /// `slots[i]`; `head` is published.
-    pub fn raw_chain(&mut self, queue: &mut Queue, descs: &[RawDesc], slots: &[u16], head: u16) {
-        queue.vq.add_raw(self.ram.mem(), descs, slots, head);
-        let _ = queue.kick.write(1);
+    pub fn queue(&mut self, id: QueueId) -> &mut Queue {
+        match id {
+            QueueId::Rx(pair) => &mut self.rx[pair],
+            QueueId::Tx(pair) => &mut self.tx[pair],
+            QueueId::Ctrl => self.ctrl.as_mut().expect("control queue"),
+        }
+    }
+
+    /// Takes `n` descriptor slots for hand-made descriptors (their indices,
+    /// for `next` fields and `raw_chain`).
+    pub fn reserve(&mut self, id: QueueId, n: usize) -> Vec<u16> {
+        self.queue(id).vq.take_free(n)
+    }
+
+    /// Writes hand-made descriptors into reserved `slots`, publishes `head`
+    /// and kicks (for the bad-input tests).
+    pub fn raw_chain(&mut self, id: QueueId, descs: &[RawDesc], slots: &[u16], head: u16) {
+        let mem = self.ram.mem().clone();
+        let q = self.queue(id);
+        q.vq.add_raw(&mem, descs, slots, head);
+        let _ = q.kick.write(1);
+    }
+
+    /// A guest address inside this frontend's RAM, for hand-made descriptors.
+    pub fn scratch(&self, len: u64) -> GuestAddress {
+        self.ram.alloc(len, 64)
     }
 
     /// The device's config space (GET_CONFIG).
