@@ -133,7 +133,7 @@ impl Guest {
             }
         };
         let console = std::fs::File::create(&opts.console)?;
-        let child = cmd
+        let child = crate::harness::die_with_parent(&mut cmd)
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console)

@@ -29,6 +29,23 @@ pub fn network_unavailable() -> Option<String> {
     None
 }
 
+/// Makes a child process die with the test process (even when the test is
+/// killed and no destructor runs): PR_SET_PDEATHSIG survives `ip netns
+/// exec`'s exec.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Prints a loud skip notice; tests return right after.
 pub fn skip(test: &str, why: &str) {
     eprintln!("\n*** SKIPPED {test}: {why} ***\n");
@@ -192,8 +209,8 @@ impl Sandnic {
         let socket = dir.path("vhost.sock");
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
-        let child = ns
-            .command(sandnic_binary().to_str().expect("utf-8 path"))
+        let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
+        let child = die_with_parent(&mut cmd)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)

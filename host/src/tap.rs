@@ -11,7 +11,6 @@ use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
 use nix::sys::stat::Mode;
 use sandnic_device::Offloads;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
@@ -83,17 +82,23 @@ impl Tap {
         if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains('\0') {
             return Err(TapError::BadName(name.into()));
         }
-        let sys = Path::new("/sys/class/net").join(name);
-        if !sys.join("tun_flags").exists() {
+        // Asked through the calling thread's network namespace (sysfs would
+        // show the namespace it was mounted in).
+        if nix::net::if_::if_nametoindex(name).is_err() {
             return Err(TapError::Missing(name.into()));
         }
-        let existing_flags = std::fs::read_to_string(sys.join("tun_flags"))
-            .ok()
-            .and_then(|s| i64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0);
-        let multi_queue = queues > 1 || existing_flags & i64::from(IFF_MULTI_QUEUE) != 0;
-        let mut fds = Vec::with_capacity(queues);
-        for _ in 0..queues.clamp(1, MAX_TAP_QUEUES) {
+        // A device created with multi_queue only accepts multi-queue
+        // attaches, and the other way round: try the likely one first.
+        let mut multi_queue = queues > 1;
+        let first = match attach_queue(name, multi_queue) {
+            Err(TapError::Attach { errno: Errno::EINVAL, .. }) if !multi_queue => {
+                multi_queue = true;
+                attach_queue(name, true)?
+            }
+            other => other?,
+        };
+        let mut fds = vec![first];
+        for _ in 1..queues.clamp(1, MAX_TAP_QUEUES) {
             fds.push(attach_queue(name, multi_queue)?);
         }
         Self::from_queues(name.to_string(), fds, multi_queue)

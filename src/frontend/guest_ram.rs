@@ -46,6 +46,13 @@ impl GuestRam {
         self.mem.get_host_address(GuestAddress(RAM_BASE)).expect("mapped") as u64
     }
 
+    /// This process's pointer to guest address `gpa` (which must lie in the
+    /// RAM, with `len` bytes after it). Valid while `self` lives.
+    pub fn ptr(&self, gpa: GuestAddress, len: u64) -> *mut u8 {
+        assert!(gpa.0 >= RAM_BASE && gpa.0 + len <= RAM_BASE + self.size, "{gpa:?}+{len} outside the test RAM");
+        (self.host_address() + (gpa.0 - RAM_BASE)) as *mut u8
+    }
+
     /// Guest address of the VA `va` (inverse of the frontend's mapping).
     pub fn va_of(&self, gpa: GuestAddress) -> u64 {
         self.host_address() + (gpa.0 - RAM_BASE)

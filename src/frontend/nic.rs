@@ -197,13 +197,12 @@ impl TestNic {
         fe.set_vring_call(index, &call)?;
         fe.set_vring_kick(index, &kick)?;
         fe.set_vring_enable(index, true)?;
-        vq.want_interrupts(self.ram.mem());
+        vq.want_interrupts();
         Ok(Queue { vq, kick, call, bufs, buf_len })
     }
 
     /// Posts every free RX descriptor as a buffer.
     pub fn fill_rx(&mut self, pair: usize) {
-        let mem = self.ram.mem();
         let limit = self.rx_posted.unwrap_or(usize::MAX);
         let q = &mut self.rx[pair];
         let mut added = false;
@@ -212,12 +211,12 @@ impl TestNic {
             // its fixed buffer.
             let Some(probe) = q.vq.next_free() else { break };
             let buf = Buf { addr: q.bufs[usize::from(probe)], len: q.buf_len, writable: true };
-            if q.vq.add(mem, &[buf]).is_none() {
+            if q.vq.add(&[buf]).is_none() {
                 break;
             }
             added = true;
         }
-        if added && q.vq.needs_kick(mem) {
+        if added && q.vq.needs_kick() {
             let _ = q.kick.write(1);
         }
     }
@@ -225,10 +224,24 @@ impl TestNic {
     /// Queues frames on TX (header zeroed: no offloads) and kicks once.
     /// Returns how many were queued (fewer when the ring is full).
     pub fn send_batch<'a>(&mut self, pair: usize, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
-        let mem = self.ram.mem();
+        let zero = [0u8; 12];
+        let hdr = &zero[..self.hdr_len];
+        self.send_batch_with_header(pair, hdr, frames)
+    }
+
+    /// Like `send_batch`, with `header` (a full virtio-net header, e.g. with
+    /// GSO fields) in front of every frame.
+    pub fn send_batch_with_header<'a>(
+        &mut self,
+        pair: usize,
+        header: &[u8],
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> usize {
+        let ram = &self.ram;
         let hdr = self.hdr_len;
+        assert_eq!(header.len(), hdr, "header length");
         let q = &mut self.tx[pair];
-        while q.vq.pop_used(mem).is_some() {}
+        while q.vq.pop_used().is_some() {}
         let mut sent = 0;
         for frame in frames {
             if q.vq.free_descriptors() == 0 {
@@ -238,12 +251,17 @@ impl TestNic {
             let addr = q.bufs[usize::from(probe)];
             let len = hdr + frame.len();
             assert!(len <= q.buf_len as usize, "frame larger than the TX buffer");
-            mem.write_slice(&[0u8; 12][..hdr], addr).unwrap();
-            mem.write_slice(frame, GuestAddress(addr.0 + hdr as u64)).unwrap();
-            q.vq.add(mem, &[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
+            let dst = ram.ptr(addr, len as u64);
+            // SAFETY: `dst` has room for `len` bytes (checked by `ptr`); the
+            // source slices are live and do not overlap guest RAM.
+            unsafe {
+                std::ptr::copy_nonoverlapping(header.as_ptr(), dst, hdr);
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(hdr), frame.len());
+            }
+            q.vq.add(&[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
             sent += 1;
         }
-        if sent > 0 && q.vq.needs_kick(mem) {
+        if sent > 0 && q.vq.needs_kick() {
             let _ = q.kick.write(1);
         }
         sent
@@ -263,10 +281,34 @@ impl TestNic {
     /// TX chains the device has returned so far are reclaimed; how many TX
     /// descriptors are still with the device.
     pub fn tx_in_flight(&mut self, pair: usize) -> usize {
-        let mem = self.ram.mem();
         let q = &mut self.tx[pair];
-        while q.vq.pop_used(mem).is_some() {}
+        while q.vq.pop_used().is_some() {}
         usize::from(q.vq.size) - q.vq.free_descriptors()
+    }
+
+    /// Takes every received frame off the RX ring without copying it and
+    /// gives the buffers back; returns (frames, bytes without headers).
+    pub fn reap_rx(&mut self, pair: usize) -> (u64, u64) {
+        let mem = self.ram.mem();
+        let hdr = self.hdr_len as u64;
+        let q = &mut self.rx[pair];
+        let (mut frames, mut bytes) = (0, 0);
+        while let Some((head, len)) = q.vq.pop_used() {
+            let num_buffers: u16 =
+                if hdr == 12 { mem.read_obj(GuestAddress(q.bufs[usize::from(head)].0 + 10)).unwrap() } else { 1 };
+            bytes += u64::from(len).saturating_sub(hdr);
+            for _ in 1..num_buffers.max(1) {
+                match q.vq.pop_used() {
+                    Some((_, more)) => bytes += u64::from(more),
+                    None => break,
+                }
+            }
+            frames += 1;
+        }
+        if frames > 0 {
+            self.fill_rx(pair);
+        }
+        (frames, bytes)
     }
 
     /// The next received frame (without the virtio-net header), if any.
@@ -274,13 +316,13 @@ impl TestNic {
         let mem = self.ram.mem();
         let hdr = self.hdr_len;
         let q = &mut self.rx[pair];
-        let (head, len) = q.vq.pop_used(mem)?;
+        let (head, len) = q.vq.pop_used()?;
         let first = q.bufs[usize::from(head)];
         let num_buffers: u16 = if hdr == 12 { mem.read_obj(GuestAddress(first.0 + 10)).unwrap() } else { 1 };
         let mut frame = vec![0u8; (len as usize).saturating_sub(hdr)];
         mem.read_slice(&mut frame, GuestAddress(first.0 + hdr as u64)).unwrap();
         for _ in 1..num_buffers.max(1) {
-            let Some((head, len)) = q.vq.pop_used(mem) else { break };
+            let Some((head, len)) = q.vq.pop_used() else { break };
             let mut more = vec![0u8; len as usize];
             mem.read_slice(&mut more, q.bufs[usize::from(head)]).unwrap();
             frame.extend_from_slice(&more);
@@ -314,7 +356,6 @@ impl TestNic {
         let ours = q
             .vq
             .add(
-                mem,
                 &[Buf { addr: cmd_at, len: command.len() as u32, writable: false }, Buf { addr: ack_at, len: 1, writable: true }],
             )
             .ok_or_else(|| anyhow!("control queue full"))?;
@@ -322,7 +363,7 @@ impl TestNic {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             // Used entries of other chains (hand-made ones) are skipped.
-            if let Some((head, _)) = q.vq.pop_used(mem) {
+            if let Some((head, _)) = q.vq.pop_used() {
                 if head == ours {
                     return Ok(mem.read_obj(ack_at).unwrap());
                 }
@@ -352,9 +393,8 @@ impl TestNic {
     /// Writes hand-made descriptors into reserved `slots`, publishes `head`
     /// and kicks (for the bad-input tests).
     pub fn raw_chain(&mut self, id: QueueId, descs: &[RawDesc], slots: &[u16], head: u16) {
-        let mem = self.ram.mem().clone();
         let q = self.queue(id);
-        q.vq.add_raw(&mem, descs, slots, head);
+        q.vq.add_raw(descs, slots, head);
         let _ = q.kick.write(1);
     }
 

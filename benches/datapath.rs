@@ -1,0 +1,388 @@
+//! Datapath throughput through sandnic, against the syscall floor measured
+//! in the same run: the same frames written to (TX) and read from (RX) a TAP
+//! directly, and the same test frontend driving DPDK's `dpdk-testpmd` as a
+//! peer vhost-user backend forwarding to a TAP. `scripts/bench-report tx rx`
+//! prints the ratios.
+//!
+//! Needs root (TAP devices, network namespaces); skips loudly otherwise.
+//! Frames are UDP (64 B, 1500 B) or a 64 KiB TCP segment with TSO, addressed
+//! to a MAC nobody has, so the host kernel drops them as early as possible in
+//! every variant.
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use sandnic::frames;
+use sandnic::frontend::{NicConfig, TestNic};
+use sandnic::harness::{NetNs, Sandnic, ScratchDir};
+use sandnic_device::features as f;
+use sandnic_host::tap::Tap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FOREIGN_MAC: [u8; 6] = [0x02, 0x99, 0x99, 0x99, 0x99, 0x99];
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// Frames in flight when injecting into a TAP: below its queue length, so
+/// nothing is dropped and every variant moves the same frames.
+const WINDOW: u64 = 512;
+
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    /// Ethernet frame length.
+    len: usize,
+    tso: bool,
+}
+
+const CASES: [Case; 3] =
+    [Case { name: "64B", len: 64, tso: false }, Case { name: "1500B", len: 1514, tso: false }, Case { name: "64KiB-tso", len: 65_000, tso: true }];
+
+/// An Ethernet frame of `case.len` bytes to `dst`, and its virtio-net header
+/// (12 bytes; GSO fields for TSO).
+fn frame(case: Case, dst: [u8; 6]) -> (Vec<u8>, [u8; 12]) {
+    let mut hdr = [0u8; 12];
+    if case.tso {
+        let tcp_len = case.len - 14 - 20;
+        let mut tcp = vec![0u8; tcp_len];
+        tcp[0..2].copy_from_slice(&1234u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18;
+        let ip = frames::ipv4([10, 55, 0, 2], [10, 55, 0, 99], 6, &tcp);
+        hdr[0] = 1; // NEEDS_CSUM
+        hdr[1] = 1; // GSO_TCPV4
+        hdr[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        hdr[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        hdr[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+        (frames::ethernet(dst, [0x02, 0, 0, 0, 0, 1], frames::ETH_IPV4, &ip), hdr)
+    } else {
+        let payload = vec![0x5a; case.len - 42];
+        (frames::udp_frame(dst, [0x02, 0, 0, 0, 0, 1], ([10, 55, 0, 2], [10, 55, 0, 99]), (1000, 2000), &payload), hdr)
+    }
+}
+
+fn nic_config(case: Case, ctrl: bool) -> NicConfig {
+    let mut features = f::VERSION_1 | f::MAC | f::MRG_RXBUF | f::EVENT_IDX;
+    if ctrl {
+        features |= f::CTRL_VQ | f::CTRL_RX | f::STATUS;
+    }
+    if case.tso {
+        features |= f::CSUM | f::HOST_TSO4 | f::GUEST_CSUM | f::GUEST_TSO4;
+    }
+    let buf = if case.tso { 65_600 } else { 2048 };
+    let ram_size = if case.tso { 160 << 20 } else { 64 << 20 };
+    NicConfig { rx_buf_len: buf, tx_buf_len: buf, ram_size, backend_channel: false, ..NicConfig::default() }
+        .with_features(features)
+}
+
+trait WithFeatures {
+    fn with_features(self, features: u64) -> Self;
+}
+impl WithFeatures for NicConfig {
+    fn with_features(mut self, features: u64) -> Self {
+        self.features = features;
+        self
+    }
+}
+
+// ---- TX --------------------------------------------------------------------
+
+/// Sends `n` frames through a vhost-user backend and waits until it has
+/// taken them all; returns the elapsed time.
+fn tx_through(nic: &mut TestNic, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let want = (n - sent).min(64) as usize;
+        let k = nic.send_batch_with_header(0, hdr, std::iter::repeat_n(frame, want));
+        sent += k as u64;
+        if k == 0 {
+            std::hint::spin_loop();
+        }
+    }
+    while nic.tx_in_flight(0) > 0 {
+        std::hint::spin_loop();
+    }
+    start.elapsed()
+}
+
+/// Writes `n` frames (with the header) to a TAP queue directly.
+fn tx_raw(tap: &OwnedFd, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
+    let iov = [
+        libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: 12 },
+        libc::iovec { iov_base: frame.as_ptr() as *mut _, iov_len: frame.len() },
+    ];
+    let start = Instant::now();
+    for _ in 0..n {
+        // SAFETY: both iovecs point at live buffers of the stated lengths.
+        let r = unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), 2) };
+        assert!(r > 0, "raw TAP write: {}", std::io::Error::last_os_error());
+    }
+    start.elapsed()
+}
+
+// ---- RX --------------------------------------------------------------------
+
+/// An AF_PACKET socket on a TAP's host side that sends frames into the TAP
+/// (with a virtio-net header, so 64 KiB TSO frames stay whole).
+struct Injector {
+    sock: OwnedFd,
+}
+
+impl Injector {
+    fn new(ns: &NetNs, ifname: &str) -> Self {
+        let sock = ns.packet_socket(ifname).expect("packet socket");
+        let one: libc::c_int = 1;
+        // SAFETY: PACKET_VNET_HDR takes an int; `one` lives for the call.
+        let r = unsafe {
+            libc::setsockopt(sock.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, (&one as *const libc::c_int).cast(), 4)
+        };
+        assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+        Self { sock }
+    }
+
+    fn send(&self, hdr: &[u8; 12], frame: &[u8]) {
+        let iov = [
+            libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: 10 },
+            libc::iovec { iov_base: frame.as_ptr() as *mut _, iov_len: frame.len() },
+        ];
+        // SAFETY: a msghdr over two live iovecs; no address, no control.
+        let msg = libc::msghdr {
+            msg_name: std::ptr::null_mut(),
+            msg_namelen: 0,
+            msg_iov: iov.as_ptr() as *mut _,
+            msg_iovlen: 2,
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        };
+        loop {
+            // SAFETY: see above.
+            let r = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, 0) };
+            if r >= 0 {
+                return;
+            }
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOBUFS), "inject");
+        }
+    }
+}
+
+/// Injects `n` frames and counts them arriving in the test guest.
+/// A backend that loses frames (testpmd does when its buffers run out) is
+/// charged for them: after 100 ms without progress the frames in flight
+/// count as lost and more are sent, so the time covers `n` delivered frames.
+fn rx_through(nic: &mut TestNic, inject: &Injector, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
+    let start = Instant::now();
+    let (mut sent, mut got, mut lost) = (0, 0, 0);
+    let mut progress = start;
+    let deadline = start + Duration::from_secs(60);
+    while got < n {
+        while sent < n + lost && sent - got - lost < WINDOW {
+            inject.send(hdr, frame);
+            sent += 1;
+        }
+        let (frames, _) = nic.reap_rx(0);
+        got += frames;
+        let now = Instant::now();
+        if frames > 0 {
+            progress = now;
+        } else if now - progress > Duration::from_millis(100) {
+            lost = sent - got;
+            progress = now;
+        }
+        assert!(now < deadline, "RX stalled at {got}/{n}");
+    }
+    LOST.fetch_add(lost, Ordering::Relaxed);
+    start.elapsed()
+}
+
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Injects `n` frames and counts them read from the TAP directly by a
+/// reader thread (the floor: one read per frame).
+fn rx_raw(reader: &RawReader, inject: &Injector, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
+    let base = reader.count.load(Ordering::Acquire);
+    let start = Instant::now();
+    let mut sent = 0;
+    let deadline = start + Duration::from_secs(60);
+    loop {
+        let got = reader.count.load(Ordering::Acquire) - base;
+        if got >= n {
+            break;
+        }
+        while sent < n && sent - got < WINDOW {
+            inject.send(hdr, frame);
+            sent += 1;
+        }
+        assert!(Instant::now() < deadline, "raw RX stalled at {got}/{n}");
+        std::hint::spin_loop();
+    }
+    start.elapsed()
+}
+
+struct RawReader {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RawReader {
+    fn start(tap: Arc<OwnedFd>) -> Self {
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 70_000];
+            while !s.load(Ordering::Relaxed) {
+                // SAFETY: `buf` is a live buffer of the given length.
+                let r = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if r > 0 {
+                    c.fetch_add(1, Ordering::Release);
+                } else {
+                    // Sleep in poll like a real reader (and like sandnic's
+                    // worker), instead of spinning on the shared core.
+                    let mut pfd = libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 10) };
+                }
+            }
+        });
+        Self { count, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for RawReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- the three backends ----------------------------------------------------
+
+/// A TAP in `ns` opened directly, with the header length and offloads the
+/// vhost-user variants negotiate.
+fn raw_tap(ns: &NetNs, name: &str, case: Case) -> OwnedFd {
+    ns.add_tap(name, "10.56.0.1/24").unwrap();
+    let _ = ns.ip(&["link", "set", name, "txqueuelen", "10000"]);
+    let owned = name.to_string();
+    let tap = ns.inside(move || Ok(Tap::open(&owned, 1)?)).unwrap();
+    tap.set_vnet_hdr_len(12).unwrap();
+    let offloads = if case.tso {
+        sandnic_device::Offloads::CSUM | sandnic_device::Offloads::TSO4
+    } else {
+        sandnic_device::Offloads::empty()
+    };
+    tap.set_offloads(offloads).unwrap();
+    tap.queue_fds()[0].try_clone().unwrap()
+}
+
+struct Testpmd {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl Testpmd {
+    /// `dpdk-testpmd` as a vhost-user server forwarding (io mode) between
+    /// the socket and a TAP it creates (`dtap0` in `ns`). Its stdin stays
+    /// open: testpmd exits when it closes.
+    fn start(ns: &NetNs, dir: &ScratchDir) -> Option<Self> {
+        if Command::new("dpdk-testpmd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+            eprintln!("\n*** dpdk-testpmd missing (apt-get install dpdk-dev): skipping the DPDK comparison ***\n");
+            return None;
+        }
+        let socket = dir.path("testpmd.sock");
+        let mut cmd = ns.command("dpdk-testpmd");
+        let child = sandnic::harness::die_with_parent(&mut cmd)
+            .args(["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", "sandnic-bench"])
+            .arg("--vdev")
+            .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+            .args(["--vdev", "net_tap0,iface=dtap0"])
+            .args(["--", "--forward-mode=io", "--total-num-mbufs=16384", "--nb-cores=1", "-a"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() || ns.ip(&["link", "show", "dtap0"]).is_err() {
+            if Instant::now() > deadline {
+                eprintln!("\n*** dpdk-testpmd did not come up: skipping the DPDK comparison ***\n");
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = ns.ip(&["link", "set", "dtap0", "up"]);
+        Some(Self { child, socket })
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn group<'a>(c: &'a mut Criterion, dir: &str, case: Case, len: usize) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(format!("{dir}-{}", case.name));
+    g.throughput(Throughput::Bytes(len as u64));
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g
+}
+
+fn bench(c: &mut Criterion) {
+    if let Some(why) = sandnic::harness::network_unavailable() {
+        eprintln!("\n*** SKIPPED datapath benches: {why} ***\n");
+        return;
+    }
+    for case in CASES {
+        let ns = NetNs::new().unwrap();
+        let dir = ScratchDir::new().unwrap();
+        // sandnic on tap0, the raw baseline on rawtap, testpmd on dtap0.
+        ns.add_tap("tap0", "10.55.0.1/24").unwrap();
+        let _ = ns.ip(&["link", "set", "tap0", "txqueuelen", "10000"]);
+        let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
+        let mut nic = TestNic::connect(&sandnic.socket, &nic_config(case, true)).unwrap();
+        let raw = Arc::new(raw_tap(&ns, "rawtap", case));
+        let (tx_frame, tx_hdr) = frame(case, FOREIGN_MAC);
+        let (rx_frame, rx_hdr) = frame(case, GUEST_MAC);
+
+        let mut g = group(c, "tx", case, tx_frame.len());
+        g.bench_function("raw-tap", |b| b.iter_custom(|n| tx_raw(&raw, n, &tx_frame, &tx_hdr)));
+        g.bench_function("sandnic", |b| b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr)));
+        g.finish();
+        let mut g = group(c, "rx", case, rx_frame.len());
+        {
+            let reader = RawReader::start(raw.clone());
+            let inject = Injector::new(&ns, "rawtap");
+            g.bench_function("raw-tap", |b| b.iter_custom(|n| rx_raw(&reader, &inject, n, &rx_frame, &rx_hdr)));
+        }
+        let inject = Injector::new(&ns, "tap0");
+        g.bench_function("sandnic", |b| b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr)));
+        g.finish();
+        drop(nic);
+        drop(sandnic);
+
+        // testpmd busy-polls a core: it runs only for its own measurements.
+        if let Some(testpmd) = Testpmd::start(&ns, &dir) {
+            let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false)).expect("testpmd frontend");
+            let mut g = group(c, "tx", case, tx_frame.len());
+            g.bench_function("dpdk-testpmd", |b| b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr)));
+            g.finish();
+            let inject = Injector::new(&ns, "dtap0");
+            let mut g = group(c, "rx", case, rx_frame.len());
+            g.bench_function("dpdk-testpmd", |b| b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr)));
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
