@@ -153,7 +153,10 @@ impl TestNic {
         let pairs = if acked & f::MQ != 0 { config.pairs } else { 1 };
         for pair in 0..pairs {
             let rx = nic.make_queue(2 * usize::from(pair), config.queue_size, config.rx_buf_len, event_idx)?;
-            let tx = nic.make_queue(2 * usize::from(pair) + 1, config.queue_size, config.tx_buf_len, event_idx)?;
+            let mut tx = nic.make_queue(2 * usize::from(pair) + 1, config.queue_size, config.tx_buf_len, event_idx)?;
+            // TX completions are reaped by polling.
+            tx.vq.polled = true;
+            tx.vq.quiet();
             nic.rx.push(rx);
             nic.tx.push(tx);
         }
@@ -242,6 +245,7 @@ impl TestNic {
         assert_eq!(header.len(), hdr, "header length");
         let q = &mut self.tx[pair];
         while q.vq.pop_used().is_some() {}
+        q.vq.quiet();
         let mut sent = 0;
         for frame in frames {
             if q.vq.free_descriptors() == 0 {
@@ -258,6 +262,44 @@ impl TestNic {
                 std::ptr::copy_nonoverlapping(header.as_ptr(), dst, hdr);
                 std::ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(hdr), frame.len());
             }
+            q.vq.add(&[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
+            sent += 1;
+        }
+        if sent > 0 && q.vq.needs_kick() {
+            let _ = q.kick.write(1);
+        }
+        sent
+    }
+
+    /// Writes `header + frame` into every TX buffer of `pair` once, for
+    /// `send_prepared` (benches: the frontend's own copy is not what they
+    /// measure).
+    pub fn prepare_tx(&mut self, pair: usize, header: &[u8], frame: &[u8]) -> usize {
+        let ram = &self.ram;
+        let q = &self.tx[pair];
+        let len = header.len() + frame.len();
+        assert!(len <= q.buf_len as usize, "frame larger than the TX buffer");
+        for &addr in &q.bufs {
+            let dst = ram.ptr(addr, len as u64);
+            // SAFETY: `dst` has room for `len` bytes (checked by `ptr`).
+            unsafe {
+                std::ptr::copy_nonoverlapping(header.as_ptr(), dst, header.len());
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(header.len()), frame.len());
+            }
+        }
+        len
+    }
+
+    /// Queues up to `n` chains of `len` bytes whose buffers `prepare_tx`
+    /// filled; kicks once. Returns how many were queued.
+    pub fn send_prepared(&mut self, pair: usize, n: usize, len: usize) -> usize {
+        let q = &mut self.tx[pair];
+        while q.vq.pop_used().is_some() {}
+        q.vq.quiet();
+        let mut sent = 0;
+        while sent < n {
+            let Some(probe) = q.vq.next_free() else { break };
+            let addr = q.bufs[usize::from(probe)];
             q.vq.add(&[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
             sent += 1;
         }

@@ -48,6 +48,8 @@ pub struct Virtq {
     /// Avail index at the last kick (for EVENT_IDX kick suppression).
     kicked_at: u16,
     pub event_idx: bool,
+    /// The driver polls this queue's used ring (see `quiet`).
+    pub polled: bool,
 }
 
 // SAFETY: the raw pointers point into the shared RAM mapping, which the
@@ -76,6 +78,7 @@ impl Virtq {
             last_used: 0,
             kicked_at: 0,
             event_idx: false,
+            polled: false,
         }
     }
 
@@ -177,6 +180,16 @@ impl Virtq {
         }
     }
 
+    /// Polling instead of interrupts (EVENT_IDX): moves `used_event` far
+    /// ahead so the device does not signal for every batch, as a driver in
+    /// busy-poll mode would.
+    pub fn quiet(&self) {
+        if self.event_idx {
+            let far = self.last_used.wrapping_add(0x7fff);
+            self.u16_at(self.avail_ptr, 4 + 2 * u64::from(self.size)).store(far, Ordering::Release);
+        }
+    }
+
     /// The next used entry `(head, len)`; its descriptors become free.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         let used_idx = self.u16_at(self.used_ptr, 2).load(Ordering::Acquire);
@@ -191,7 +204,9 @@ impl Virtq {
             (e[0], e[1])
         };
         self.last_used = self.last_used.wrapping_add(1);
-        self.want_interrupts();
+        if !self.polled {
+            self.want_interrupts();
+        }
         let head = (head % u32::from(self.size)) as u16;
         self.release(head);
         Some((head, len))
