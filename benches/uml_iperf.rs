@@ -1,0 +1,51 @@
+//! iperf3 from a User-Mode Linux guest (its real virtio_net driver) through
+//! sandnic to an iperf3 server on the TAP's host side: a sanity figure for
+//! the whole stack, not a comparison (UML's own overhead dominates).
+//! `cargo bench --bench uml_iperf`; needs root, user-mode-linux, iperf3.
+
+use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind};
+use sandnic::harness::{die_with_parent, network_unavailable, NetNs, Sandnic, ScratchDir};
+use std::process::Stdio;
+use std::time::Duration;
+
+const SCRIPT: &str = r#"
+ip link set eth0 up
+ip addr add 10.88.0.2/24 dev eth0
+sleep 1
+iperf3 -c 10.88.0.1 -t 5 -J > /mnt/iperf.json 2>&1
+echo $? > /mnt/iperf.rc
+"#;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    if let Some(why) = network_unavailable().or_else(|| guest::unavailable(Kind::Uml)) {
+        eprintln!("\n*** SKIPPED uml_iperf: {why} ***\n");
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
+    let dir = ScratchDir::new().unwrap();
+    let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
+    let mut server = ns.command("iperf3");
+    let mut server = die_with_parent(&mut server).args(["-s", "-1"]).stdout(Stdio::null()).spawn().unwrap();
+    let hostdir = HostDir(dir.path("share"));
+    std::fs::create_dir_all(&hostdir.0).unwrap();
+    let mut guest = Guest::boot(GuestOptions {
+        kind: Kind::Uml,
+        socket: &sandnic.socket,
+        script: SCRIPT,
+        hostdir: Some(&hostdir.0),
+        console: dir.path("console.log"),
+    })
+    .unwrap();
+    let status = guest.wait(Duration::from_secs(60)).unwrap();
+    let _ = server.kill();
+    let json: serde_json::Value = serde_json::from_str(&hostdir.read("iperf.json")).unwrap_or_default();
+    let bps = json["end"]["sum_sent"]["bits_per_second"].as_f64();
+    match (status, hostdir.read("iperf.rc").trim(), bps) {
+        (0, "0", Some(bps)) => println!("uml-iperf3 guest->host: {:.2} Gbit/s", bps / 1e9),
+        _ => panic!("iperf3 failed:\n{}\n{}", hostdir.read("iperf.json"), guest.console()),
+    }
+}
