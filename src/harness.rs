@@ -102,6 +102,9 @@ impl NetNs {
         self.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr", "multi_queue"])?;
         run(self.command("sysctl").args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
         self.ip(&["addr", "add", cidr, "dev", name])?;
+        // A long TAP queue (set before any queue attaches, which sizes its
+        // ring): frames wait there while a device is switched.
+        self.ip(&["link", "set", name, "txqueuelen", "10000"])?;
         self.ip(&["link", "set", name, "up"])?;
         Ok(())
     }
@@ -236,6 +239,50 @@ impl Sandnic {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(me)
+    }
+
+    /// Starts `sandnic serve --incoming PATH` in `ns` (a handover
+    /// destination) with `args` added; returns once it waits on PATH. Its
+    /// vhost-user and API sockets will be the source's.
+    pub fn incoming(ns: &NetNs, dir: &ScratchDir, name: &str, source: &Sandnic, args: &[&str]) -> anyhow::Result<(Self, PathBuf)> {
+        let incoming = dir.path(&format!("{name}.handover"));
+        let log = dir.path(&format!("{name}.log"));
+        let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
+        let child = die_with_parent(&mut cmd)
+            .arg("serve")
+            .arg("--incoming")
+            .arg(&incoming)
+            .args(args)
+            .env("SANDNIC_LOG", std::env::var("SANDNIC_LOG").unwrap_or_else(|_| "info".into()))
+            .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning sandnic serve --incoming")?;
+        let mut me = Self { child, socket: source.socket.clone(), api: source.api.clone(), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !incoming.exists() {
+            if let Some(status) = me.child.try_wait()? {
+                bail!("sandnic serve --incoming exited with {status}: {}", me.log());
+            }
+            if Instant::now() > deadline {
+                bail!("sandnic serve --incoming did not start: {}", me.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((me, incoming))
+    }
+
+    /// Asks this sandnic to hand its device to the one waiting at `path`;
+    /// the API reply.
+    pub fn handover(&self, path: &Path, new_tap: bool) -> anyhow::Result<serde_json::Value> {
+        self.api(serde_json::json!({ "cmd": "handover", "path": path, "new_tap": new_tap }))
+    }
+
+    /// Whether the process has exited (and with which code).
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
     }
 
     pub fn log(&self) -> String {

@@ -3,7 +3,8 @@
 //! A request is one JSON object per line with `"cmd"`; the reply is one
 //! object with `"ok": true|false` and either the result fields or
 //! `"error"`. Commands: `status`, `stats`, `link` (`"up": bool`), `swap`
-//! (`"component": FILE`), `announce`.
+//! (`"component": FILE`), `announce`, `handover` (`"path": SOCKET`,
+//! optional `"new_tap": true`).
 
 use crate::backend::NetBackend;
 use crate::sandbox::{ComponentSource, Runtime};
@@ -69,6 +70,8 @@ pub struct ApiContext<'a> {
     pub backend: &'a mut NetBackend,
     pub runtime: &'a Arc<Runtime>,
     pub connected: bool,
+    /// Set by `handover`: the server performs it and answers afterwards.
+    pub handover: Option<(PathBuf, bool)>,
 }
 
 fn error(message: impl std::fmt::Display) -> Value {
@@ -97,6 +100,14 @@ pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
         "announce" => match ctx.backend.announce() {
             Ok(()) => json!({ "ok": true }),
             Err(e) => error(e),
+        },
+        "handover" => match request.get("path").and_then(Value::as_str) {
+            Some(path) => {
+                let new_tap = request.get("new_tap").and_then(Value::as_bool).unwrap_or(false);
+                ctx.handover = Some((PathBuf::from(path), new_tap));
+                json!({ "ok": true, "pending": true })
+            }
+            None => error("handover needs \"path\": SOCKET"),
         },
         "swap" => match request.get("component").and_then(Value::as_str) {
             Some(path) => swap(ctx, Path::new(path)),

@@ -20,10 +20,10 @@ pub enum Command {
     /// Serve a virtio-net device over vhost-user, backed by a TAP device.
     Serve {
         /// Listen here as the vhost-user server.
-        #[arg(long)]
-        socket: PathBuf,
+        #[arg(long, required_unless_present = "incoming", conflicts_with = "incoming")]
+        socket: Option<PathBuf>,
         /// An existing TAP device to attach to (one queue per queue pair).
-        #[arg(long, conflicts_with = "tap_fd", required_unless_present = "tap_fd")]
+        #[arg(long, conflicts_with_all = ["tap_fd", "incoming"], required_unless_present_any = ["tap_fd", "incoming"])]
         tap: Option<String>,
         /// TAP queue fds opened by the caller, one per queue pair.
         #[arg(long, value_delimiter = ',')]
@@ -43,6 +43,14 @@ pub enum Command {
         /// JSON-lines control socket.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// Take over a running device: wait on this socket for `handover`
+        /// from another sandnic, and open nothing until then.
+        #[arg(long)]
+        incoming: Option<PathBuf>,
+        /// With --incoming: open the TAP by name instead of receiving the
+        /// source's TAP fds (for comparison with fd passing).
+        #[arg(long, requires = "incoming")]
+        new_tap: bool,
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
@@ -77,6 +85,13 @@ pub enum CtlCommand {
     Swap { component: PathBuf },
     /// Ask the guest to announce itself (GUEST_ANNOUNCE).
     Announce,
+    /// Hand the whole device to a `sandnic serve --incoming PATH`.
+    Handover {
+        path: PathBuf,
+        /// Do not pass the TAP fds (the destination opens the TAP by name).
+        #[arg(long)]
+        new_tap: bool,
+    },
 }
 
 fn parse_mac(text: &str) -> Result<Mac, String> {
@@ -108,12 +123,13 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect { file, component } => inspect(&file, component),
-        Command::Serve { socket, tap, tap_fd, mac, queues, mtu, component, api } => {
-            let tap = match tap {
-                Some(name) => TapSource::Name(name),
-                None => TapSource::Fds(tap_fd),
+        Command::Serve { socket, tap, tap_fd, mac, queues, mtu, component, api, incoming, new_tap } => {
+            let tap = match (tap, tap_fd.is_empty()) {
+                (Some(name), _) => Some(TapSource::Name(name)),
+                (None, false) => Some(TapSource::Fds(tap_fd)),
+                (None, true) => None,
             };
-            let opts = ServeOptions { socket, tap, mac, queues, mtu, component, api };
+            let opts = ServeOptions { socket, tap, mac, queues, mtu, component, api, incoming, new_tap };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(ServeError::Usage(e)) => {
@@ -153,6 +169,10 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
             serde_json::json!({ "cmd": "swap", "component": path })
         }
         CtlCommand::Announce => serde_json::json!({ "cmd": "announce" }),
+        CtlCommand::Handover { path, new_tap } => {
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            serde_json::json!({ "cmd": "handover", "path": path, "new_tap": new_tap })
+        }
     };
     match crate::api::client(api, request) {
         Ok((reply, ok)) => {

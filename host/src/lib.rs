@@ -6,6 +6,7 @@
 //! - `vhost_user/` — the vhost-user protocol: framing and fd passing, requests
 //! - `backend/` — one virtio-net device: requests, rings, control queue, effects
 //! - `datapath/` — the per-queue-pair packet threads (TX, RX, rx filter)
+//! - `handover/` — live handover to a new process (stream, state, both sides)
 //! - `tap.rs` — the TAP device
 //! - `serve.rs` — `sandnic serve`'s event loop
 //! - `api.rs` — the JSON-lines control API and `sandnic ctl`
@@ -15,6 +16,7 @@ pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod datapath;
+pub mod handover;
 pub mod sandbox;
 pub mod serve;
 pub mod tap;

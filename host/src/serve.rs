@@ -4,6 +4,7 @@
 
 use crate::api::{self, ApiClient, ApiContext};
 use crate::backend::{NetBackend, Outcome};
+use crate::handover::{destination, source};
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::tap::Tap;
 use crate::vhost_user::{request, wire};
@@ -26,13 +27,18 @@ pub enum TapSource {
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub socket: PathBuf,
-    pub tap: TapSource,
+    /// The vhost-user socket (not with `incoming`: it comes with the device).
+    pub socket: Option<PathBuf>,
+    pub tap: Option<TapSource>,
     pub mac: Mac,
     pub queues: u16,
     pub mtu: Option<u16>,
     pub component: Option<PathBuf>,
     pub api: Option<PathBuf>,
+    /// Wait here for a running sandnic to hand its device over.
+    pub incoming: Option<PathBuf>,
+    /// Incoming: open the TAP by name instead of taking the source's fds.
+    pub new_tap: bool,
 }
 
 /// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.
@@ -68,10 +74,54 @@ impl Drop for SocketFiles {
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
     let signals = block_signals().map_err(ServeError::Runtime)?;
-    let tap = Arc::new(open_tap(&opts)?);
     let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
     let source = opts.component.clone().map_or(ComponentSource::Builtin, ComponentSource::File);
     let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
+    let mut server = match &opts.incoming {
+        Some(path) => {
+            let mut incoming = destination::receive(path, runtime.clone(), component, opts.new_tap)
+                .map_err(|e| ServeError::Runtime(e.into()))?;
+            incoming.resume();
+            let api_listener = match (incoming.api_listener.take(), &opts.api) {
+                (Some(l), _) => Some(l),
+                (None, Some(path)) => Some(api::bind_unix(path).map_err(usage)?),
+                (None, None) => None,
+            };
+            if let Some(conn) = &incoming.connection {
+                conn.set_read_timeout(Some(MESSAGE_TIMEOUT)).map_err(|e| ServeError::Runtime(e.into()))?;
+            }
+            Server::new(
+                incoming.backend,
+                runtime,
+                incoming.listener,
+                api_listener,
+                signals,
+                incoming.connection,
+                SocketFiles(incoming.socket_paths),
+            )
+        }
+        None => fresh(&opts, runtime, component, signals)?,
+    };
+    match server.run().map_err(ServeError::Runtime)? {
+        Exit::Signal => Ok(()),
+        Exit::HandedOver => {
+            // The destination owns the sockets (and their files) now.
+            server.socket_files.0.clear();
+            Ok(())
+        }
+    }
+}
+
+/// A new device on a TAP, listening on the vhost-user socket.
+fn fresh(
+    opts: &ServeOptions,
+    runtime: Arc<Runtime>,
+    component: Arc<crate::sandbox::DeviceComponent>,
+    signals: SignalFd,
+) -> Result<Server, ServeError> {
+    let usage = |e: String| ServeError::Usage(e);
+    let socket = opts.socket.clone().ok_or_else(|| usage("--socket is required (or --incoming)".into()))?;
+    let tap = Arc::new(open_tap(opts)?);
     let config = DeviceConfig {
         mac: opts.mac,
         max_queue_pairs: opts.queues,
@@ -81,10 +131,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     config.validate().map_err(usage)?;
     let device = SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
-
     let mut files = SocketFiles(Vec::new());
-    let listener = api::bind_unix(&opts.socket).map_err(usage)?;
-    files.0.push(opts.socket.clone());
+    let listener = api::bind_unix(&socket).map_err(usage)?;
+    files.0.push(socket.clone());
     let api_listener = match &opts.api {
         Some(path) => {
             let l = api::bind_unix(path).map_err(usage)?;
@@ -95,21 +144,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let backend = NetBackend::new(device, tap.clone()).map_err(ServeError::Runtime)?;
     info!(
-        socket = %opts.socket.display(),
+        socket = %socket.display(),
         tap = tap.name(),
         queues = opts.queues,
         offloads = ?tap.offload_caps(),
         component = %backend.device().info().version,
         "serving"
     );
-    let mut server = Server { backend, runtime, listener, api_listener, signals, conn: None, api_clients: Vec::new(), ctrl_kick: None };
-    let result = server.run().map_err(ServeError::Runtime);
-    drop(files);
-    result
+    Ok(Server::new(backend, runtime, Some(listener), api_listener, signals, None, files))
 }
 
 fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {
-    let tap = match &opts.tap {
+    let tap = match opts.tap.as_ref().ok_or_else(|| ServeError::Usage("--tap or --tap-fd is required".into()))? {
         TapSource::Name(name) => Tap::open(name, usize::from(opts.queues)),
         TapSource::Fds(fds) => {
             // SAFETY: the fds were named on the command line as ours to
@@ -135,22 +181,59 @@ fn block_signals() -> anyhow::Result<SignalFd> {
     Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
 }
 
+/// Why the event loop ended.
+enum Exit {
+    Signal,
+    HandedOver,
+}
+
 struct Server {
     backend: NetBackend,
     runtime: Arc<Runtime>,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
     api_listener: Option<UnixListener>,
     signals: SignalFd,
     conn: Option<UnixStream>,
     api_clients: Vec<Option<ApiClient>>,
     /// The control queue's kick fd as registered in epoll.
     ctrl_kick: Option<Arc<OwnedFd>>,
+    socket_files: SocketFiles,
+    /// A handover the API asked for: (destination, new TAP path, client).
+    handover_request: Option<(PathBuf, bool, usize)>,
 }
 
 impl Server {
-    fn run(&mut self) -> anyhow::Result<()> {
+    fn new(
+        backend: NetBackend,
+        runtime: Arc<Runtime>,
+        listener: Option<UnixListener>,
+        api_listener: Option<UnixListener>,
+        signals: SignalFd,
+        conn: Option<UnixStream>,
+        socket_files: SocketFiles,
+    ) -> Self {
+        Self {
+            backend,
+            runtime,
+            listener,
+            api_listener,
+            signals,
+            conn,
+            api_clients: Vec::new(),
+            ctrl_kick: None,
+            socket_files,
+            handover_request: None,
+        }
+    }
+
+    fn run(&mut self) -> anyhow::Result<Exit> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(self.listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+        if let Some(listener) = &self.listener {
+            epoll.add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+        }
+        if let Some(conn) = &self.conn {
+            epoll.add(conn.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION))?;
+        }
         epoll.add(self.signals.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
         if let Some(api) = &self.api_listener {
             epoll.add(api.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, API_LISTENER))?;
@@ -166,7 +249,7 @@ impl Server {
                 match event.data() {
                     SIGNALS => {
                         info!("signal received, shutting down");
-                        return Ok(());
+                        return Ok(Exit::Signal);
                     }
                     LISTENER => self.accept_frontend(&epoll)?,
                     CONNECTION => self.serve_message(&epoll),
@@ -177,11 +260,46 @@ impl Server {
                 }
             }
             self.sync_ctrl_kick(&epoll);
+            if let Some((path, new_tap, client)) = self.handover_request.take() {
+                if self.hand_over(&path, new_tap, client) {
+                    return Ok(Exit::HandedOver);
+                }
+            }
         }
     }
 
+    /// Hands the device to the process waiting at `path`; answers the API
+    /// client that asked. True when the destination took over.
+    fn hand_over(&mut self, path: &std::path::Path, new_tap: bool, client: usize) -> bool {
+        use std::os::fd::AsRawFd;
+        let Some(listener) = &self.listener else { return false };
+        let sockets = source::Sockets {
+            connection: self.conn.as_ref().map(|c| c.as_raw_fd()),
+            listener: listener.as_raw_fd(),
+            api_listener: self.api_listener.as_ref().map(|l| l.as_raw_fd()),
+            paths: self.socket_files.0.clone(),
+        };
+        let (reply, done) = match source::hand_over(&mut self.backend, sockets, path, new_tap) {
+            Ok(report) => (
+                serde_json::json!({
+                    "ok": true,
+                    "downtime_us": report.downtime.map(|d| d.as_micros() as u64),
+                    "to": report.to,
+                    "fds": report.fds,
+                }),
+                true,
+            ),
+            Err(e) => (serde_json::json!({ "ok": false, "error": e.to_string() }), false),
+        };
+        if let Some(Some(c)) = self.api_clients.get_mut(client) {
+            let _ = c.reply(&reply);
+        }
+        done
+    }
+
     fn accept_frontend(&mut self, epoll: &Epoll) -> anyhow::Result<()> {
-        let (stream, _) = match self.listener.accept() {
+        let Some(listener) = &self.listener else { return Ok(()) };
+        let (stream, _) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 warn!("accept: {e}");
@@ -277,8 +395,18 @@ impl Server {
             return;
         };
         for line in lines.into_iter().filter(|l| !l.is_empty()) {
-            let mut ctx = ApiContext { backend: &mut self.backend, runtime: &self.runtime, connected: self.conn.is_some() };
+            let mut ctx = ApiContext {
+                backend: &mut self.backend,
+                runtime: &self.runtime,
+                connected: self.conn.is_some(),
+                handover: None,
+            };
             let reply = api::handle_line(&line, &mut ctx);
+            if let Some((path, new_tap)) = ctx.handover.take() {
+                // Answered once the handover is over (after this event).
+                self.handover_request = Some((path, new_tap, slot));
+                return;
+            }
             let Some(Some(client)) = self.api_clients.get_mut(slot) else { return };
             if client.reply(&reply).is_err() {
                 let _ = epoll.delete(client.stream.as_fd());

@@ -6,6 +6,7 @@
 
 mod ctrl_queue;
 mod effects;
+mod handover;
 mod requests;
 mod rings;
 

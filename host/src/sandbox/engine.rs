@@ -35,7 +35,7 @@ pub struct DeviceComponent {
     pub origin: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ComponentInfo {
     pub name: String,
     pub version: String,

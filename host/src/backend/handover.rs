@@ -1,0 +1,114 @@
+//! Taking a running device apart for a handover, and putting it together
+//! again in the new process.
+
+use super::NetBackend;
+use crate::datapath::guest_memory::GuestMemory;
+use crate::handover::state::{FdRole, HostState, TapState, VringState};
+use crate::sandbox::SandboxedDevice;
+use crate::tap::Tap;
+use sandnic_device::{features, Effect};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+impl NetBackend {
+    /// Stops every ring at a batch boundary. Each ring's base becomes the
+    /// next available index to process; RX buffers taken ahead go back.
+    pub fn stop_datapath(&mut self) {
+        for index in 0..self.vrings.len() {
+            self.stop_ring(index);
+        }
+    }
+
+    /// Starts every ring that should run (after a failed handover, or in the
+    /// destination once it has taken over).
+    pub fn resume_datapath(&mut self) {
+        self.refresh_all_rings();
+    }
+
+    /// The host state and the fds that carry the device (rings must be
+    /// stopped). TAP fds are left out for the new-TAP path.
+    pub fn export(&self, with_tap: bool) -> (HostState, Vec<(FdRole, RawFd)>) {
+        let vrings = self
+            .vrings
+            .iter()
+            .map(|v| VringState { num: v.num, addrs: v.addrs, base: v.base, enabled: v.enabled, started: v.started })
+            .collect();
+        let tap = self.datapath.tap();
+        let host = HostState {
+            config: self.device.config().clone(),
+            protocol: self.proto.clone(),
+            vrings,
+            regions: self.memory.as_ref().map(|m| m.regions().to_vec()).unwrap_or_default(),
+            tap: TapState { name: tap.name().to_string(), queues: tap.queue_count() as u16 },
+            link_up: self.settings.link_up,
+            socket_paths: Vec::new(),
+        };
+        let mut fds = Vec::new();
+        if let Some(memory) = &self.memory {
+            for (i, fd) in memory.region_fds().into_iter().enumerate() {
+                fds.push((FdRole::MemoryRegion(i as u32), fd.as_raw_fd()));
+            }
+        }
+        for (i, v) in self.vrings.iter().enumerate() {
+            let q = i as u16;
+            if let Some(fd) = &v.kick {
+                fds.push((FdRole::Kick(q), fd.as_raw_fd()));
+            }
+            if let Some(fd) = &v.call {
+                fds.push((FdRole::Call(q), fd.as_raw_fd()));
+            }
+            if let Some(fd) = &v.err {
+                fds.push((FdRole::Err(q), fd.as_raw_fd()));
+            }
+        }
+        if let Some(fd) = &self.backend_channel {
+            fds.push((FdRole::BackendChannel, fd.as_raw_fd()));
+        }
+        if with_tap {
+            for (i, fd) in tap.queue_fds().iter().enumerate() {
+                fds.push((FdRole::TapQueue(i as u16), fd.as_raw_fd()));
+            }
+        }
+        (host, fds)
+    }
+
+    /// Rebuilds a device from a handover: the loaded device model, the TAP,
+    /// the host state and its fds. Rings stay stopped until
+    /// `resume_datapath`.
+    pub fn import(
+        device: SandboxedDevice,
+        tap: Arc<Tap>,
+        host: &HostState,
+        fds: &mut HashMap<FdRole, OwnedFd>,
+        load_effects: Vec<Effect>,
+    ) -> anyhow::Result<Self> {
+        let mut b = Self::new(device, tap)?;
+        b.proto = host.protocol.clone();
+        for (i, v) in host.vrings.iter().enumerate() {
+            let q = i as u16;
+            let setup = &mut b.vrings[i];
+            setup.num = v.num;
+            setup.addrs = v.addrs;
+            setup.base = v.base;
+            setup.enabled = v.enabled;
+            setup.started = v.started;
+            setup.kick = fds.remove(&FdRole::Kick(q)).map(Arc::new);
+            setup.call = fds.remove(&FdRole::Call(q)).map(Arc::new);
+            setup.err = fds.remove(&FdRole::Err(q));
+        }
+        if !host.regions.is_empty() {
+            let region_fds = (0..host.regions.len() as u32)
+                .map(|i| fds.remove(&FdRole::MemoryRegion(i)).ok_or_else(|| anyhow::anyhow!("memory region {i} has no fd")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let memory = Arc::new(GuestMemory::map(host.regions.clone(), region_fds)?);
+            b.memory = Some(memory.clone());
+            b.datapath.set_memory(Some(memory));
+        }
+        b.backend_channel = fds.remove(&FdRole::BackendChannel);
+        b.settings.mergeable = b.proto.device_features() & features::MRG_RXBUF != 0;
+        b.settings.link_up = host.link_up;
+        b.apply(load_effects);
+        Ok(b)
+    }
+}

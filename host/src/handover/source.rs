@@ -1,0 +1,117 @@
+//! The old process's side of a handover.
+//!
+//! Stop the datapath at a batch boundary, save the device model's state,
+//! send everything (state, fd manifest, fds) and wait for the destination's
+//! `Ready`. Until then the running device is only paused: any failure — the
+//! destination refuses, dies, times out, or the stream breaks — resumes it
+//! exactly where it stopped. After `Ready` the destination owns the device;
+//! the caller exits without touching anything.
+
+use super::state::{FdRole, Offer, Reply};
+use super::stream::{self, StreamError};
+use super::{monotonic_ns, HandoverReport};
+use crate::backend::NetBackend;
+use crate::sandbox::DeviceError;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long the destination may take to validate and rebuild everything.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the destination to report its datapath running.
+const RESUMED_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The destination could not be reached; nothing was stopped.
+    #[error("cannot reach the destination at {path}: {error}")]
+    Connect { path: PathBuf, error: std::io::Error },
+    /// The device model could not save its state; the device resumed.
+    #[error("saving the device state failed: {0}")]
+    Save(DeviceError),
+    /// The destination refused the device; the device resumed.
+    #[error("the destination refused the handover: {0}")]
+    Refused(String),
+    /// The stream broke or timed out before `Ready`; the device resumed.
+    #[error("handover failed before the destination took over: {0}")]
+    Stream(#[from] StreamError),
+}
+
+/// The listening sockets and the connection that go with the device.
+pub struct Sockets {
+    pub connection: Option<RawFd>,
+    pub listener: RawFd,
+    pub api_listener: Option<RawFd>,
+    /// Their paths, for the destination to clean up at the end.
+    pub paths: Vec<PathBuf>,
+}
+
+/// Hands the device over to the process listening at `destination`.
+pub fn hand_over(
+    backend: &mut NetBackend,
+    sockets: Sockets,
+    destination: &Path,
+    new_tap: bool,
+) -> Result<HandoverReport, HandoverError> {
+    let sock = UnixStream::connect(destination)
+        .map_err(|error| HandoverError::Connect { path: destination.to_path_buf(), error })?;
+    let stopped_at_ns = monotonic_ns();
+    backend.stop_datapath();
+    match send_and_wait_ready(backend, &sock, sockets, stopped_at_ns, new_tap) {
+        Ok(fd_count) => {
+            // Committed: the destination runs the device now.
+            let resumed = stream::recv::<Reply>(&sock, RESUMED_TIMEOUT);
+            let (downtime, to) = match resumed {
+                Ok(Reply::Resumed { at_ns, component }) => {
+                    (Some(Duration::from_nanos(at_ns.saturating_sub(stopped_at_ns))), Some(component))
+                }
+                _ => (None, None),
+            };
+            info!(downtime_us = downtime.map(|d| d.as_micros() as u64), "handed over");
+            Ok(HandoverReport { downtime, to, fds: fd_count })
+        }
+        Err(e) => {
+            warn!("handover failed, resuming: {e}");
+            backend.resume_datapath();
+            Err(e)
+        }
+    }
+}
+
+fn send_and_wait_ready(
+    backend: &mut NetBackend,
+    sock: &UnixStream,
+    sockets: Sockets,
+    stopped_at_ns: u64,
+    new_tap: bool,
+) -> Result<usize, HandoverError> {
+    let device_state = backend.device_mut().save().map_err(HandoverError::Save)?;
+    let (mut host, mut fds) = backend.export(!new_tap);
+    host.socket_paths = sockets.paths;
+    if let Some(conn) = sockets.connection {
+        fds.insert(0, (FdRole::Connection, conn));
+    }
+    fds.push((FdRole::Listener, sockets.listener));
+    if let Some(api) = sockets.api_listener {
+        fds.push((FdRole::ApiListener, api));
+    }
+    let offer = Offer {
+        magic: stream::MAGIC.into(),
+        version: stream::VERSION,
+        stopped_at_ns,
+        source_component: backend.device().info().clone(),
+        host,
+        device_state,
+        fds: fds.iter().map(|(role, _)| *role).collect(),
+    };
+    stream::send(sock, &offer)?;
+    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+    stream::send_fds(sock, &raw)?;
+    match stream::recv::<Reply>(sock, READY_TIMEOUT)? {
+        Reply::Ready => Ok(raw.len()),
+        Reply::Refused { reason } => Err(HandoverError::Refused(reason)),
+        Reply::Resumed { .. } => Err(HandoverError::Refused("destination answered out of order".into())),
+    }
+}

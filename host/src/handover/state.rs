@@ -1,0 +1,175 @@
+//! What travels in a handover besides the device model's own state: the
+//! host's protocol and ring state, the memory table, the TAP, and a
+//! manifest naming the role of every fd that follows.
+//!
+//! The destination receives it as untrusted plain data; `validate` checks
+//! every field and the manifest against each other before anything is
+//! built from them.
+
+use super::stream::MAX_FDS;
+use crate::datapath::guest_memory::RegionInfo;
+use crate::datapath::vring::{RingAddrs, MAX_QUEUE_SIZE};
+use crate::sandbox::ComponentInfo;
+use crate::tap::MAX_TAP_QUEUES;
+use crate::vhost_user::request::MAX_REGIONS;
+use crate::vhost_user::ProtocolState;
+use sandnic_device::DeviceConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+/// The role of one fd in the stream, in sending order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FdRole {
+    /// The connected vhost-user socket.
+    Connection,
+    /// The vhost-user listening socket (for later reconnects).
+    Listener,
+    /// The control API's listening socket.
+    ApiListener,
+    /// The backend→frontend request channel.
+    BackendChannel,
+    MemoryRegion(u32),
+    Kick(u16),
+    Call(u16),
+    Err(u16),
+    TapQueue(u16),
+}
+
+/// One virtqueue as the frontend configured it; `base` is where the driver
+/// continues (the ring was stopped, pending RX buffers given back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VringState {
+    pub num: u16,
+    pub addrs: Option<RingAddrs>,
+    pub base: u16,
+    pub enabled: bool,
+    pub started: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapState {
+    pub name: String,
+    pub queues: u16,
+}
+
+/// The host's half of the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    pub config: DeviceConfig,
+    pub protocol: ProtocolState,
+    pub vrings: Vec<VringState>,
+    pub regions: Vec<RegionInfo>,
+    pub tap: TapState,
+    pub link_up: bool,
+    /// Socket files the destination takes over (and removes when done).
+    pub socket_paths: Vec<PathBuf>,
+}
+
+/// The first frame of a handover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offer {
+    pub magic: String,
+    pub version: u32,
+    /// CLOCK_MONOTONIC when the source's datapath stopped (same machine:
+    /// comparable with the destination's clock).
+    pub stopped_at_ns: u64,
+    pub source_component: ComponentInfo,
+    pub host: HostState,
+    #[serde(with = "serde_bytes_compat")]
+    pub device_state: Vec<u8>,
+    pub fds: Vec<FdRole>,
+}
+
+/// The destination's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    /// Everything validated and built; the destination runs from now on.
+    Ready,
+    /// Refused; the source keeps running.
+    Refused { reason: String },
+    /// The datapath runs again (after `Ready`).
+    Resumed { at_ns: u64, component: ComponentInfo },
+}
+
+/// Checks an offer's host state and manifest.
+pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
+    if offer.magic != super::stream::MAGIC {
+        return Err(format!("not a sandnic handover stream (magic {:?})", offer.magic));
+    }
+    if offer.version != super::stream::VERSION {
+        return Err(format!("handover format version {} (this build speaks {})", offer.version, super::stream::VERSION));
+    }
+    let h = &offer.host;
+    h.config.validate().map_err(|e| format!("device config: {e}"))?;
+    let pairs = usize::from(h.config.max_queue_pairs);
+    if pairs > MAX_TAP_QUEUES {
+        return Err(format!("{pairs} queue pairs (at most {MAX_TAP_QUEUES})"));
+    }
+    if h.vrings.len() != 2 * pairs + 1 {
+        return Err(format!("{} rings for {pairs} queue pairs", h.vrings.len()));
+    }
+    for (i, v) in h.vrings.iter().enumerate() {
+        if v.num > MAX_QUEUE_SIZE || (v.num != 0 && !v.num.is_power_of_two()) {
+            return Err(format!("ring {i}: size {}", v.num));
+        }
+    }
+    if h.regions.len() > MAX_REGIONS {
+        return Err(format!("{} memory regions (at most {MAX_REGIONS})", h.regions.len()));
+    }
+    if h.tap.name.is_empty() || h.tap.name.len() > 15 || usize::from(h.tap.queues) < pairs {
+        return Err(format!("TAP {:?} with {} queues for {pairs} pairs", h.tap.name, h.tap.queues));
+    }
+    validate_manifest(offer, new_tap)
+}
+
+fn validate_manifest(offer: &Offer, new_tap: bool) -> Result<(), String> {
+    let h = &offer.host;
+    if offer.fds.len() > MAX_FDS {
+        return Err(format!("{} fds (at most {MAX_FDS})", offer.fds.len()));
+    }
+    let mut seen = HashSet::new();
+    for role in &offer.fds {
+        let in_range = match *role {
+            FdRole::MemoryRegion(i) => (i as usize) < h.regions.len(),
+            FdRole::Kick(q) | FdRole::Call(q) | FdRole::Err(q) => usize::from(q) < h.vrings.len(),
+            FdRole::TapQueue(q) => q < h.tap.queues,
+            _ => true,
+        };
+        if !in_range || !seen.insert(*role) {
+            return Err(format!("fd manifest: {role:?} out of range or repeated"));
+        }
+    }
+    let regions = offer.fds.iter().filter(|r| matches!(r, FdRole::MemoryRegion(_))).count();
+    if regions != h.regions.len() {
+        return Err(format!("{regions} region fds for {} regions", h.regions.len()));
+    }
+    let taps = offer.fds.iter().filter(|r| matches!(r, FdRole::TapQueue(_))).count();
+    if !new_tap && taps != 0 && taps != usize::from(h.tap.queues) {
+        return Err(format!("{taps} TAP fds for {} queues", h.tap.queues));
+    }
+    Ok(())
+}
+
+/// `Vec<u8>` as a msgpack binary rather than an array of integers.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
