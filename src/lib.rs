@@ -7,3 +7,4 @@ pub mod frontend;
 pub mod frames;
 pub mod harness;
 pub mod guest;
+pub mod ping;

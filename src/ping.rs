@@ -1,0 +1,91 @@
+//! Flood ping from a namespace (`ping -i 0 -D`, as QEMU's TAP fd migration
+//! test does) and what its output says: reply times, gaps, losses.
+
+use crate::harness::{die_with_parent, NetNs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+pub struct FloodPing {
+    child: Child,
+    log: PathBuf,
+}
+
+/// What a finished flood ping saw.
+#[derive(Debug, Clone)]
+pub struct PingReport {
+    pub transmitted: u64,
+    pub received: u64,
+    /// Reply timestamps (seconds, from `-D`).
+    pub times: Vec<f64>,
+}
+
+impl FloodPing {
+    pub fn start(ns: &NetNs, target: &str, log: &Path) -> anyhow::Result<Self> {
+        let mut cmd = ns.command("ping");
+        let child = die_with_parent(&mut cmd)
+            .args(["-i", "0", "-D", "-W", "1", target])
+            .stdout(std::fs::File::create(log)?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, log: log.to_path_buf() })
+    }
+
+    /// Stops ping (SIGINT, so it prints its summary) and reads its output.
+    pub fn stop(mut self) -> anyhow::Result<PingReport> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        Ok(parse(&std::fs::read_to_string(&self.log)?))
+    }
+}
+
+pub fn parse(output: &str) -> PingReport {
+    let times = output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let summary = output.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
+    let number_before = |word: &str| -> u64 {
+        summary
+            .split(',')
+            .find(|part| part.contains(word))
+            .and_then(|part| part.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    PingReport { transmitted: number_before("transmitted"), received: number_before("received"), times }
+}
+
+impl PingReport {
+    /// The largest time between two consecutive replies, in seconds.
+    pub fn largest_gap(&self) -> f64 {
+        self.times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+    }
+
+    /// The largest gaps with when they happened (seconds from the first
+    /// reply), largest first.
+    pub fn top_gaps(&self, n: usize) -> Vec<(f64, f64)> {
+        let Some(&t0) = self.times.first() else { return Vec::new() };
+        let mut gaps: Vec<(f64, f64)> = self.times.windows(2).map(|w| (w[1] - w[0], w[0] - t0)).collect();
+        gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+        gaps.truncate(n);
+        gaps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_iputils_output() {
+        let out = "PING 10.88.0.2 (10.88.0.2) 56(84) bytes of data.\n\
+            [1700000000.100000] 64 bytes from 10.88.0.2: icmp_seq=1 ttl=64 time=0.1 ms\n\
+            [1700000000.150000] 64 bytes from 10.88.0.2: icmp_seq=2 ttl=64 time=0.1 ms\n\
+            [1700000000.450000] 64 bytes from 10.88.0.2: icmp_seq=3 ttl=64 time=0.1 ms\n\n\
+            --- 10.88.0.2 ping statistics ---\n\
+            4 packets transmitted, 3 received, 25% packet loss, time 5ms\n";
+        let r = super::parse(out);
+        assert_eq!((r.transmitted, r.received, r.times.len()), (4, 3, 3));
+        assert!((r.largest_gap() - 0.3).abs() < 1e-6);
+        assert!((r.top_gaps(1)[0].1 - 0.05).abs() < 1e-6);
+    }
+}
