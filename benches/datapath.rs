@@ -304,17 +304,15 @@ impl Testpmd {
         }
         let socket = dir.path("testpmd.sock");
         let mut cmd = ns.command("dpdk-testpmd");
-        let child = sandnic::harness::die_with_parent(&mut cmd)
-            .args(["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", "sandnic-bench"])
+        cmd.args(["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", "sandnic-bench"])
             .arg("--vdev")
             .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
             .args(["--vdev", "net_tap0,iface=dtap0"])
             .args(["--", "--forward-mode=io", "--total-num-mbufs=16384", "--nb-cores=1", "-a"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+            .stderr(Stdio::null());
+        let child = sandnic::harness::spawn(cmd).ok()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() || ns.ip(&["link", "show", "dtap0"]).is_err() {
             if Instant::now() > deadline {

@@ -4,7 +4,7 @@
 //! `cargo bench --bench uml_iperf`; needs root, user-mode-linux, iperf3.
 
 use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind};
-use sandnic::harness::{die_with_parent, network_unavailable, NetNs, Sandnic, ScratchDir};
+use sandnic::harness::{network_unavailable, spawn, NetNs, Sandnic, ScratchDir};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -29,7 +29,8 @@ fn main() {
     let dir = ScratchDir::new().unwrap();
     let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
     let mut server = ns.command("iperf3");
-    let mut server = die_with_parent(&mut server).args(["-s", "-1"]).stdout(Stdio::null()).spawn().unwrap();
+    server.args(["-s", "-1"]).stdout(Stdio::null());
+    let mut server = spawn(server).unwrap();
     let hostdir = HostDir(dir.path("share"));
     std::fs::create_dir_all(&hostdir.0).unwrap();
     let mut guest = Guest::boot(GuestOptions {

@@ -133,12 +133,8 @@ impl Guest {
             }
         };
         let console = std::fs::File::create(&opts.console)?;
-        let child = crate::harness::die_with_parent(&mut cmd)
-            .stdin(Stdio::null())
-            .stdout(console.try_clone()?)
-            .stderr(console)
-            .spawn()
-            .with_context(|| format!("starting the {} guest", opts.kind.name()))?;
+        cmd.stdin(Stdio::null()).stdout(console.try_clone()?).stderr(console);
+        let child = crate::harness::spawn(cmd).with_context(|| format!("starting the {} guest", opts.kind.name()))?;
         Ok(Self { child, console: opts.console })
     }
 

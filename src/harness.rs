@@ -31,7 +31,9 @@ pub fn network_unavailable() -> Option<String> {
 
 /// Makes a child process die with the test process (even when the test is
 /// killed and no destructor runs): PR_SET_PDEATHSIG survives `ip netns
-/// exec`'s exec.
+/// exec`'s exec. Spawn such commands with `spawn`: the signal follows the
+/// *thread* that forked, so they are forked by one thread that lives as
+/// long as the process.
 pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only
@@ -44,6 +46,30 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
             Ok(())
         })
     }
+}
+
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from the process-lifetime spawner thread (see
+/// `die_with_parent`).
+pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    die_with_parent(&mut cmd);
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    spawner.lock().unwrap_or_else(|p| p.into_inner()).send((cmd, reply_tx)).map_err(std::io::Error::other)?;
+    reply_rx.recv().map_err(std::io::Error::other)?
 }
 
 /// Prints a loud skip notice; tests return right after.
@@ -213,8 +239,7 @@ impl Sandnic {
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
         let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
-        let child = die_with_parent(&mut cmd)
-            .arg("serve")
+        cmd.arg("serve")
             .arg("--socket")
             .arg(&socket)
             .arg("--api")
@@ -224,9 +249,8 @@ impl Sandnic {
             .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("spawning sandnic serve")?;
+            .stderr(std::fs::File::create(&log)?);
+        let child = spawn(cmd).context("spawning sandnic serve")?;
         let mut me = Self { child, socket, api, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(me.socket.exists() && me.api.exists()) {
@@ -248,8 +272,7 @@ impl Sandnic {
         let incoming = dir.path(&format!("{name}.handover"));
         let log = dir.path(&format!("{name}.log"));
         let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
-        let child = die_with_parent(&mut cmd)
-            .arg("serve")
+        cmd.arg("serve")
             .arg("--incoming")
             .arg(&incoming)
             .args(args)
@@ -257,9 +280,8 @@ impl Sandnic {
             .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("spawning sandnic serve --incoming")?;
+            .stderr(std::fs::File::create(&log)?);
+        let child = spawn(cmd).context("spawning sandnic serve --incoming")?;
         let mut me = Self { child, socket: source.socket.clone(), api: source.api.clone(), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !incoming.exists() {

@@ -8,3 +8,4 @@ pub mod frames;
 pub mod harness;
 pub mod guest;
 pub mod ping;
+pub mod traffic;

@@ -1,7 +1,7 @@
 //! Flood ping from a namespace (`ping -i 0 -D`, as QEMU's TAP fd migration
 //! test does) and what its output says: reply times, gaps, losses.
 
-use crate::harness::{die_with_parent, NetNs};
+use crate::harness::{spawn, NetNs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
@@ -22,11 +22,8 @@ pub struct PingReport {
 impl FloodPing {
     pub fn start(ns: &NetNs, target: &str, log: &Path) -> anyhow::Result<Self> {
         let mut cmd = ns.command("ping");
-        let child = die_with_parent(&mut cmd)
-            .args(["-i", "0", "-D", "-W", "1", target])
-            .stdout(std::fs::File::create(log)?)
-            .stderr(Stdio::null())
-            .spawn()?;
+        cmd.args(["-i", "0", "-D", "-W", "1", target]).stdout(std::fs::File::create(log)?).stderr(Stdio::null());
+        let child = spawn(cmd)?;
         Ok(Self { child, log: log.to_path_buf() })
     }
 

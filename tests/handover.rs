@@ -6,6 +6,7 @@
 use sandnic::frames;
 use sandnic::frontend::NicConfig;
 use sandnic::harness::{Rig, Sandnic, RIG_GUEST_IP, RIG_GUEST_MAC, RIG_HOST_IP};
+use sandnic::traffic;
 use sandnic::require_network;
 use serde_json::json;
 use std::net::UdpSocket;
@@ -23,106 +24,18 @@ fn rig() -> Rig {
 /// The traffic tests need the machine's cores: one at a time.
 static TRAFFIC: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn seq_of(payload: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
-}
-
-/// Asserts `got` is exactly 0..n.
-fn assert_exactly_once_in_order(what: &str, got: &[u64], n: u64) {
-    let dup_or_reorder = got.windows(2).position(|w| w[1] != w[0] + 1);
-    assert!(
-        got.len() as u64 == n && dup_or_reorder.is_none() && got.first() == Some(&0),
-        "{what}: {} of {n} frames, first break at {:?} ({:?})",
-        got.len(),
-        dup_or_reorder,
-        dup_or_reorder.map(|i| &got[i.saturating_sub(2)..(i + 3).min(got.len())])
-    );
-}
-
-/// Runs traffic both ways for DURATION at RATE, calling `action` (on its own
-/// thread) in the middle; checks every frame arrived exactly once, in order.
-/// Returns the action's result.
+/// Traffic both ways at RATE for DURATION with `action` halfway; every
+/// frame must arrive exactly once and in order.
 fn under_traffic<R: Send + 'static>(rig: &mut Rig, action: impl FnOnce() -> R + Send + 'static) -> R {
-    let host_rx = rig.ns.inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6000))?)).unwrap();
-    let host_tx = rig.ns.inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6001))?)).unwrap();
-    set_rcvbuf(&host_rx);
-    host_rx.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    let total = RATE * DURATION.as_millis() as u64 / 1000;
-
-    // Host → guest sender: bursts every millisecond, sleeping in between
-    // (spinning would take the core the backend needs).
-    let sender = std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut seq = 0;
-        while seq < total {
-            let due = (start.elapsed().as_nanos() as u64 * RATE / 1_000_000_000).min(total);
-            while seq < due {
-                host_tx.send_to(&seq.to_le_bytes(), "10.77.0.2:5000").unwrap();
-                seq += 1;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    let report = traffic::run(&mut rig.nic, &rig.ns, rig.tap_mac, RATE, DURATION, DURATION / 2, action);
+    let check = |what, got: &[u64]| {
+        if let Err(e) = report.exact(got) {
+            panic!("{what}: {e}\n{}", rig.sandnic.stats().map(|v| v.to_string()).unwrap_or_default());
         }
-    });
-    // Guest → host receiver.
-    let receiver = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        while let Ok((n, _)) = host_rx.recv_from(&mut buf) {
-            got.extend(seq_of(&buf[..n]));
-        }
-        got
-    });
-    // The action, halfway through.
-    let action = std::thread::spawn(move || {
-        std::thread::sleep(DURATION / 2);
-        action()
-    });
-
-    // The guest: send at RATE (never dropping: a full ring waits), receive
-    // everything.
-    let start = Instant::now();
-    let mut next_tx = 0u64;
-    let mut rx_got = Vec::new();
-    let deadline = start + DURATION + Duration::from_secs(10);
-    while (next_tx < total || (rx_got.len() as u64) < total) && Instant::now() < deadline {
-        let due = (start.elapsed().as_nanos() as u64 * RATE / 1_000_000_000).min(total);
-        while next_tx < due {
-            let frame = frames::udp_frame(rig.tap_mac, RIG_GUEST_MAC, (RIG_GUEST_IP, RIG_HOST_IP), (5000, 6000), &next_tx.to_le_bytes());
-            if rig.nic.send_batch(0, [frame.as_slice()]) == 0 {
-                break; // ring full: the rest waits, nothing is dropped
-            }
-            next_tx += 1;
-        }
-        let mut idle = true;
-        while let Some(frame) = rig.nic.try_recv(0) {
-            idle = false;
-            if let Some(seq) = frames::udp_payload(&frame).and_then(seq_of) {
-                rx_got.push(seq);
-            }
-        }
-        if idle {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    sender.join().unwrap();
-    let result = action.join().unwrap();
-    let tx_got = receiver.join().unwrap();
-    if rx_got.len() as u64 != total {
-        let link = rig.ns.ip(&["-s", "link", "show", "tap0"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-        eprintln!("stats: {}\n{link:?}", rig.sandnic.stats().map(|v| v.to_string()).unwrap_or_default());
-    }
-    assert_exactly_once_in_order("host → guest", &rx_got, total);
-    assert_exactly_once_in_order("guest → host", &tx_got, total);
-    result
-}
-
-fn set_rcvbuf(sock: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size: libc::c_int = 32 << 20;
-    // SAFETY: SO_RCVBUFFORCE takes an int; `size` lives for the call.
-    unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), 4);
-    }
+    };
+    check("host → guest", &report.guest_got);
+    check("guest → host", &report.host_got);
+    report.result
 }
 
 #[test]
