@@ -32,7 +32,11 @@ fn runtime() -> Arc<Runtime> {
 /// multicast addresses (2 + 4 + 6 + 4 + 48 = 64 bytes).
 fn ctrl_command() -> Vec<u8> {
     let multicast = (0..8u8).map(|i| [0x01, 0x00, 0x5e, 0, 0, i]).collect();
-    let command = CtrlCommand::MacTableSet { unicast: vec![[0x52, 0x54, 0, 0, 0, 0x42]], multicast }.encode();
+    let command = CtrlCommand::MacTableSet {
+        unicast: vec![[0x52, 0x54, 0, 0, 0, 0x42]],
+        multicast,
+    }
+    .encode();
     assert_eq!(command.len(), 64);
     command
 }
@@ -48,7 +52,11 @@ fn devices(rt: &Arc<Runtime>) -> (NetDevice, SandboxedDevice) {
     wasm.set_features(acked).unwrap();
     for command in [
         ctrl_command(),
-        CtrlCommand::Rx { switch: RxSwitch::Promisc, on: false }.encode(),
+        CtrlCommand::Rx {
+            switch: RxSwitch::Promisc,
+            on: false,
+        }
+        .encode(),
         CtrlCommand::VlanAdd(100).encode(),
     ] {
         native.handle_ctrl(&command);
@@ -65,23 +73,39 @@ fn per_call(c: &mut Criterion) {
     let blob = native.save();
 
     let mut g = c.benchmark_group("handle-ctrl");
-    g.bench_function("native", |b| b.iter(|| black_box(native.handle_ctrl(black_box(&command)))));
-    g.bench_function("wasm", |b| b.iter(|| black_box(wasm.handle_ctrl(black_box(&command)))));
+    g.bench_function("native", |b| {
+        b.iter(|| black_box(native.handle_ctrl(black_box(&command))))
+    });
+    g.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.handle_ctrl(black_box(&command))))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("config-generation");
-    g.bench_function("native", |b| b.iter(|| black_box(native.config_generation())));
-    g.bench_function("wasm", |b| b.iter(|| black_box(wasm.config_generation().unwrap())));
+    g.bench_function("native", |b| {
+        b.iter(|| black_box(native.config_generation()))
+    });
+    g.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.config_generation().unwrap()))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("read-config");
-    g.bench_function("native", |b| b.iter(|| black_box(native.read_config(0, 12).unwrap())));
-    g.bench_function("wasm", |b| b.iter(|| black_box(wasm.read_config(0, 12).unwrap())));
+    g.bench_function("native", |b| {
+        b.iter(|| black_box(native.read_config(0, 12).unwrap()))
+    });
+    g.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.read_config(0, 12).unwrap()))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("set-features");
-    g.bench_function("native", |b| b.iter(|| black_box(native.set_features(black_box(acked)).unwrap())));
-    g.bench_function("wasm", |b| b.iter(|| black_box(wasm.set_features(black_box(acked)).unwrap())));
+    g.bench_function("native", |b| {
+        b.iter(|| black_box(native.set_features(black_box(acked)).unwrap()))
+    });
+    g.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.set_features(black_box(acked)).unwrap()))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("save");
@@ -90,8 +114,12 @@ fn per_call(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("load");
-    g.bench_function("native", |b| b.iter(|| black_box(native.load(black_box(&blob)).unwrap())));
-    g.bench_function("wasm", |b| b.iter(|| black_box(wasm.load(black_box(&blob)).unwrap())));
+    g.bench_function("native", |b| {
+        b.iter(|| black_box(native.load(black_box(&blob)).unwrap()))
+    });
+    g.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.load(black_box(&blob)).unwrap()))
+    });
     g.finish();
 }
 
@@ -100,7 +128,12 @@ fn lifecycle(c: &mut Criterion) {
     let builtin = rt.load(&ComponentSource::Builtin).unwrap();
     let mut g = c.benchmark_group("instantiate");
     g.bench_function("deserialize-cached", |b| {
-        b.iter(|| black_box(rt.load(&ComponentSource::File(components::built::v1())).unwrap()))
+        b.iter(|| {
+            black_box(
+                rt.load(&ComponentSource::File(components::built::v1()))
+                    .unwrap(),
+            )
+        })
     });
     g.bench_function("new-device", |b| {
         b.iter(|| black_box(SandboxedDevice::new(rt.clone(), builtin.clone(), config()).unwrap()))
@@ -109,12 +142,18 @@ fn lifecycle(c: &mut Criterion) {
 
     // Swap back and forth between two loads of the same component; the
     // reported time is the whole swap, which is the pause.
-    let other = rt.load(&ComponentSource::File(components::built::v1())).unwrap();
+    let other = rt
+        .load(&ComponentSource::File(components::built::v1()))
+        .unwrap();
     let (_, mut device) = devices(&rt);
     let mut g = c.benchmark_group("swap");
     let mut targets = [other, builtin].into_iter().cycle();
     g.bench_function("pause", |b| {
-        b.iter_batched(|| targets.next().unwrap(), |target| black_box(device.swap(target).unwrap()), BatchSize::SmallInput)
+        b.iter_batched(
+            || targets.next().unwrap(),
+            |target| black_box(device.swap(target).unwrap()),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

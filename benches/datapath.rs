@@ -38,8 +38,23 @@ struct Case {
     tso: bool,
 }
 
-const CASES: [Case; 3] =
-    [Case { name: "64B", len: 64, tso: false }, Case { name: "1500B", len: 1514, tso: false }, Case { name: "64KiB-tso", len: 65_000, tso: true }];
+const CASES: [Case; 3] = [
+    Case {
+        name: "64B",
+        len: 64,
+        tso: false,
+    },
+    Case {
+        name: "1500B",
+        len: 1514,
+        tso: false,
+    },
+    Case {
+        name: "64KiB-tso",
+        len: 65_000,
+        tso: true,
+    },
+];
 
 /// An Ethernet frame of `case.len` bytes to `dst`, and its virtio-net header
 /// (12 bytes; GSO fields for TSO).
@@ -59,10 +74,22 @@ fn frame(case: Case, dst: [u8; 6]) -> (Vec<u8>, [u8; 12]) {
         hdr[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
         hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
         hdr[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
-        (frames::ethernet(dst, [0x02, 0, 0, 0, 0, 1], frames::ETH_IPV4, &ip), hdr)
+        (
+            frames::ethernet(dst, [0x02, 0, 0, 0, 0, 1], frames::ETH_IPV4, &ip),
+            hdr,
+        )
     } else {
         let payload = vec![0x5a; case.len - 42];
-        (frames::udp_frame(dst, [0x02, 0, 0, 0, 0, 1], ([10, 55, 0, 2], [10, 55, 0, 99]), (1000, 2000), &payload), hdr)
+        (
+            frames::udp_frame(
+                dst,
+                [0x02, 0, 0, 0, 0, 1],
+                ([10, 55, 0, 2], [10, 55, 0, 99]),
+                (1000, 2000),
+                &payload,
+            ),
+            hdr,
+        )
     }
 }
 
@@ -76,8 +103,14 @@ fn nic_config(case: Case, ctrl: bool) -> NicConfig {
     }
     let buf = if case.tso { 65_600 } else { 2048 };
     let ram_size = if case.tso { 160 << 20 } else { 64 << 20 };
-    NicConfig { rx_buf_len: buf, tx_buf_len: buf, ram_size, backend_channel: false, ..NicConfig::default() }
-        .with_features(features)
+    NicConfig {
+        rx_buf_len: buf,
+        tx_buf_len: buf,
+        ram_size,
+        backend_channel: false,
+        ..NicConfig::default()
+    }
+    .with_features(features)
 }
 
 trait WithFeatures {
@@ -122,7 +155,10 @@ fn tx_raw(tap: &OwnedFd, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
     let start = Instant::now();
     for i in 0..n {
         let buf = &buffers[i as usize % buffers.len()];
-        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut _,
+            iov_len: buf.len(),
+        };
         // SAFETY: the iovec points at a live buffer of the stated length.
         let r = unsafe { libc::writev(tap.as_raw_fd(), &iov, 1) };
         assert!(r > 0, "raw TAP write: {}", std::io::Error::last_os_error());
@@ -144,7 +180,13 @@ impl Injector {
         let one: libc::c_int = 1;
         // SAFETY: PACKET_VNET_HDR takes an int; `one` lives for the call.
         let r = unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, (&one as *const libc::c_int).cast(), 4)
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_VNET_HDR,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
         };
         assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
         Self { sock }
@@ -152,8 +194,14 @@ impl Injector {
 
     fn send(&self, hdr: &[u8; 12], frame: &[u8]) {
         let iov = [
-            libc::iovec { iov_base: hdr.as_ptr() as *mut _, iov_len: 10 },
-            libc::iovec { iov_base: frame.as_ptr() as *mut _, iov_len: frame.len() },
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut _,
+                iov_len: 10,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut _,
+                iov_len: frame.len(),
+            },
         ];
         // SAFETY: a msghdr over two live iovecs; no address, no control.
         let msg = libc::msghdr {
@@ -171,7 +219,11 @@ impl Injector {
             if r >= 0 {
                 return;
             }
-            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOBUFS), "inject");
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::ENOBUFS),
+                "inject"
+            );
         }
     }
 }
@@ -180,7 +232,13 @@ impl Injector {
 /// A backend that loses frames (testpmd does when its buffers run out) is
 /// charged for them: after 100 ms without progress the frames in flight
 /// count as lost and more are sent, so the time covers `n` delivered frames.
-fn rx_through(nic: &mut TestNic, inject: &Injector, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
+fn rx_through(
+    nic: &mut TestNic,
+    inject: &Injector,
+    n: u64,
+    frame: &[u8],
+    hdr: &[u8; 12],
+) -> Duration {
     let start = Instant::now();
     let (mut sent, mut got, mut lost) = (0, 0, 0);
     let mut progress = start;
@@ -250,13 +308,21 @@ impl RawReader {
                 } else {
                     // Sleep in poll like a real reader (and like sandnic's
                     // worker), instead of spinning on the shared core.
-                    let mut pfd = libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    let mut pfd = libc::pollfd {
+                        fd: tap.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
                     // SAFETY: one valid pollfd.
                     unsafe { libc::poll(&mut pfd, 1, 10) };
                 }
             }
         });
-        Self { count, stop, thread: Some(thread) }
+        Self {
+            count,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -298,20 +364,41 @@ impl Testpmd {
     /// the socket and a TAP it creates (`dtap0` in `ns`). Its stdin stays
     /// open: testpmd exits when it closes.
     fn start(ns: &NetNs, dir: &ScratchDir) -> Option<Self> {
-        if Command::new("dpdk-testpmd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        if Command::new("dpdk-testpmd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
             eprintln!("\n*** dpdk-testpmd missing (apt-get install dpdk-dev): skipping the DPDK comparison ***\n");
             return None;
         }
         let socket = dir.path("testpmd.sock");
         let mut cmd = ns.command("dpdk-testpmd");
-        cmd.args(["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", "sandnic-bench"])
-            .arg("--vdev")
-            .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
-            .args(["--vdev", "net_tap0,iface=dtap0"])
-            .args(["--", "--forward-mode=io", "--total-num-mbufs=16384", "--nb-cores=1", "-a"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-l",
+            "0,1",
+            "--no-huge",
+            "-m",
+            "1024",
+            "--no-pci",
+            "--file-prefix",
+            "sandnic-bench",
+        ])
+        .arg("--vdev")
+        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+        .args(["--vdev", "net_tap0,iface=dtap0"])
+        .args([
+            "--",
+            "--forward-mode=io",
+            "--total-num-mbufs=16384",
+            "--nb-cores=1",
+            "-a",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = sandnic::harness::spawn(cmd).ok()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() || ns.ip(&["link", "show", "dtap0"]).is_err() {
@@ -334,10 +421,17 @@ impl Drop for Testpmd {
     }
 }
 
-fn group<'a>(c: &'a mut Criterion, dir: &str, case: Case, len: usize) -> BenchmarkGroup<'a, WallTime> {
+fn group<'a>(
+    c: &'a mut Criterion,
+    dir: &str,
+    case: Case,
+    len: usize,
+) -> BenchmarkGroup<'a, WallTime> {
     let mut g = c.benchmark_group(format!("{dir}-{}", case.name));
     g.throughput(Throughput::Bytes(len as u64));
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     g
 }
 
@@ -359,30 +453,43 @@ fn bench(c: &mut Criterion) {
         let (rx_frame, rx_hdr) = frame(case, GUEST_MAC);
 
         let mut g = group(c, "tx", case, tx_frame.len());
-        g.bench_function("raw-tap", |b| b.iter_custom(|n| tx_raw(&raw, n, &tx_frame, &tx_hdr)));
-        g.bench_function("sandnic", |b| b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr)));
+        g.bench_function("raw-tap", |b| {
+            b.iter_custom(|n| tx_raw(&raw, n, &tx_frame, &tx_hdr))
+        });
+        g.bench_function("sandnic", |b| {
+            b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr))
+        });
         g.finish();
         let mut g = group(c, "rx", case, rx_frame.len());
         {
             let reader = RawReader::start(raw.clone());
             let inject = Injector::new(&ns, "rawtap");
-            g.bench_function("raw-tap", |b| b.iter_custom(|n| rx_raw(&reader, &inject, n, &rx_frame, &rx_hdr)));
+            g.bench_function("raw-tap", |b| {
+                b.iter_custom(|n| rx_raw(&reader, &inject, n, &rx_frame, &rx_hdr))
+            });
         }
         let inject = Injector::new(&ns, "tap0");
-        g.bench_function("sandnic", |b| b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr)));
+        g.bench_function("sandnic", |b| {
+            b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr))
+        });
         g.finish();
         drop(nic);
         drop(sandnic);
 
         // testpmd busy-polls a core: it runs only for its own measurements.
         if let Some(testpmd) = Testpmd::start(&ns, &dir) {
-            let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false)).expect("testpmd frontend");
+            let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false))
+                .expect("testpmd frontend");
             let mut g = group(c, "tx", case, tx_frame.len());
-            g.bench_function("dpdk-testpmd", |b| b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr)));
+            g.bench_function("dpdk-testpmd", |b| {
+                b.iter_custom(|n| tx_through(&mut nic, n, &tx_frame, &tx_hdr))
+            });
             g.finish();
             let inject = Injector::new(&ns, "dtap0");
             let mut g = group(c, "rx", case, rx_frame.len());
-            g.bench_function("dpdk-testpmd", |b| b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr)));
+            g.bench_function("dpdk-testpmd", |b| {
+                b.iter_custom(|n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr))
+            });
             g.finish();
         }
     }

@@ -7,8 +7,8 @@
 //! go to the README.
 
 use sandnic::frontend::NicConfig;
-use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind, STEP_FN};
-use sandnic::harness::{network_unavailable, NetNs, Rig, Sandnic, ScratchDir};
+use sandnic::guest::{self, GuestRig, Kind};
+use sandnic::harness::{network_unavailable, Rig, Sandnic};
 use sandnic::ping::FloodPing;
 use sandnic::traffic;
 use serde_json::{json, Value};
@@ -45,14 +45,24 @@ fn percentile(values: &mut [u64], p: f64) -> u64 {
 }
 
 fn row(name: &str, mut values: Vec<u64>, lost: u64) {
-    let (median, p99, max) = (percentile(&mut values, 50.0), percentile(&mut values, 99.0), percentile(&mut values, 100.0));
+    let (median, p99, max) = (
+        percentile(&mut values, 50.0),
+        percentile(&mut values, 99.0),
+        percentile(&mut values, 100.0),
+    );
     println!("| {name} | {median} µs | {p99} µs | {max} µs | {lost} |");
 }
 
 /// RUNS handovers in a row (each to a fresh process) while traffic flows.
 fn handovers(new_tap: bool) {
     let rig = Rig::new(&[], NicConfig::default()).expect("rig");
-    let Rig { mut nic, sandnic, ns, tap_mac, dir } = rig;
+    let Rig {
+        mut nic,
+        sandnic,
+        ns,
+        tap_mac,
+        dir,
+    } = rig;
     let spacing = Duration::from_millis(250);
     let duration = spacing * (RUNS as u32 + 2);
     let mut current = Some(sandnic);
@@ -61,7 +71,9 @@ fn handovers(new_tap: bool) {
         let args: &[&str] = if new_tap { &["--new-tap"] } else { &[] };
         for i in 0..RUNS {
             let source = current.take().expect("running sandnic");
-            let (next, path) = Sandnic::incoming(&ns, &dir, &format!("h{new_tap}{i}"), &source, args).expect("destination");
+            let (next, path) =
+                Sandnic::incoming(&ns, &dir, &format!("h{new_tap}{i}"), &source, args)
+                    .expect("destination");
             let reply = source.handover(&path, new_tap).expect("handover");
             assert_eq!(reply["ok"], true, "{reply}\n{}", next.log());
             downtimes.push(reply["downtime_us"].as_u64().unwrap_or(0));
@@ -70,8 +82,16 @@ fn handovers(new_tap: bool) {
         }
         downtimes
     });
-    let name = if new_tap { "handover, new-TAP path (TAP reopened by name)" } else { "handover, fd passing" };
-    row(&format!("{name}: downtime"), report.result.clone(), report.lost());
+    let name = if new_tap {
+        "handover, new-TAP path (TAP reopened by name)"
+    } else {
+        "handover, fd passing"
+    };
+    row(
+        &format!("{name}: downtime"),
+        report.result.clone(),
+        report.lost(),
+    );
 }
 
 fn swaps() {
@@ -80,44 +100,57 @@ fn swaps() {
     let spacing = Duration::from_millis(100);
     let duration = spacing * (RUNS as u32 + 5);
     let v2 = sandnic_host::sandbox::components::built::v2();
-    let report = traffic::run(&mut rig.nic, &rig.ns, rig.tap_mac, RATE, duration, spacing, move || {
-        let mut pauses = Vec::new();
-        for _ in 0..RUNS {
-            let (reply, _) = sandnic_host::api::client(&api, json!({"cmd": "swap", "component": v2})).expect("swap");
-            assert_eq!(reply["ok"], true, "{reply}");
-            pauses.push(reply["pause_us"].as_u64().unwrap_or(0));
-            std::thread::sleep(Duration::from_millis(80));
-        }
-        pauses
-    });
-    row("hot swap (v2 → v2): pause", report.result.clone(), report.lost());
+    let report = traffic::run(
+        &mut rig.nic,
+        &rig.ns,
+        rig.tap_mac,
+        RATE,
+        duration,
+        spacing,
+        move || {
+            let mut pauses = Vec::new();
+            for _ in 0..RUNS {
+                let (reply, _) =
+                    sandnic_host::api::client(&api, json!({"cmd": "swap", "component": v2}))
+                        .expect("swap");
+                assert_eq!(reply["ok"], true, "{reply}");
+                pauses.push(reply["pause_us"].as_u64().unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(80));
+            }
+            pauses
+        },
+    );
+    row(
+        "hot swap (v2 → v2): pause",
+        report.result.clone(),
+        report.lost(),
+    );
 }
 
 /// A guest under flood ping: the largest gap between replies over the same
 /// time with no handover, then with three handovers.
 fn flood_ping(kind: Kind) {
-    let ns = NetNs::new().unwrap();
-    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
-    let dir = ScratchDir::new().unwrap();
-    let first = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
-    let hostdir = HostDir(dir.path("share"));
-    std::fs::create_dir_all(&hostdir.0).unwrap();
     // UML waits on the shared directory; QEMU (no hostfs) stays up for a
     // fixed time.
     let script = match kind {
-        Kind::Uml => format!("{STEP_FN}ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\nstep ready x\n"),
-        Kind::Qemu => "ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\necho GUEST-READY\nsleep 40\n".into(),
+        Kind::Uml => "ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\nstep ready x\n",
+        Kind::Qemu => {
+            "ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\necho GUEST-READY\nsleep 40\n"
+        }
     };
-    let guest = Guest::boot(GuestOptions {
-        kind,
-        socket: &first.socket,
-        script: &script,
-        hostdir: (kind == Kind::Uml).then_some(hostdir.0.as_path()),
-        console: dir.path("console.log"),
-    })
-    .unwrap();
+    let GuestRig {
+        guest,
+        hostdir,
+        sandnic: first,
+        ns,
+        dir,
+    } = GuestRig::boot(kind, &[], script).unwrap();
     match kind {
-        Kind::Uml => drop(hostdir.wait_for("ready", Duration::from_secs(60), &guest).unwrap()),
+        Kind::Uml => drop(
+            hostdir
+                .wait_for("ready", Duration::from_secs(60), &guest)
+                .unwrap(),
+        ),
         Kind::Qemu => {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             while !guest.console().contains("GUEST-READY") {
@@ -150,7 +183,12 @@ fn flood_ping(kind: Kind) {
     println!();
     println!("| {kind:?} guest, flood ping (`ping -i 0 -D`) for {window:?} | replies | unanswered | largest gap |");
     println!("|---|---|---|---|");
-    println!("| no handover | {} | {} | {:.1} ms |", quiet.received, lost(&quiet), quiet.largest_gap() * 1000.0);
+    println!(
+        "| no handover | {} | {} | {:.1} ms |",
+        quiet.received,
+        lost(&quiet),
+        quiet.largest_gap() * 1000.0
+    );
     println!(
         "| 3 handovers (downtimes {downtimes:?} µs) | {} | {} | {:.1} ms |",
         busy.received,

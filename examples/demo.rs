@@ -4,8 +4,8 @@
 //! version and the whole device is handed over to a new process — twice.
 //! Prints what happened.
 
-use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind, STEP_FN};
-use sandnic::harness::{network_unavailable, NetNs, Sandnic, ScratchDir};
+use sandnic::guest::{self, GuestRig, Kind};
+use sandnic::harness::{network_unavailable, Sandnic};
 use sandnic::ping::FloodPing;
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -41,26 +41,28 @@ fn ok(reply: &Value, what: &str) -> anyhow::Result<()> {
 }
 
 fn run() -> anyhow::Result<()> {
-    let ns = NetNs::new()?;
-    ns.add_tap("tap0", "10.88.0.1/24")?;
-    let dir = ScratchDir::new()?;
-    step(&format!("network namespace {} with tap0 (10.88.0.1/24)", ns.name));
-    let first = Sandnic::serve(&ns, &dir, &["--tap", "tap0", "--queues", "2"])?;
-    step("sandnic serve started (builtin device component v0.1.0)");
-    let hostdir = HostDir(dir.path("share"));
-    std::fs::create_dir_all(&hostdir.0)?;
-    let script = format!("{STEP_FN}{GUEST_SCRIPT}");
-    let mut guest = Guest::boot(GuestOptions {
-        kind: Kind::Uml,
-        socket: &first.socket,
-        script: &script,
-        hostdir: Some(&hostdir.0),
-        console: dir.path("console.log"),
-    })?;
+    let GuestRig {
+        mut guest,
+        hostdir,
+        sandnic: first,
+        ns,
+        dir,
+    } = GuestRig::boot(Kind::Uml, &["--queues", "2"], GUEST_SCRIPT)?;
+    step(&format!("network namespace {} with tap0 (10.88.0.1/24); sandnic serve (builtin device component v0.1.0)", ns.name));
     let driver = hostdir.wait_for("ready", Duration::from_secs(60), &guest)?;
-    step(&format!("UML guest up, eth0 = 10.88.0.2 ({})", driver.trim()));
-    let check = ns.command("ping").args(["-c", "3", "-W", "2", "10.88.0.2"]).output()?;
-    anyhow::ensure!(check.status.success(), "host cannot ping the guest: {}", String::from_utf8_lossy(&check.stdout));
+    step(&format!(
+        "UML guest up, eth0 = 10.88.0.2 ({})",
+        driver.trim()
+    ));
+    let check = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "2", "10.88.0.2"])
+        .output()?;
+    anyhow::ensure!(
+        check.status.success(),
+        "host cannot ping the guest: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
     step("ping host → guest works; starting a flood ping");
     let ping = FloodPing::start(&ns, "10.88.0.2", &dir.path("ping.log"))?;
     let pause = || std::thread::sleep(Duration::from_millis(1000));
@@ -70,20 +72,35 @@ fn run() -> anyhow::Result<()> {
     let swap = first.api(json!({"cmd": "swap", "component": v2}))?;
     ok(&swap, "swap")?;
     let version = |v: &Value| v["version"].as_str().unwrap_or("?").to_string();
-    step(&format!("hot swap v{} → v{} (pause {} µs)", version(&swap["from"]), version(&swap["to"]), swap["pause_us"]));
+    step(&format!(
+        "hot swap v{} → v{} (pause {} µs)",
+        version(&swap["from"]),
+        version(&swap["to"]),
+        swap["pause_us"]
+    ));
     pause();
 
     let v2_arg = v2.to_str().unwrap_or_default().to_string();
     let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &["--component", &v2_arg])?;
     let h1 = first.handover(&path, false)?;
     ok(&h1, "first handover")?;
-    step(&format!("handover to a new process (pid {}): downtime {} µs, {} fds passed", second.child.id(), h1["downtime_us"], h1["fds"]));
+    step(&format!(
+        "handover to a new process (pid {}): downtime {} µs, {} fds passed",
+        second.child.id(),
+        h1["downtime_us"],
+        h1["fds"]
+    ));
     pause();
 
     let (third, path) = Sandnic::incoming(&ns, &dir, "third", &second, &["--component", &v2_arg])?;
     let h2 = second.handover(&path, false)?;
     ok(&h2, "second handover")?;
-    step(&format!("handover to a new process (pid {}): downtime {} µs, {} fds passed", third.child.id(), h2["downtime_us"], h2["fds"]));
+    step(&format!(
+        "handover to a new process (pid {}): downtime {} µs, {} fds passed",
+        third.child.id(),
+        h2["downtime_us"],
+        h2["fds"]
+    ));
     pause();
 
     let report = ping.stop()?;
@@ -97,7 +114,10 @@ fn run() -> anyhow::Result<()> {
     println!();
     println!("| what | value |");
     println!("|---|---|");
-    println!("| flood ping: echo requests / replies | {} / {} ({} unanswered) |", report.transmitted, report.received, lost);
+    println!(
+        "| flood ping: echo requests / replies | {} / {} ({} unanswered) |",
+        report.transmitted, report.received, lost
+    );
     println!("| largest gap between replies | {gap_ms:.1} ms |");
     println!("| swap pause (v0.1.0 → v0.2.0) | {} µs |", swap["pause_us"]);
     println!("| handover 1 downtime | {} µs |", h1["downtime_us"]);
@@ -109,10 +129,23 @@ fn run() -> anyhow::Result<()> {
         component["version"].as_str().unwrap_or("?"),
         component["state_version"]
     );
-    println!("| frontend connection | {} (never reconnected) |", if status["frontend_connected"] == true { "connected" } else { "lost" });
-    println!("| guest frames rx/tx (last process) | {} / {} |", stats["queues"][0]["rx_packets"], stats["queues"][0]["tx_packets"]);
+    println!(
+        "| frontend connection | {} (never reconnected) |",
+        if status["frontend_connected"] == true {
+            "connected"
+        } else {
+            "lost"
+        }
+    );
+    println!(
+        "| guest frames rx/tx (last process) | {} / {} |",
+        stats["queues"][0]["rx_packets"], stats["queues"][0]["tx_packets"]
+    );
     println!("| guest script exit | {status_code} |");
     anyhow::ensure!(status_code == 0, "guest script failed");
-    anyhow::ensure!(status["frontend_connected"] == true, "the frontend connection was lost");
+    anyhow::ensure!(
+        status["frontend_connected"] == true,
+        "the frontend connection was lost"
+    );
     Ok(())
 }

@@ -17,8 +17,11 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const VARIANTS: [(&str, &str); 3] =
-    [("sandnic_device.wasm", ""), ("sandnic_device_v2.wasm", "v2"), ("sandnic_device_hostile.wasm", "hostile")];
+const VARIANTS: [(&str, &str); 3] = [
+    ("sandnic_device.wasm", ""),
+    ("sandnic_device_v2.wasm", "v2"),
+    ("sandnic_device_hostile.wasm", "hostile"),
+];
 
 const LEAKY_ENV: [&str; 8] = [
     "RUSTFLAGS",
@@ -37,7 +40,13 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let guest_target = guest_target_dir(&out_dir, &workspace);
 
-    for path in ["guest-device/src", "guest-device/Cargo.toml", "wit", "Cargo.lock", "Cargo.toml"] {
+    for path in [
+        "guest-device/src",
+        "guest-device/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
 
@@ -48,7 +57,10 @@ fn main() {
         std::fs::copy(&built, &dest)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), dest.display()));
     }
-    println!("cargo:rustc-env=SANDNIC_COMPONENT_DIR={}", out_dir.display());
+    println!(
+        "cargo:rustc-env=SANDNIC_COMPONENT_DIR={}",
+        out_dir.display()
+    );
 }
 
 /// `<target>/guest`, next to the profile directories, so debug and release
@@ -66,7 +78,15 @@ fn build_guest(workspace: &Path, target_dir: &Path, features: &str) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "--release", "--quiet", "-p", "sandnic-device", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "sandnic-device",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--target-dir")
         .arg(target_dir);
     if !features.is_empty() {
@@ -82,7 +102,9 @@ fn build_guest(workspace: &Path, target_dir: &Path, features: &str) {
         .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
-    let status = cmd.status().expect("running cargo for the wasm32-wasip2 device component");
+    let status = cmd
+        .status()
+        .expect("running cargo for the wasm32-wasip2 device component");
     if !status.success() {
         panic!(
             "building the device component failed (features {features:?}). \

@@ -60,8 +60,19 @@ pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
     u
 }
 
-pub fn udp_frame(dst: Mac, src: Mac, ips: ([u8; 4], [u8; 4]), ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
-    ethernet(dst, src, ETH_IPV4, &ipv4(ips.0, ips.1, 17, &udp(ports.0, ports.1, payload)))
+pub fn udp_frame(
+    dst: Mac,
+    src: Mac,
+    ips: ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    ethernet(
+        dst,
+        src,
+        ETH_IPV4,
+        &ipv4(ips.0, ips.1, 17, &udp(ports.0, ports.1, payload)),
+    )
 }
 
 /// The UDP payload of an untagged IPv4/UDP frame.

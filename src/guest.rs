@@ -27,14 +27,19 @@ impl Kind {
 
 /// Why guests of `kind` cannot run here, naming the package to install.
 pub fn unavailable(kind: Kind) -> Option<String> {
-    let needs = |path: &str, package: &str| (!Path::new(path).exists()).then(|| format!("needs {path} (apt-get install {package})"));
+    let needs = |path: &str, package: &str| {
+        (!Path::new(path).exists()).then(|| format!("needs {path} (apt-get install {package})"))
+    };
     needs("/bin/busybox", "busybox-static")
         .or_else(|| needs("/usr/sbin/ethtool", "ethtool"))
         .or_else(|| needs("/usr/bin/iperf3", "iperf3"))
         .or_else(|| match kind {
             Kind::Uml => needs("/usr/bin/linux.uml", "user-mode-linux"),
-            Kind::Qemu => needs("/usr/bin/qemu-system-x86_64", "qemu-system-x86")
-                .or_else(|| qemu_kernel().is_none().then(|| "needs a cloud kernel (apt-get install linux-image-cloud-amd64)".into())),
+            Kind::Qemu => needs("/usr/bin/qemu-system-x86_64", "qemu-system-x86").or_else(|| {
+                qemu_kernel().is_none().then(|| {
+                    "needs a cloud kernel (apt-get install linux-image-cloud-amd64)".into()
+                })
+            }),
         })
 }
 
@@ -42,7 +47,11 @@ fn qemu_kernel() -> Option<PathBuf> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
         .collect();
     kernels.sort();
     kernels.pop()
@@ -59,10 +68,14 @@ pub fn image(kind: Kind) -> anyhow::Result<(PathBuf, PathBuf)> {
         .output()
         .context("running scripts/guest-initramfs")?;
     if !out.status.success() {
-        bail!("guest-initramfs failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "guest-initramfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let initrd = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let kernel = std::fs::read_to_string(out_dir.join(format!("initramfs-{}.kernel", kind.name())))?;
+    let kernel =
+        std::fs::read_to_string(out_dir.join(format!("initramfs-{}.kernel", kind.name())))?;
     Ok((initrd, PathBuf::from(kernel.trim())))
 }
 
@@ -133,13 +146,21 @@ impl Guest {
             }
         };
         let console = std::fs::File::create(&opts.console)?;
-        cmd.stdin(Stdio::null()).stdout(console.try_clone()?).stderr(console);
-        let child = crate::harness::spawn(cmd).with_context(|| format!("starting the {} guest", opts.kind.name()))?;
-        Ok(Self { child, console: opts.console })
+        cmd.stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console);
+        let child = crate::harness::spawn(cmd)
+            .with_context(|| format!("starting the {} guest", opts.kind.name()))?;
+        Ok(Self {
+            child,
+            console: opts.console,
+        })
     }
 
     pub fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default().replace('\r', "")
+        std::fs::read_to_string(&self.console)
+            .unwrap_or_default()
+            .replace('\r', "")
     }
 
     /// Waits for the guest to power off; returns its script's exit status.
@@ -152,11 +173,16 @@ impl Guest {
                     .lines()
                     .find_map(|l| l.split("SANDNIC-GUEST: script exit ").nth(1))
                     .and_then(|s| s.trim().parse().ok());
-                return status.with_context(|| format!("guest ended without running its script:\n{console}"));
+                return status.with_context(|| {
+                    format!("guest ended without running its script:\n{console}")
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("guest did not finish within {timeout:?}:\n{}", self.console())
+        bail!(
+            "guest did not finish within {timeout:?}:\n{}",
+            self.console()
+        )
     }
 }
 
@@ -168,14 +194,28 @@ impl Drop for Guest {
 }
 
 fn compress_b64(script: &str) -> anyhow::Result<String> {
-    let mut gzip = Command::new("gzip").args(["-9n"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-    gzip.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+    let mut gzip = Command::new("gzip")
+        .args(["-9n"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    gzip.stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())?;
     let out = gzip.wait_with_output()?;
-    let mut b64 = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut b64 = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
     b64.stdin.take().expect("stdin").write_all(&out.stdout)?;
     let encoded = String::from_utf8(b64.wait_with_output()?.stdout)?;
     if encoded.len() > 1500 {
-        bail!("guest script too long for the kernel command line ({} bytes encoded)", encoded.len());
+        bail!(
+            "guest script too long for the kernel command line ({} bytes encoded)",
+            encoded.len()
+        );
     }
     Ok(encoded)
 }
@@ -209,4 +249,46 @@ impl HostDir {
 }
 
 /// The shell function guest scripts use for the handshake.
-pub const STEP_FN: &str = "step() { echo \"$2\" > /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
+pub const STEP_FN: &str =
+    "step() { echo \"$2\" > /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
+
+/// A guest on its own sandnic: a namespace with `tap0` (10.88.0.1/24; the
+/// guest takes 10.88.0.2), `sandnic serve` on it with `serve_args`, and the
+/// guest booted with `script` (which may use `step`; UML guests get the
+/// shared directory on /mnt).
+pub struct GuestRig {
+    pub guest: Guest,
+    pub hostdir: HostDir,
+    pub sandnic: crate::harness::Sandnic,
+    pub ns: crate::harness::NetNs,
+    pub dir: crate::harness::ScratchDir,
+}
+
+impl GuestRig {
+    pub fn boot(kind: Kind, serve_args: &[&str], script: &str) -> anyhow::Result<Self> {
+        use crate::harness::{NetNs, Sandnic, ScratchDir};
+        let ns = NetNs::new()?;
+        ns.add_tap("tap0", "10.88.0.1/24")?;
+        let dir = ScratchDir::new()?;
+        let mut args = vec!["--tap", "tap0"];
+        args.extend_from_slice(serve_args);
+        let sandnic = Sandnic::serve(&ns, &dir, &args)?;
+        let hostdir = HostDir(dir.path("share"));
+        std::fs::create_dir_all(&hostdir.0)?;
+        let script = format!("{STEP_FN}{script}");
+        let guest = Guest::boot(GuestOptions {
+            kind,
+            socket: &sandnic.socket,
+            script: &script,
+            hostdir: (kind == Kind::Uml).then_some(hostdir.0.as_path()),
+            console: dir.path("console.log"),
+        })?;
+        Ok(Self {
+            guest,
+            hostdir,
+            sandnic,
+            ns,
+            dir,
+        })
+    }
+}

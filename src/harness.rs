@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Why this machine cannot run the network tests, if it cannot.
@@ -53,7 +57,8 @@ type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
 /// Spawns `cmd` from the process-lifetime spawner thread (see
 /// `die_with_parent`).
 pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
-    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = std::sync::OnceLock::new();
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> =
+        std::sync::OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
@@ -68,7 +73,11 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     });
     die_with_parent(&mut cmd);
     let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-    spawner.lock().unwrap_or_else(|p| p.into_inner()).send((cmd, reply_tx)).map_err(std::io::Error::other)?;
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply_tx))
+        .map_err(std::io::Error::other)?;
     reply_rx.recv().map_err(std::io::Error::other)?
 }
 
@@ -91,7 +100,10 @@ macro_rules! require_network {
 fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out)
 }
@@ -125,8 +137,19 @@ impl NetNs {
     /// brings it up. IPv6 is off on it so the link carries only what the
     /// tests send (no router solicitations or MLD reports).
     pub fn add_tap(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
-        self.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr", "multi_queue"])?;
-        run(self.command("sysctl").args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            name,
+            "mode",
+            "tap",
+            "vnet_hdr",
+            "multi_queue",
+        ])?;
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
         self.ip(&["addr", "add", cidr, "dev", name])?;
         // A long TAP queue (set before any queue attaches, which sizes its
         // ring): frames wait there while a device is switched.
@@ -139,14 +162,23 @@ impl NetNs {
     pub fn mac_of(&self, name: &str) -> anyhow::Result<crate::frames::Mac> {
         let out = self.ip(&["-o", "link", "show", name])?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let mac = text.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).context("no MAC")?;
+        let mac = text
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .context("no MAC")?;
         let bytes: Result<Vec<u8>, _> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-        bytes?.try_into().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
+        bytes?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets it
     /// creates live in the namespace and can be used from anywhere.
-    pub fn inside<R: Send>(&self, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+    pub fn inside<R: Send>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<R> + Send,
+    ) -> anyhow::Result<R> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -166,7 +198,13 @@ impl NetNs {
         self.inside(move || {
             let index = nix::net::if_::if_nametoindex(ifname.as_str())?;
             // SAFETY: plain socket(2) call; the result is checked and owned.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, (libc::ETH_P_ALL as u16).to_be() as i32) };
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
             if fd < 0 {
                 bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
             }
@@ -179,7 +217,11 @@ impl NetNs {
             addr.sll_ifindex = index as i32;
             // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
             let r = unsafe {
-                libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
             };
             if r < 0 {
                 bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
@@ -191,7 +233,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -219,8 +263,29 @@ impl Drop for ScratchDir {
 /// The `sandnic` binary of this build (next to the test executables).
 pub fn sandnic_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     dir.join("sandnic")
+}
+
+/// `sandnic serve` in `ns`, logging to `log`, with the test component cache.
+fn serve_command(ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
+    let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
+    cmd.arg("serve")
+        .env(
+            "SANDNIC_LOG",
+            std::env::var("SANDNIC_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env(
+            "SANDNIC_CACHE_DIR",
+            std::env::temp_dir().join("sandnic-test-cache"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?);
+    Ok(cmd)
 }
 
 /// A running `sandnic serve`; stopped (SIGTERM, then SIGKILL) on drop.
@@ -238,20 +303,19 @@ impl Sandnic {
         let socket = dir.path("vhost.sock");
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
-        let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
-        cmd.arg("serve")
-            .arg("--socket")
+        let mut cmd = serve_command(ns, &log)?;
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--api")
             .arg(&api)
-            .args(args)
-            .env("SANDNIC_LOG", std::env::var("SANDNIC_LOG").unwrap_or_else(|_| "info".into()))
-            .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
+            .args(args);
         let child = spawn(cmd).context("spawning sandnic serve")?;
-        let mut me = Self { child, socket, api, log };
+        let mut me = Self {
+            child,
+            socket,
+            api,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(me.socket.exists() && me.api.exists()) {
             if let Some(status) = me.child.try_wait()? {
@@ -268,25 +332,31 @@ impl Sandnic {
     /// Starts `sandnic serve --incoming PATH` in `ns` (a handover
     /// destination) with `args` added; returns once it waits on PATH. Its
     /// vhost-user and API sockets will be the source's.
-    pub fn incoming(ns: &NetNs, dir: &ScratchDir, name: &str, source: &Sandnic, args: &[&str]) -> anyhow::Result<(Self, PathBuf)> {
+    pub fn incoming(
+        ns: &NetNs,
+        dir: &ScratchDir,
+        name: &str,
+        source: &Sandnic,
+        args: &[&str],
+    ) -> anyhow::Result<(Self, PathBuf)> {
         let incoming = dir.path(&format!("{name}.handover"));
         let log = dir.path(&format!("{name}.log"));
-        let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
-        cmd.arg("serve")
-            .arg("--incoming")
-            .arg(&incoming)
-            .args(args)
-            .env("SANDNIC_LOG", std::env::var("SANDNIC_LOG").unwrap_or_else(|_| "info".into()))
-            .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
+        let mut cmd = serve_command(ns, &log)?;
+        cmd.arg("--incoming").arg(&incoming).args(args);
         let child = spawn(cmd).context("spawning sandnic serve --incoming")?;
-        let mut me = Self { child, socket: source.socket.clone(), api: source.api.clone(), log };
+        let mut me = Self {
+            child,
+            socket: source.socket.clone(),
+            api: source.api.clone(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !incoming.exists() {
             if let Some(status) = me.child.try_wait()? {
-                bail!("sandnic serve --incoming exited with {status}: {}", me.log());
+                bail!(
+                    "sandnic serve --incoming exited with {status}: {}",
+                    me.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("sandnic serve --incoming did not start: {}", me.log());
@@ -313,7 +383,8 @@ impl Sandnic {
 
     /// One API request; the reply object.
     pub fn api(&self, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let (reply, _) = sandnic_host::api::client(&self.api, request).map_err(anyhow::Error::msg)?;
+        let (reply, _) =
+            sandnic_host::api::client(&self.api, request).map_err(anyhow::Error::msg)?;
         Ok(reply)
     }
 
@@ -356,7 +427,17 @@ impl Rig {
     pub fn new(serve_args: &[&str], config: crate::frontend::NicConfig) -> anyhow::Result<Self> {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.77.0.1/24")?;
-        ns.ip(&["neigh", "add", "10.77.0.2", "lladdr", "52:54:00:12:34:56", "dev", "tap0", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            "10.77.0.2",
+            "lladdr",
+            "52:54:00:12:34:56",
+            "dev",
+            "tap0",
+            "nud",
+            "permanent",
+        ])?;
         let dir = ScratchDir::new()?;
         let mut args = vec!["--tap", "tap0"];
         args.extend_from_slice(serve_args);
@@ -364,20 +445,36 @@ impl Rig {
         let nic = crate::frontend::TestNic::connect(&sandnic.socket, &config)
             .map_err(|e| anyhow::anyhow!("{e:#}\n{}", sandnic.log()))?;
         let tap_mac = ns.mac_of("tap0")?;
-        Ok(Self { nic, sandnic, ns, tap_mac, dir })
+        Ok(Self {
+            nic,
+            sandnic,
+            ns,
+            tap_mac,
+            dir,
+        })
     }
 
     /// A UDP frame from the test guest to the host.
     pub fn guest_udp(&self, dst_port: u16, payload: &[u8]) -> Vec<u8> {
-        crate::frames::udp_frame(self.tap_mac, RIG_GUEST_MAC, (RIG_GUEST_IP, RIG_HOST_IP), (5000, dst_port), payload)
+        crate::frames::udp_frame(
+            self.tap_mac,
+            RIG_GUEST_MAC,
+            (RIG_GUEST_IP, RIG_HOST_IP),
+            (5000, dst_port),
+            payload,
+        )
     }
 
     /// A counter of queue pair `pair` from the `stats` API.
     pub fn stat(&self, pair: usize, field: &str) -> u64 {
-        self.sandnic.stats().expect("stats")["queues"][pair][field].as_u64().expect("counter")
+        self.sandnic.stats().expect("stats")["queues"][pair][field]
+            .as_u64()
+            .expect("counter")
     }
 
     pub fn control_stat(&self, field: &str) -> u64 {
-        self.sandnic.stats().expect("stats")["control"][field].as_u64().expect("counter")
+        self.sandnic.stats().expect("stats")["control"][field]
+            .as_u64()
+            .expect("counter")
     }
 }

@@ -3,9 +3,9 @@
 //! TAP devices in private network namespaces (`harness/`). The tests live in
 //! `tests/`, the benches in `benches/`.
 
-pub mod frontend;
 pub mod frames;
-pub mod harness;
+pub mod frontend;
 pub mod guest;
+pub mod harness;
 pub mod ping;
 pub mod traffic;

@@ -22,9 +22,14 @@ pub struct PingReport {
 impl FloodPing {
     pub fn start(ns: &NetNs, target: &str, log: &Path) -> anyhow::Result<Self> {
         let mut cmd = ns.command("ping");
-        cmd.args(["-i", "0", "-D", "-W", "1", target]).stdout(std::fs::File::create(log)?).stderr(Stdio::null());
+        cmd.args(["-i", "0", "-D", "-W", "1", target])
+            .stdout(std::fs::File::create(log)?)
+            .stderr(Stdio::null());
         let child = spawn(cmd)?;
-        Ok(Self { child, log: log.to_path_buf() })
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
     }
 
     /// Stops ping (SIGINT, so it prints its summary) and reads its output.
@@ -42,7 +47,10 @@ pub fn parse(output: &str) -> PingReport {
         .filter(|l| l.contains("bytes from"))
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
         .collect();
-    let summary = output.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
+    let summary = output
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
     let number_before = |word: &str| -> u64 {
         summary
             .split(',')
@@ -50,20 +58,33 @@ pub fn parse(output: &str) -> PingReport {
             .and_then(|part| part.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
-    PingReport { transmitted: number_before("transmitted"), received: number_before("received"), times }
+    PingReport {
+        transmitted: number_before("transmitted"),
+        received: number_before("received"),
+        times,
+    }
 }
 
 impl PingReport {
     /// The largest time between two consecutive replies, in seconds.
     pub fn largest_gap(&self) -> f64 {
-        self.times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+        self.times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(0.0, f64::max)
     }
 
     /// The largest gaps with when they happened (seconds from the first
     /// reply), largest first.
     pub fn top_gaps(&self, n: usize) -> Vec<(f64, f64)> {
-        let Some(&t0) = self.times.first() else { return Vec::new() };
-        let mut gaps: Vec<(f64, f64)> = self.times.windows(2).map(|w| (w[1] - w[0], w[0] - t0)).collect();
+        let Some(&t0) = self.times.first() else {
+            return Vec::new();
+        };
+        let mut gaps: Vec<(f64, f64)> = self
+            .times
+            .windows(2)
+            .map(|w| (w[1] - w[0], w[0] - t0))
+            .collect();
         gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
         gaps.truncate(n);
         gaps

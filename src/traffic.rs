@@ -30,7 +30,10 @@ impl<R> TrafficReport<R> {
     /// reordered.
     pub fn exact(&self, got: &[u64]) -> Result<(), String> {
         let first_break = got.windows(2).position(|w| w[1] != w[0] + 1);
-        if got.len() as u64 == self.sent && first_break.is_none() && got.first().is_none_or(|&s| s == 0) {
+        if got.len() as u64 == self.sent
+            && first_break.is_none()
+            && got.first().is_none_or(|&s| s == 0)
+        {
             return Ok(());
         }
         Err(format!(
@@ -52,7 +55,13 @@ fn set_rcvbuf(sock: &UdpSocket) {
     let size: libc::c_int = 32 << 20;
     // SAFETY: SO_RCVBUFFORCE takes an int; `size` lives for the call.
     unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            4,
+        );
     }
 }
 
@@ -68,87 +77,96 @@ pub fn run<R: Send>(
     action_after: Duration,
     action: impl FnOnce() -> R + Send,
 ) -> TrafficReport<R> {
-    std::thread::scope(|scope| run_scoped(scope, nic, ns, tap_mac, rate, duration, action_after, action))
-}
+    std::thread::scope(|scope| {
+        let host_rx = ns
+            .inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6000))?))
+            .expect("host rx socket");
+        let host_tx = ns
+            .inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6001))?))
+            .expect("host tx socket");
+        set_rcvbuf(&host_rx);
+        host_rx
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let total = rate * duration.as_millis() as u64 / 1000;
 
-#[allow(clippy::too_many_arguments)]
-fn run_scoped<'s, R: Send + 's>(
-    scope: &'s std::thread::Scope<'s, '_>,
-    nic: &mut TestNic,
-    ns: &NetNs,
-    tap_mac: frames::Mac,
-    rate: u64,
-    duration: Duration,
-    action_after: Duration,
-    action: impl FnOnce() -> R + Send + 's,
-) -> TrafficReport<R> {
-    let host_rx = ns.inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6000))?)).expect("host rx socket");
-    let host_tx = ns.inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6001))?)).expect("host tx socket");
-    set_rcvbuf(&host_rx);
-    host_rx.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-    let total = rate * duration.as_millis() as u64 / 1000;
-
-    // Host → guest: bursts every millisecond, sleeping in between (spinning
-    // would take the core the backend needs).
-    let sender = scope.spawn(move || {
-        let start = Instant::now();
-        let mut seq = 0;
-        while seq < total {
-            let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
-            while seq < due {
-                let _ = host_tx.send_to(&seq.to_le_bytes(), "10.77.0.2:5000");
-                seq += 1;
+        // Host → guest: bursts every millisecond, sleeping in between (spinning
+        // would take the core the backend needs).
+        let sender = scope.spawn(move || {
+            let start = Instant::now();
+            let mut seq = 0;
+            while seq < total {
+                let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
+                while seq < due {
+                    let _ = host_tx.send_to(&seq.to_le_bytes(), "10.77.0.2:5000");
+                    seq += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
-    let receiver = scope.spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        while let Ok((n, _)) = host_rx.recv_from(&mut buf) {
-            got.extend(seq_of(&buf[..n]));
-        }
-        got
-    });
-    let action = scope.spawn(move || {
-        std::thread::sleep(action_after);
-        action()
-    });
+        });
+        let receiver = scope.spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok((n, _)) = host_rx.recv_from(&mut buf) {
+                got.extend(seq_of(&buf[..n]));
+            }
+            got
+        });
+        let action = scope.spawn(move || {
+            std::thread::sleep(action_after);
+            action()
+        });
 
-    let start = Instant::now();
-    let mut next_tx = 0u64;
-    let mut guest_got = Vec::new();
-    let deadline = start + duration + Duration::from_secs(10);
-    let mut quiet_since = None;
-    while Instant::now() < deadline {
-        let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
-        while next_tx < due {
-            let frame = frames::udp_frame(tap_mac, RIG_GUEST_MAC, (RIG_GUEST_IP, RIG_HOST_IP), (5000, 6000), &next_tx.to_le_bytes());
-            if nic.send_batch(0, [frame.as_slice()]) == 0 {
+        let start = Instant::now();
+        let mut next_tx = 0u64;
+        let mut guest_got = Vec::new();
+        let deadline = start + duration + Duration::from_secs(10);
+        let mut quiet_since = None;
+        while Instant::now() < deadline {
+            let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
+            while next_tx < due {
+                let frame = frames::udp_frame(
+                    tap_mac,
+                    RIG_GUEST_MAC,
+                    (RIG_GUEST_IP, RIG_HOST_IP),
+                    (5000, 6000),
+                    &next_tx.to_le_bytes(),
+                );
+                if nic.send_batch(0, [frame.as_slice()]) == 0 {
+                    break;
+                }
+                next_tx += 1;
+            }
+            let mut idle = true;
+            while let Some(frame) = nic.try_recv(0) {
+                idle = false;
+                if let Some(seq) = frames::udp_payload(&frame).and_then(seq_of) {
+                    guest_got.push(seq);
+                }
+            }
+            let done_sending = next_tx == total && start.elapsed() > duration;
+            if done_sending
+                && (guest_got.len() as u64 == total
+                    || quiet_since
+                        .is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(500)))
+            {
                 break;
             }
-            next_tx += 1;
-        }
-        let mut idle = true;
-        while let Some(frame) = nic.try_recv(0) {
-            idle = false;
-            if let Some(seq) = frames::udp_payload(&frame).and_then(seq_of) {
-                guest_got.push(seq);
+            if idle {
+                quiet_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_micros(200));
+            } else {
+                quiet_since = None;
             }
         }
-        let done_sending = next_tx == total && start.elapsed() > duration;
-        if done_sending && (guest_got.len() as u64 == total || quiet_since.is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(500))) {
-            break;
+        sender.join().expect("sender");
+        let result = action.join().expect("action");
+        let host_got = receiver.join().expect("receiver");
+        TrafficReport {
+            sent: total,
+            guest_got,
+            host_got,
+            result,
         }
-        if idle {
-            quiet_since.get_or_insert_with(Instant::now);
-            std::thread::sleep(Duration::from_micros(200));
-        } else {
-            quiet_since = None;
-        }
-    }
-    sender.join().expect("sender");
-    let result = action.join().expect("action");
-    let host_got = receiver.join().expect("receiver");
-    TrafficReport { sent: total, guest_got, host_got, result }
+    })
 }

@@ -17,11 +17,21 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 fn rig() -> Rig {
-    Rig::new(&["--queues", "2"], NicConfig { pairs: 2, ..NicConfig::default() }).expect("rig")
+    Rig::new(
+        &["--queues", "2"],
+        NicConfig {
+            pairs: 2,
+            ..NicConfig::default()
+        },
+    )
+    .expect("rig")
 }
 
 fn host_udp(rig: &Rig, port: u16) -> UdpSocket {
-    let sock = rig.ns.inside(move || Ok(UdpSocket::bind(("10.77.0.1", port))?)).unwrap();
+    let sock = rig
+        .ns
+        .inside(move || Ok(UdpSocket::bind(("10.77.0.1", port))?))
+        .unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     sock
 }
@@ -30,7 +40,11 @@ fn host_udp(rig: &Rig, port: u16) -> UdpSocket {
 fn wait_bad_chains(rig: &Rig, pair: usize, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while rig.stat(pair, "bad_chains") < n {
-        assert!(Instant::now() < deadline, "bad chain not counted: {}", rig.sandnic.stats().unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "bad chain not counted: {}",
+            rig.sandnic.stats().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -40,7 +54,9 @@ fn assert_pair0_works(rig: &mut Rig, sock: &UdpSocket, tag: u8) {
     let frame = rig.guest_udp(6100, &[tag; 50]);
     rig.nic.send(0, &frame).unwrap();
     let mut buf = [0u8; 256];
-    let (n, _) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("traffic stopped ({e}): {}", rig.sandnic.log()));
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("traffic stopped ({e}): {}", rig.sandnic.log()));
     assert_eq!(&buf[..n], &[tag; 50]);
 }
 
@@ -60,22 +76,129 @@ fn malformed_tx_chains_are_counted_and_skipped() {
         wait_bad_chains(rig, 1, expected);
     };
     // A loop: 0 → 1 → 0.
-    send(&mut rig, &|s| (vec![
-        RawDesc { addr: buf, len: 64, flags: F_NEXT, next: s[1] },
-        RawDesc { addr: buf, len: 64, flags: F_NEXT, next: s[0] },
-    ], 0), 2);
+    send(
+        &mut rig,
+        &|s| {
+            (
+                vec![
+                    RawDesc {
+                        addr: buf,
+                        len: 64,
+                        flags: F_NEXT,
+                        next: s[1],
+                    },
+                    RawDesc {
+                        addr: buf,
+                        len: 64,
+                        flags: F_NEXT,
+                        next: s[0],
+                    },
+                ],
+                0,
+            )
+        },
+        2,
+    );
     // An address outside guest memory.
-    send(&mut rig, &|_| (vec![RawDesc { addr: 0xdead_0000_0000, len: 100, flags: 0, next: 0 }], 0), 1);
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: 0xdead_0000_0000,
+                    len: 100,
+                    flags: 0,
+                    next: 0,
+                }],
+                0,
+            )
+        },
+        1,
+    );
     // Zero and huge lengths.
-    send(&mut rig, &|_| (vec![RawDesc { addr: buf, len: 0, flags: 0, next: 0 }], 0), 1);
-    send(&mut rig, &|_| (vec![RawDesc { addr: buf, len: u32::MAX, flags: 0, next: 0 }], 0), 1);
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: buf,
+                    len: 0,
+                    flags: 0,
+                    next: 0,
+                }],
+                0,
+            )
+        },
+        1,
+    );
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: buf,
+                    len: u32::MAX,
+                    flags: 0,
+                    next: 0,
+                }],
+                0,
+            )
+        },
+        1,
+    );
     // Wrong direction: a device-writable buffer on TX.
-    send(&mut rig, &|_| (vec![RawDesc { addr: buf, len: 100, flags: F_WRITE, next: 0 }], 0), 1);
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: buf,
+                    len: 100,
+                    flags: F_WRITE,
+                    next: 0,
+                }],
+                0,
+            )
+        },
+        1,
+    );
     // A next index past the table.
-    send(&mut rig, &|_| (vec![RawDesc { addr: buf, len: 100, flags: F_NEXT, next: 9999 }], 0), 1);
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: buf,
+                    len: 100,
+                    flags: F_NEXT,
+                    next: 9999,
+                }],
+                0,
+            )
+        },
+        1,
+    );
     // An indirect table outside memory, and one that loops.
-    send(&mut rig, &|_| (vec![RawDesc { addr: 0xdead_0000_0000, len: 32, flags: F_INDIRECT, next: 0 }], 0), 1);
-    assert_eq!(rig.stat(1, "tx_packets"), 0, "nothing malformed reached the TAP");
+    send(
+        &mut rig,
+        &|_| {
+            (
+                vec![RawDesc {
+                    addr: 0xdead_0000_0000,
+                    len: 32,
+                    flags: F_INDIRECT,
+                    next: 0,
+                }],
+                0,
+            )
+        },
+        1,
+    );
+    assert_eq!(
+        rig.stat(1, "tx_packets"),
+        0,
+        "nothing malformed reached the TAP"
+    );
     assert_pair0_works(&mut rig, &sock, 1);
     // Pair 1 itself still works after all that.
     let frame = rig.guest_udp(6100, &[2; 50]);
@@ -88,13 +211,31 @@ fn malformed_tx_chains_are_counted_and_skipped() {
 #[test]
 fn malformed_rx_chains_are_returned_unused() {
     require_network!("malformed_rx_chains_are_returned_unused");
-    let mut rig = Rig::new(&["--queues", "2"], NicConfig { pairs: 2, rx_posted: Some(32), ..NicConfig::default() }).unwrap();
+    let mut rig = Rig::new(
+        &["--queues", "2"],
+        NicConfig {
+            pairs: 2,
+            rx_posted: Some(32),
+            ..NicConfig::default()
+        },
+    )
+    .unwrap();
     let sock = host_udp(&rig, 6100);
     // Replace pair 0's RX ring content: a readable (wrong direction) chain
     // published ahead of the guest's good buffers must be skipped.
     let buf = rig.nic.scratch(4096).0;
     let slots = rig.nic.reserve(QueueId::Rx(0), 1);
-    rig.nic.raw_chain(QueueId::Rx(0), &[RawDesc { addr: buf, len: 2048, flags: 0, next: 0 }], &slots, slots[0]);
+    rig.nic.raw_chain(
+        QueueId::Rx(0),
+        &[RawDesc {
+            addr: buf,
+            len: 2048,
+            flags: 0,
+            next: 0,
+        }],
+        &slots,
+        slots[0],
+    );
     // Enough frames to use up the good buffers before the bad chain and
     // continue with the ones the guest posts after it.
     for i in 0..48u8 {
@@ -109,7 +250,11 @@ fn malformed_rx_chains_are_returned_unused() {
             }
         }
     }
-    assert_eq!(got, (0..48u8).collect::<Vec<_>>(), "every frame landed in a good buffer");
+    assert_eq!(
+        got,
+        (0..48u8).collect::<Vec<_>>(),
+        "every frame landed in a good buffer"
+    );
     assert_eq!(rig.stat(0, "bad_chains"), 1);
     assert_pair0_works(&mut rig, &sock, 3);
 }
@@ -123,30 +268,81 @@ fn malformed_control_commands_and_chains() {
     let mut overflow = vec![1, 0];
     overflow.extend_from_slice(&u32::MAX.to_le_bytes());
     overflow.extend_from_slice(&[0; 30]);
-    assert_eq!(rig.nic.ctrl(&overflow).unwrap(), 1, "MAC table counts beyond the payload");
+    assert_eq!(
+        rig.nic.ctrl(&overflow).unwrap(),
+        1,
+        "MAC table counts beyond the payload"
+    );
     assert_eq!(rig.nic.ctrl(&[0, 0, 1, 1]).unwrap(), 1, "wrong length");
-    assert_eq!(rig.nic.ctrl(&[0, 0, 0]).unwrap(), 0, "a good command still works");
+    assert_eq!(
+        rig.nic.ctrl(&[0, 0, 0]).unwrap(),
+        0,
+        "a good command still works"
+    );
     assert_eq!(rig.control_stat("ctrl_errors"), 3);
     // Malformed chains: no room for the ack, command outside memory.
     let buf = rig.nic.scratch(64).0;
     let ctrl = QueueId::Ctrl;
     let slots = rig.nic.reserve(ctrl, 1);
-    rig.nic.raw_chain(ctrl, &[RawDesc { addr: buf, len: 2, flags: 0, next: 0 }], &slots, slots[0]);
+    rig.nic.raw_chain(
+        ctrl,
+        &[RawDesc {
+            addr: buf,
+            len: 2,
+            flags: 0,
+            next: 0,
+        }],
+        &slots,
+        slots[0],
+    );
     let slots = rig.nic.reserve(ctrl, 2);
-    rig.nic.raw_chain(ctrl, &[
-        RawDesc { addr: 0xdead_0000_0000, len: 2, flags: F_NEXT, next: slots[1] },
-        RawDesc { addr: buf, len: 1, flags: F_WRITE, next: 0 },
-    ], &slots, slots[0]);
+    rig.nic.raw_chain(
+        ctrl,
+        &[
+            RawDesc {
+                addr: 0xdead_0000_0000,
+                len: 2,
+                flags: F_NEXT,
+                next: slots[1],
+            },
+            RawDesc {
+                addr: buf,
+                len: 1,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ],
+        &slots,
+        slots[0],
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while rig.control_stat("ctrl_bad_chains") < 2 {
-        assert!(Instant::now() < deadline, "{}", rig.sandnic.stats().unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            rig.sandnic.stats().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(rig.nic.ctrl(&[0, 0, 1]).unwrap(), 0, "the control queue still works");
+    assert_eq!(
+        rig.nic.ctrl(&[0, 0, 1]).unwrap(),
+        0,
+        "the control queue still works"
+    );
 }
 
 fn raw_request(fd: BorrowedFd<'_>, request: u32, payload: &[u8]) -> Vec<u8> {
-    wire::send(fd, Header { request, flags: VERSION | NEED_REPLY, size: payload.len() as u32 }, payload, &[]).unwrap();
+    wire::send(
+        fd,
+        Header {
+            request,
+            flags: VERSION | NEED_REPLY,
+            size: payload.len() as u32,
+        },
+        payload,
+        &[],
+    )
+    .unwrap();
     let reply = wire::recv(fd).unwrap();
     assert_eq!(reply.header.request, request);
     reply.payload
@@ -162,10 +358,26 @@ fn unknown_and_malformed_requests_are_refused() {
     let fd = unsafe { BorrowedFd::borrow_raw(rig.nic.socket_fd()) };
     let nack = 1u64.to_ne_bytes().to_vec();
     assert_eq!(raw_request(fd, 99, &[]), nack, "unknown request");
-    assert_eq!(raw_request(fd, 8, &[1, 2, 3]), nack, "SET_VRING_NUM with a short payload");
-    assert_eq!(raw_request(fd, 8, &[200, 0, 0, 0, 0, 1, 0, 0]), nack, "SET_VRING_NUM of a ring that does not exist");
-    assert_eq!(raw_request(fd, 5, &[0; 8]), nack, "SET_MEM_TABLE without regions");
-    assert_eq!(raw_request(fd, 18, &[7, 0, 0, 0, 1, 0, 0, 0]), nack, "SET_VRING_ENABLE of a ring that does not exist");
+    assert_eq!(
+        raw_request(fd, 8, &[1, 2, 3]),
+        nack,
+        "SET_VRING_NUM with a short payload"
+    );
+    assert_eq!(
+        raw_request(fd, 8, &[200, 0, 0, 0, 0, 1, 0, 0]),
+        nack,
+        "SET_VRING_NUM of a ring that does not exist"
+    );
+    assert_eq!(
+        raw_request(fd, 5, &[0; 8]),
+        nack,
+        "SET_MEM_TABLE without regions"
+    );
+    assert_eq!(
+        raw_request(fd, 18, &[7, 0, 0, 0, 1, 0, 0, 0]),
+        nack,
+        "SET_VRING_ENABLE of a ring that does not exist"
+    );
     assert!(rig.control_stat("bad_requests") >= 5);
     assert_eq!(rig.control_stat("unsupported_requests"), 1);
     assert_pair0_works(&mut rig, &sock, 9);
@@ -174,14 +386,26 @@ fn unknown_and_malformed_requests_are_refused() {
 #[test]
 fn a_frontend_that_disconnects_can_be_replaced() {
     require_network!("a_frontend_that_disconnects_can_be_replaced");
-    let Rig { nic, sandnic, ns, tap_mac, dir } = rig();
+    let Rig {
+        nic,
+        sandnic,
+        ns,
+        tap_mac,
+        dir,
+    } = rig();
     drop(nic);
     let deadline = Instant::now() + Duration::from_secs(5);
     while sandnic.stats().unwrap()["control"]["disconnects"] != 1 {
         assert!(Instant::now() < deadline, "disconnect not noticed");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut rig = Rig { nic: TestNic::connect(&sandnic.socket, &NicConfig::default()).unwrap(), sandnic, ns, tap_mac, dir };
+    let mut rig = Rig {
+        nic: TestNic::connect(&sandnic.socket, &NicConfig::default()).unwrap(),
+        sandnic,
+        ns,
+        tap_mac,
+        dir,
+    };
     let sock = host_udp(&rig, 6100);
     assert_pair0_works(&mut rig, &sock, 4);
 }

@@ -14,10 +14,20 @@ fn link_down_and_up_notify_the_driver() {
     require_network!("link_down_and_up_notify_the_driver");
     let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
     assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[1, 0], "link up");
-    let reply = rig.sandnic.api(json!({"cmd": "link", "up": false})).unwrap();
+    let reply = rig
+        .sandnic
+        .api(json!({"cmd": "link", "up": false}))
+        .unwrap();
     assert_eq!(reply["ok"], true, "{reply}");
-    assert!(rig.nic.wait_config_change(Duration::from_secs(5)), "CONFIG_CHANGE_MSG sent");
-    assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[0, 0], "status shows link down");
+    assert!(
+        rig.nic.wait_config_change(Duration::from_secs(5)),
+        "CONFIG_CHANGE_MSG sent"
+    );
+    assert_eq!(
+        &rig.nic.config(12).unwrap()[6..8],
+        &[0, 0],
+        "status shows link down"
+    );
     // With the link down, frames from the guest are dropped.
     let frame = rig.guest_udp(6200, &[1; 20]);
     rig.nic.send(0, &frame).unwrap();
@@ -33,9 +43,16 @@ fn link_down_and_up_notify_the_driver() {
 fn announce_sets_the_status_bit() {
     require_network!("announce_sets_the_status_bit");
     let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
-    assert_eq!(rig.sandnic.api(json!({"cmd": "announce"})).unwrap()["ok"], true);
+    assert_eq!(
+        rig.sandnic.api(json!({"cmd": "announce"})).unwrap()["ok"],
+        true
+    );
     assert!(rig.nic.wait_config_change(Duration::from_secs(5)));
-    assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[3, 0], "LINK_UP | ANNOUNCE");
+    assert_eq!(
+        &rig.nic.config(12).unwrap()[6..8],
+        &[3, 0],
+        "LINK_UP | ANNOUNCE"
+    );
     assert_eq!(rig.nic.ctrl(&[3, 0]).unwrap(), 0, "ANNOUNCE_ACK");
     assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[1, 0]);
 }
@@ -45,7 +62,13 @@ fn ctl_commands_and_swap_through_the_api() {
     require_network!("ctl_commands_and_swap_through_the_api");
     let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
     let ctl = |args: &[&str]| {
-        let out = Command::new(sandnic_binary()).arg("ctl").arg("--api").arg(&rig.sandnic.api).args(args).output().unwrap();
+        let out = Command::new(sandnic_binary())
+            .arg("ctl")
+            .arg("--api")
+            .arg(&rig.sandnic.api)
+            .args(args)
+            .output()
+            .unwrap();
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(json!(null));
         (out.status.code(), reply)
     };
@@ -67,23 +90,39 @@ fn ctl_commands_and_swap_through_the_api() {
     assert_eq!(swap["to"]["version"], "0.2.0");
     assert!(swap["pause_us"].as_u64().unwrap() < 100_000);
     assert_eq!(ctl(&["status"]).1["component"]["version"], "0.2.0");
-    assert_eq!(rig.nic.ctrl(&[2, 1, 100, 0]).unwrap(), 0, "the new component serves the control queue");
+    assert_eq!(
+        rig.nic.ctrl(&[2, 1, 100, 0]).unwrap(),
+        0,
+        "the new component serves the control queue"
+    );
     // Back to v1 is refused (state version 2 is newer) and v2 keeps running.
     let v1 = sandnic_host::sandbox::components::built::v1();
     let (code, refused) = ctl(&["swap", v1.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(refused["error"].as_str().unwrap().contains("newer"), "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("newer"),
+        "{refused}"
+    );
     assert_eq!(ctl(&["status"]).1["component"]["version"], "0.2.0");
     // A bad request over the raw API.
-    assert_eq!(rig.sandnic.api(json!({"cmd": "frobnicate"})).unwrap()["ok"], false);
-    assert_eq!(rig.sandnic.api(json!({"cmd": "link"})).unwrap()["ok"], false);
+    assert_eq!(
+        rig.sandnic.api(json!({"cmd": "frobnicate"})).unwrap()["ok"],
+        false
+    );
+    assert_eq!(
+        rig.sandnic.api(json!({"cmd": "link"})).unwrap()["ok"],
+        false
+    );
 }
 
 fn serve(args: &[&str]) -> std::process::Output {
     Command::new(sandnic_binary())
         .arg("serve")
         .args(args)
-        .env("SANDNIC_CACHE_DIR", std::env::temp_dir().join("sandnic-test-cache"))
+        .env(
+            "SANDNIC_CACHE_DIR",
+            std::env::temp_dir().join("sandnic-test-cache"),
+        )
         .output()
         .unwrap()
 }
@@ -100,9 +139,18 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
         err
     };
     // Bad flags.
-    for bad in [vec!["--socket", s], vec!["--socket", s, "--tap", "x", "--mac", "zz"], vec!["--socket", s, "--tap", "x", "--queues", "0"]] {
+    for bad in [
+        vec!["--socket", s],
+        vec!["--socket", s, "--tap", "x", "--mac", "zz"],
+        vec!["--socket", s, "--tap", "x", "--queues", "0"],
+    ] {
         let out = serve(&bad);
-        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // A TAP that does not exist.
     let out = serve(&["--socket", s, "--tap", "sandnic-none0"]);
@@ -114,8 +162,15 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
     ns.add_tap("tap0", "10.66.0.1/24").unwrap();
     let running = sandnic::harness::Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
     let taken = running.socket.to_str().unwrap();
-    let out = ns.command(sandnic_binary().to_str().unwrap()).args(["serve", "--socket", taken, "--tap", "tap0"]).output().unwrap();
+    let out = ns
+        .command(sandnic_binary().to_str().unwrap())
+        .args(["serve", "--socket", taken, "--tap", "tap0"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(one_line(&out).contains("in use"));
-    assert!(running.socket.exists(), "the running server's socket is untouched");
+    assert!(
+        running.socket.exists(),
+        "the running server's socket is untouched"
+    );
 }

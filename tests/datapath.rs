@@ -18,7 +18,9 @@ fn rig(serve_args: &[&str], config: NicConfig) -> Rig {
 }
 
 fn host_udp(ns: &NetNs, port: u16) -> UdpSocket {
-    let sock = ns.inside(move || Ok(UdpSocket::bind(("10.77.0.1", port))?)).unwrap();
+    let sock = ns
+        .inside(move || Ok(UdpSocket::bind(("10.77.0.1", port))?))
+        .unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     sock
 }
@@ -46,12 +48,20 @@ fn udp_flows_both_ways_through_the_tap() {
 
     // Guest → host.
     for i in 0..20u8 {
-        let frame = frames::udp_frame(rig.tap_mac, GUEST_MAC, (GUEST_IP, HOST_IP), (5000, 6000), &[i; 100]);
+        let frame = frames::udp_frame(
+            rig.tap_mac,
+            GUEST_MAC,
+            (GUEST_IP, HOST_IP),
+            (5000, 6000),
+            &[i; 100],
+        );
         rig.nic.send(0, &frame).unwrap();
     }
     let mut buf = [0u8; 2048];
     for i in 0..20u8 {
-        let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("datagram {i}: {e}\n{}", rig.sandnic.log()));
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i}: {e}\n{}", rig.sandnic.log()));
         assert_eq!(&buf[..n], &[i; 100][..]);
         assert_eq!(from.to_string(), "10.77.0.2:5000");
     }
@@ -61,7 +71,8 @@ fn udp_flows_both_ways_through_the_tap() {
         sock.send_to(&[i; 300], "10.77.0.2:5000").unwrap();
     }
     for i in 0..20u8 {
-        let payload = recv_udp(&mut rig.nic, Duration::from_secs(5)).unwrap_or_else(|| panic!("frame {i} not received"));
+        let payload = recv_udp(&mut rig.nic, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("frame {i} not received"));
         assert_eq!(payload, [i; 300]);
     }
     assert_eq!(rig.stat(0, "tx_packets"), 20);
@@ -72,7 +83,12 @@ fn udp_flows_both_ways_through_the_tap() {
 fn kernel_ping_reaches_the_test_guest() {
     require_network!("kernel_ping_reaches_the_test_guest");
     let rig = rig(&[], NicConfig::default());
-    let Rig { mut nic, ns, sandnic, .. } = rig;
+    let Rig {
+        mut nic,
+        ns,
+        sandnic,
+        ..
+    } = rig;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let responder = {
         let stop = stop.clone();
@@ -89,11 +105,19 @@ fn kernel_ping_reaches_the_test_guest() {
             }
         })
     };
-    let out = ns.command("ping").args(["-c", "5", "-i", "0.1", "-W", "2", "10.77.0.2"]).output().expect("ping");
+    let out = ns
+        .command("ping")
+        .args(["-c", "5", "-i", "0.1", "-W", "2", "10.77.0.2"])
+        .output()
+        .expect("ping");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     responder.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ping failed:\n{text}\n{}", sandnic.log());
+    assert!(
+        out.status.success(),
+        "ping failed:\n{text}\n{}",
+        sandnic.log()
+    );
     assert!(text.contains("5 received"), "{text}");
 }
 
@@ -102,7 +126,10 @@ fn frames_wait_in_the_tap_until_the_guest_gives_buffers() {
     require_network!("frames_wait_in_the_tap_until_the_guest_gives_buffers");
     // A small RX ring: more frames than buffers must not be lost, only
     // delayed until the guest gives the buffers back.
-    let config = NicConfig { queue_size: 16, ..NicConfig::default() };
+    let config = NicConfig {
+        queue_size: 16,
+        ..NicConfig::default()
+    };
     let mut rig = rig(&[], config);
     let sock = host_udp(&rig.ns, 6001);
     for i in 0..48u8 {

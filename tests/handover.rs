@@ -6,8 +6,8 @@
 use sandnic::frames;
 use sandnic::frontend::NicConfig;
 use sandnic::harness::{Rig, Sandnic, RIG_GUEST_IP, RIG_GUEST_MAC, RIG_HOST_IP};
-use sandnic::traffic;
 use sandnic::require_network;
+use sandnic::traffic;
 use serde_json::json;
 use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
@@ -26,11 +26,28 @@ static TRAFFIC: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Traffic both ways at RATE for DURATION with `action` halfway; every
 /// frame must arrive exactly once and in order.
-fn under_traffic<R: Send + 'static>(rig: &mut Rig, action: impl FnOnce() -> R + Send + 'static) -> R {
-    let report = traffic::run(&mut rig.nic, &rig.ns, rig.tap_mac, RATE, DURATION, DURATION / 2, action);
+fn under_traffic<R: Send + 'static>(
+    rig: &mut Rig,
+    action: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let report = traffic::run(
+        &mut rig.nic,
+        &rig.ns,
+        rig.tap_mac,
+        RATE,
+        DURATION,
+        DURATION / 2,
+        action,
+    );
     let check = |what, got: &[u64]| {
         if let Err(e) = report.exact(got) {
-            panic!("{what}: {e}\n{}", rig.sandnic.stats().map(|v| v.to_string()).unwrap_or_default());
+            panic!(
+                "{what}: {e}\n{}",
+                rig.sandnic
+                    .stats()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            );
         }
     };
     check("host → guest", &report.guest_got);
@@ -43,13 +60,21 @@ fn handover_under_traffic_loses_nothing() {
     require_network!("handover_under_traffic_loses_nothing");
     let _serial = TRAFFIC.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = rig();
-    let (destination, path) = Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
+    let (destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
     let source_api = rig.sandnic.api.clone();
     let reply = under_traffic(&mut rig, move || {
-        sandnic_host::api::client(&source_api, json!({"cmd": "handover", "path": path})).map(|(v, _)| v)
+        sandnic_host::api::client(&source_api, json!({"cmd": "handover", "path": path}))
+            .map(|(v, _)| v)
     })
     .unwrap();
-    assert_eq!(reply["ok"], true, "{reply}\n{}\n{}", rig.sandnic.log(), destination.log());
+    assert_eq!(
+        reply["ok"],
+        true,
+        "{reply}\n{}\n{}",
+        rig.sandnic.log(),
+        destination.log()
+    );
     let downtime = reply["downtime_us"].as_u64().expect("downtime reported");
     eprintln!("handover downtime: {downtime} µs, {} fds", reply["fds"]);
     // The source is gone; the destination serves the same connection.
@@ -61,7 +86,11 @@ fn handover_under_traffic_loses_nothing() {
     assert_eq!(rig.sandnic.exited(), Some(Some(0)));
     let status = destination.api(json!({"cmd": "status"})).unwrap();
     assert_eq!(status["frontend_connected"], true, "{status}");
-    assert_eq!(&rig.nic.config(12).unwrap()[..6], &RIG_GUEST_MAC, "config served by the new process, same connection");
+    assert_eq!(
+        &rig.nic.config(12).unwrap()[..6],
+        &RIG_GUEST_MAC,
+        "config served by the new process, same connection"
+    );
     rig.sandnic = destination;
     // And traffic continues after the switch.
     under_traffic(&mut rig, || ());
@@ -80,17 +109,31 @@ fn swap_under_traffic_loses_nothing() {
     .unwrap();
     assert_eq!(reply["ok"], true, "{reply}");
     eprintln!("swap pause: {} µs", reply["pause_us"]);
-    assert_eq!(rig.sandnic.api(json!({"cmd": "status"})).unwrap()["component"]["version"], "0.2.0");
+    assert_eq!(
+        rig.sandnic.api(json!({"cmd": "status"})).unwrap()["component"]["version"],
+        "0.2.0"
+    );
 }
 
 /// Normal traffic both ways still flows through `sandnic`.
 fn still_serving(rig: &mut Rig) {
-    let host = rig.ns.inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6002))?)).unwrap();
+    let host = rig
+        .ns
+        .inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6002))?))
+        .unwrap();
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let frame = frames::udp_frame(rig.tap_mac, RIG_GUEST_MAC, (RIG_GUEST_IP, RIG_HOST_IP), (5000, 6002), b"still here");
+    let frame = frames::udp_frame(
+        rig.tap_mac,
+        RIG_GUEST_MAC,
+        (RIG_GUEST_IP, RIG_HOST_IP),
+        (5000, 6002),
+        b"still here",
+    );
     rig.nic.send(0, &frame).unwrap();
     let mut buf = [0u8; 64];
-    let (n, _) = host.recv_from(&mut buf).unwrap_or_else(|e| panic!("guest → host stopped: {e}\n{}", rig.sandnic.log()));
+    let (n, _) = host
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("guest → host stopped: {e}\n{}", rig.sandnic.log()));
     assert_eq!(&buf[..n], b"still here");
     host.send_to(b"and back", "10.77.0.2:5000").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -100,7 +143,11 @@ fn still_serving(rig: &mut Rig) {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "host → guest stopped\n{}", rig.sandnic.log());
+        assert!(
+            Instant::now() < deadline,
+            "host → guest stopped\n{}",
+            rig.sandnic.log()
+        );
     }
 }
 
@@ -120,7 +167,13 @@ fn destination_dying_before_ready_leaves_the_source_running() {
     let reply = rig.sandnic.handover(&path, false).unwrap();
     fake.join().unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
-    assert!(reply["error"].as_str().unwrap().contains("before the destination took over"), "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("before the destination took over"),
+        "{reply}"
+    );
     assert!(rig.sandnic.exited().is_none(), "the source keeps running");
     still_serving(&mut rig);
 }
@@ -131,15 +184,27 @@ fn destination_that_cannot_load_the_state_refuses_and_the_source_resumes() {
     let mut rig = rig();
     // The source runs device version 2; the destination only knows v1.
     let v2 = sandnic_host::sandbox::components::built::v2();
-    assert_eq!(rig.sandnic.api(json!({"cmd": "swap", "component": v2})).unwrap()["ok"], true);
-    let (mut destination, path) = Sandnic::incoming(&rig.ns, &rig.dir, "old", &rig.sandnic, &[]).unwrap();
+    assert_eq!(
+        rig.sandnic
+            .api(json!({"cmd": "swap", "component": v2}))
+            .unwrap()["ok"],
+        true
+    );
+    let (mut destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "old", &rig.sandnic, &[]).unwrap();
     let reply = rig.sandnic.handover(&path, false).unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
     let error = reply["error"].as_str().unwrap();
-    assert!(error.contains("refused") && error.contains("state version 2 is newer"), "{error}");
+    assert!(
+        error.contains("refused") && error.contains("state version 2 is newer"),
+        "{error}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while destination.exited().is_none() {
-        assert!(Instant::now() < deadline, "the refusing destination should exit");
+        assert!(
+            Instant::now() < deadline,
+            "the refusing destination should exit"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(destination.exited(), Some(Some(1)));
@@ -164,22 +229,32 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
         ("oversized", (u32::MAX).to_le_bytes().to_vec()),
     ];
     for (what, bytes) in cases {
-        let (mut destination, path) = Sandnic::incoming(&rig.ns, &rig.dir, what, &rig.sandnic, &[]).unwrap();
+        let (mut destination, path) =
+            Sandnic::incoming(&rig.ns, &rig.dir, what, &rig.sandnic, &[]).unwrap();
         let mut sock = UnixStream::connect(&path).unwrap();
         std::io::Write::write_all(&mut sock, &bytes).unwrap();
         drop(sock);
         let deadline = Instant::now() + Duration::from_secs(10);
         while destination.exited().is_none() {
-            assert!(Instant::now() < deadline, "{what}: destination still waiting");
+            assert!(
+                Instant::now() < deadline,
+                "{what}: destination still waiting"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(destination.exited(), Some(Some(1)), "{what}: {}", destination.log());
+        assert_eq!(
+            destination.exited(),
+            Some(Some(1)),
+            "{what}: {}",
+            destination.log()
+        );
         let log = destination.log();
         assert!(!log.contains("panicked"), "{what}: {log}");
         assert!(log.contains("handover"), "{what}: a clear message: {log}");
     }
     // An offer that decodes but whose manifest lies is refused with a reason.
-    let (mut destination, path) = Sandnic::incoming(&rig.ns, &rig.dir, "liar", &rig.sandnic, &[]).unwrap();
+    let (mut destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "liar", &rig.sandnic, &[]).unwrap();
     let sock = UnixStream::connect(&path).unwrap();
     let offer = sandnic_host::handover::state::Offer {
         magic: sandnic_host::handover::stream::MAGIC.into(),
@@ -202,7 +277,10 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
             protocol: Default::default(),
             vrings: vec![],
             regions: vec![],
-            tap: sandnic_host::handover::state::TapState { name: "tap0".into(), queues: 1 },
+            tap: sandnic_host::handover::state::TapState {
+                name: "tap0".into(),
+                queues: 1,
+            },
             link_up: true,
             socket_paths: vec![],
         },
@@ -210,9 +288,12 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
         fds: vec![],
     };
     sandnic_host::handover::stream::send(&sock, &offer).unwrap();
-    let reply: sandnic_host::handover::state::Reply = sandnic_host::handover::stream::recv(&sock, Duration::from_secs(5)).unwrap();
+    let reply: sandnic_host::handover::state::Reply =
+        sandnic_host::handover::stream::recv(&sock, Duration::from_secs(5)).unwrap();
     match reply {
-        sandnic_host::handover::state::Reply::Refused { reason } => assert!(reason.contains("rings"), "{reason}"),
+        sandnic_host::handover::state::Reply::Refused { reason } => {
+            assert!(reason.contains("rings"), "{reason}")
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -227,7 +308,8 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
 fn new_tap_handover_reopens_the_tap_by_name() {
     require_network!("new_tap_handover_reopens_the_tap_by_name");
     let mut rig = rig();
-    let (destination, path) = Sandnic::incoming(&rig.ns, &rig.dir, "newtap", &rig.sandnic, &["--new-tap"]).unwrap();
+    let (destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "newtap", &rig.sandnic, &["--new-tap"]).unwrap();
     let reply = rig.sandnic.handover(&path, true).unwrap();
     assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
     rig.sandnic = destination;

@@ -3,15 +3,14 @@
 //! config space itself and forwards only the datapath features, so this
 //! checks protocol and datapath compatibility with the most common VMM.
 
-use sandnic::guest::{self, Guest, GuestOptions, Kind};
-use sandnic::harness::{NetNs, Sandnic, ScratchDir};
+use sandnic::guest::{self, GuestRig, Kind};
 use sandnic::require_network;
 use std::time::{Duration, Instant};
 
 const SCRIPT: &str = r#"
 ip link set eth0 up
-ip addr add 10.99.0.2/24 dev eth0
-if ping -c 3 -W 3 10.99.0.1; then echo GUEST-PING-OK; else echo GUEST-PING-FAILED; fi
+ip addr add 10.88.0.2/24 dev eth0
+if ping -c 3 -W 3 10.88.0.1; then echo GUEST-PING-OK; else echo GUEST-PING-FAILED; fi
 # Stay up while the host pings us.
 i=0; while [ $i -lt 200 ] && [ ! -e /tmp/done ]; do sleep 0.1; i=$((i+1)); done
 "#;
@@ -23,18 +22,13 @@ fn qemu_vhost_user_netdev_pings_over_the_tap() {
         sandnic::harness::skip("qemu_vhost_user_netdev_pings_over_the_tap", &why);
         return;
     }
-    let ns = NetNs::new().unwrap();
-    ns.add_tap("tap0", "10.99.0.1/24").unwrap();
-    let dir = ScratchDir::new().unwrap();
-    let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
-    let guest = Guest::boot(GuestOptions {
-        kind: Kind::Qemu,
-        socket: &sandnic.socket,
-        script: SCRIPT,
-        hostdir: None,
-        console: dir.path("console.log"),
-    })
-    .unwrap();
+    let GuestRig {
+        guest,
+        sandnic,
+        ns,
+        dir: _dir,
+        hostdir: _hostdir,
+    } = GuestRig::boot(Kind::Qemu, &[], SCRIPT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let console = guest.console();
@@ -42,11 +36,18 @@ fn qemu_vhost_user_netdev_pings_over_the_tap() {
             break;
         }
         if console.contains("GUEST-PING-FAILED") || Instant::now() > deadline {
-            panic!("guest → host ping failed:\n{console}\n--- sandnic ---\n{}", sandnic.log());
+            panic!(
+                "guest → host ping failed:\n{console}\n--- sandnic ---\n{}",
+                sandnic.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let ping = ns.command("ping").args(["-c", "3", "-W", "3", "10.99.0.2"]).output().unwrap();
+    let ping = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "3", "10.88.0.2"])
+        .output()
+        .unwrap();
     assert!(
         ping.status.success(),
         "host → guest ping failed: {}\n{}",
@@ -54,7 +55,13 @@ fn qemu_vhost_user_netdev_pings_over_the_tap() {
         sandnic.log()
     );
     let stats = sandnic.stats().unwrap();
-    assert!(stats["queues"][0]["tx_packets"].as_u64().unwrap() >= 3, "{stats}");
-    assert!(stats["queues"][0]["rx_packets"].as_u64().unwrap() >= 3, "{stats}");
+    assert!(
+        stats["queues"][0]["tx_packets"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
+    assert!(
+        stats["queues"][0]["rx_packets"].as_u64().unwrap() >= 3,
+        "{stats}"
+    );
     assert_eq!(stats["control"]["sandbox_failures"], 0);
 }

@@ -15,15 +15,31 @@ fn hostile_device() -> SandboxedDevice {
     let mut d = sandboxed(Build::Hostile, full_config());
     let acked = d.features();
     d.set_features(acked).unwrap();
-    assert_eq!(d.ctrl(&CtrlCommand::Rx { switch: RxSwitch::Promisc, on: false }.encode()).0, ACK_OK);
+    assert_eq!(
+        d.ctrl(
+            &CtrlCommand::Rx {
+                switch: RxSwitch::Promisc,
+                on: false
+            }
+            .encode()
+        )
+        .0,
+        ACK_OK
+    );
     assert_eq!(d.ctrl(&CtrlCommand::VlanAdd(33).encode()).0, ACK_OK);
     d
 }
 
 fn trigger(d: &mut SandboxedDevice, command: u8) -> SandboxError {
     let outcome = d.handle_ctrl(&[HOSTILE_CLASS, command]);
-    assert_eq!(outcome.ack, ACK_ERR, "a failed command must be answered ERR");
-    assert!(outcome.effects.is_empty(), "no effects from a failed command");
+    assert_eq!(
+        outcome.ack, ACK_ERR,
+        "a failed command must be answered ERR"
+    );
+    assert!(
+        outcome.effects.is_empty(),
+        "no effects from a failed command"
+    );
     outcome.failure.expect("the failure is reported")
 }
 
@@ -35,7 +51,11 @@ fn contained(command: u8, expected: impl Fn(&SandboxError) -> bool) {
     let failure = trigger(&mut d, command);
     assert!(expected(&failure), "unexpected classification: {failure:?}");
     assert_eq!(d.stats().restores, 1);
-    assert_eq!(Dut::save(&mut d), before, "restored instance has the pre-failure state");
+    assert_eq!(
+        Dut::save(&mut d),
+        before,
+        "restored instance has the pre-failure state"
+    );
     assert!(!d.needs_reset());
     let (ack, effects) = d.ctrl(&CtrlCommand::VlanAdd(34).encode());
     assert_eq!(ack, ACK_OK, "restored instance serves commands");
@@ -44,22 +64,41 @@ fn contained(command: u8, expected: impl Fn(&SandboxError) -> bool) {
 
 #[test]
 fn infinite_loop_runs_out_of_fuel() {
-    contained(INFINITE_LOOP, |f| matches!(f, SandboxError::OutOfFuel { call: "handle-ctrl" }));
+    contained(INFINITE_LOOP, |f| {
+        matches!(
+            f,
+            SandboxError::OutOfFuel {
+                call: "handle-ctrl"
+            }
+        )
+    });
 }
 
 #[test]
 fn unbounded_allocation_hits_the_memory_cap() {
-    contained(UNBOUNDED_ALLOC, |f| matches!(f, SandboxError::MemoryLimit { call: "handle-ctrl" }));
+    contained(UNBOUNDED_ALLOC, |f| {
+        matches!(
+            f,
+            SandboxError::MemoryLimit {
+                call: "handle-ctrl"
+            }
+        )
+    });
 }
 
 #[test]
 fn panic_is_a_trap_with_its_message() {
-    contained(PANIC, |f| matches!(f, SandboxError::Trap { detail, .. } if detail.contains("deliberate panic")));
+    contained(
+        PANIC,
+        |f| matches!(f, SandboxError::Trap { detail, .. } if detail.contains("deliberate panic")),
+    );
 }
 
 #[test]
 fn deep_recursion_overflows_the_wasm_stack() {
-    contained(DEEP_RECURSION, |f| matches!(f, SandboxError::StackOverflow { .. }));
+    contained(DEEP_RECURSION, |f| {
+        matches!(f, SandboxError::StackOverflow { .. })
+    });
 }
 
 #[test]
@@ -71,23 +110,35 @@ fn out_of_range_outputs_are_refused() {
         (BAD_ACK, "ack 7"),
         (EFFECT_FLOOD, "effects"),
     ] {
-        contained(command, |f| matches!(f, SandboxError::InvalidOutput { why, .. } if why.contains(needle)));
+        contained(
+            command,
+            |f| matches!(f, SandboxError::InvalidOutput { why, .. } if why.contains(needle)),
+        );
     }
 }
 
 #[test]
 fn offloads_beyond_the_backend_are_refused() {
-    let limited = DeviceConfig { backend_offloads: sandnic_device::Offloads::CSUM, ..full_config() };
+    let limited = DeviceConfig {
+        backend_offloads: sandnic_device::Offloads::CSUM,
+        ..full_config()
+    };
     let mut d = sandboxed(Build::Hostile, limited);
     let failure = trigger(&mut d, UNSUPPORTED_OFFLOADS);
-    assert!(matches!(failure, SandboxError::InvalidOutput { ref why, .. } if why.contains("not within")), "{failure}");
+    assert!(
+        matches!(failure, SandboxError::InvalidOutput { ref why, .. } if why.contains("not within")),
+        "{failure}"
+    );
 }
 
 #[test]
 fn a_wrong_length_config_read_is_refused() {
     let mut d = hostile_device();
     match d.read_config(0xf0f0, 4) {
-        Err(DeviceError::Sandbox(SandboxError::InvalidOutput { call: "read-config", why })) => {
+        Err(DeviceError::Sandbox(SandboxError::InvalidOutput {
+            call: "read-config",
+            why,
+        })) => {
             assert!(why.contains("104 config bytes"), "{why}")
         }
         other => panic!("expected an invalid-output error, got {other:?}"),
@@ -114,7 +165,10 @@ fn restore_replays_past_a_checkpoint() {
 fn a_component_that_cannot_restore_its_state_leaves_a_reset_device() {
     // This hostile device loops whenever it loads a state (its MAC says so),
     // so after a checkpoint exists no restore can succeed.
-    let config = DeviceConfig { mac: [0x02, 0xde, 0xad, 0, 0, 1], ..full_config() };
+    let config = DeviceConfig {
+        mac: [0x02, 0xde, 0xad, 0, 0, 1],
+        ..full_config()
+    };
     let mut d = sandboxed(Build::Hostile, config);
     let acked = d.features();
     d.set_features(acked).unwrap();
@@ -133,7 +187,10 @@ fn a_component_that_cannot_restore_its_state_leaves_a_reset_device() {
 
 #[test]
 fn swap_into_a_component_that_fails_while_loading_rolls_back() {
-    let config = DeviceConfig { mac: [0x02, 0xde, 0xad, 0, 0, 2], ..full_config() };
+    let config = DeviceConfig {
+        mac: [0x02, 0xde, 0xad, 0, 0, 2],
+        ..full_config()
+    };
     let mut d = sandboxed(Build::V1, config);
     let acked = d.features();
     d.set_features(acked).unwrap();
@@ -145,7 +202,11 @@ fn swap_into_a_component_that_fails_while_loading_rolls_back() {
     }
     assert_eq!(d.info().version, "0.1.0");
     assert_eq!(Dut::save(&mut d), before);
-    assert_eq!(d.stats().restores, 0, "the running instance was never touched");
+    assert_eq!(
+        d.stats().restores,
+        0,
+        "the running instance was never touched"
+    );
 }
 
 #[test]
@@ -156,6 +217,12 @@ fn the_component_gets_no_capabilities() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let bogus = dir.join("not-a-component.wasm");
     std::fs::write(&bogus, b"\0asm\x01\0\0\0").unwrap();
-    let error = runtime.load(&sandnic_host::sandbox::ComponentSource::File(bogus)).err().expect("refused");
-    assert!(format!("{error:#}").contains("compiling component"), "{error:#}");
+    let error = runtime
+        .load(&sandnic_host::sandbox::ComponentSource::File(bogus))
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{error:#}").contains("compiling component"),
+        "{error:#}"
+    );
 }

@@ -6,8 +6,8 @@
 //! took effect.
 
 use sandnic::frames::{self, Mac};
-use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind, STEP_FN};
-use sandnic::harness::{NetNs, Sandnic, ScratchDir};
+use sandnic::guest::{self, GuestRig, Kind};
+use sandnic::harness::{NetNs, Sandnic};
 use sandnic::require_network;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -19,7 +19,12 @@ fn inject(sock: &OwnedFd, frame: &[u8], times: usize) {
     for _ in 0..times {
         // SAFETY: `frame` is a valid buffer of the given length.
         let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize, "inject: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "inject: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -46,11 +51,20 @@ fn deliver(sandnic: &Sandnic, sock: &OwnedFd, frame: &[u8], count: u64) -> (u64,
 }
 
 fn host_ethtool_k(ns: &NetNs) -> String {
-    String::from_utf8_lossy(&ns.command("ethtool").args(["-k", "tap0"]).output().unwrap().stdout).into_owned()
+    String::from_utf8_lossy(
+        &ns.command("ethtool")
+            .args(["-k", "tap0"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
 }
 
 fn feature_on(ethtool_k: &str, name: &str) -> bool {
-    ethtool_k.lines().any(|l| l.trim_start().starts_with(&format!("{name}: on")))
+    ethtool_k
+        .lines()
+        .any(|l| l.trim_start().starts_with(&format!("{name}: on")))
 }
 
 const SCRIPT: &str = r#"
@@ -82,85 +96,196 @@ fn linux_virtio_net_driver_in_uml() {
         sandnic::harness::skip("linux_virtio_net_driver_in_uml", &why);
         return;
     }
-    let ns = NetNs::new().unwrap();
-    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
+    let rig = GuestRig::boot(Kind::Uml, &["--queues", "2"], SCRIPT).unwrap();
+    let GuestRig {
+        mut guest,
+        hostdir,
+        sandnic,
+        ns,
+        dir: _dir,
+    } = rig;
     // A fixed neighbour: no ARP traffic towards the guest to blur the
     // frame counts below.
-    ns.ip(&["neigh", "add", "10.88.0.2", "lladdr", "52:54:00:12:34:56", "dev", "tap0", "nud", "permanent"]).unwrap();
-    let dir = ScratchDir::new().unwrap();
-    let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0", "--queues", "2"]).unwrap();
-    let hostdir = HostDir(dir.path("share"));
-    std::fs::create_dir_all(&hostdir.0).unwrap();
-    let script = format!("{STEP_FN}{SCRIPT}");
-    let mut guest = Guest::boot(GuestOptions {
-        kind: Kind::Uml,
-        socket: &sandnic.socket,
-        script: &script,
-        hostdir: Some(&hostdir.0),
-        console: dir.path("console.log"),
-    })
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.88.0.2",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "tap0",
+        "nud",
+        "permanent",
+    ])
     .unwrap();
-    let fail = |what: &str| -> ! { panic!("{what}\n--- guest ---\n{}\n--- sandnic ---\n{}", guest.console(), sandnic.log()) };
+    let fail = |what: &str| -> ! {
+        panic!(
+            "{what}\n--- guest ---\n{}\n--- sandnic ---\n{}",
+            guest.console(),
+            sandnic.log()
+        )
+    };
     let sock = ns.packet_socket("tap0").unwrap();
-    let frame_to = |dst: Mac| frames::udp_frame(dst, [0x02, 0, 0, 0, 0, 1], ([10, 88, 0, 1], [10, 88, 0, 2]), (7, 9), &[0x5a; 64]);
+    let frame_to = |dst: Mac| {
+        frames::udp_frame(
+            dst,
+            [0x02, 0, 0, 0, 0, 1],
+            ([10, 88, 0, 1], [10, 88, 0, 2]),
+            (7, 9),
+            &[0x5a; 64],
+        )
+    };
 
     // Ping both ways.
-    let mac = hostdir.wait_for("ping", STEP_TIMEOUT, &guest).unwrap_or_else(|e| fail(&e.to_string()));
-    assert_eq!(mac.trim(), "52:54:00:12:34:56", "the driver read the MAC from config space");
+    let mac = hostdir
+        .wait_for("ping", STEP_TIMEOUT, &guest)
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    assert_eq!(
+        mac.trim(),
+        "52:54:00:12:34:56",
+        "the driver read the MAC from config space"
+    );
     if hostdir.read("ping.rc").trim() != "0" {
-        fail(&format!("guest → host ping failed: {}", hostdir.read("guest-ping.txt")));
+        fail(&format!(
+            "guest → host ping failed: {}",
+            hostdir.read("guest-ping.txt")
+        ));
     }
-    let ping = ns.command("ping").args(["-c", "3", "-W", "2", "10.88.0.2"]).output().unwrap();
+    let ping = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "2", "10.88.0.2"])
+        .output()
+        .unwrap();
     if !ping.status.success() {
-        fail(&format!("host → guest ping failed: {}", String::from_utf8_lossy(&ping.stdout)));
+        fail(&format!(
+            "host → guest ping failed: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        ));
     }
     hostdir.release("ping");
 
     // Promiscuous off: frames to a foreign MAC are filtered natively.
-    hostdir.wait_for("promisc-off", STEP_TIMEOUT, &guest).unwrap();
+    hostdir
+        .wait_for("promisc-off", STEP_TIMEOUT, &guest)
+        .unwrap();
     let foreign = frame_to([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
     let (delivered, filtered) = deliver(&sandnic, &sock, &foreign, 10);
-    assert_eq!((delivered, filtered), (0, 10), "promisc off: foreign unicast must be filtered");
-    assert_eq!(deliver(&sandnic, &sock, &frame_to(GUEST_MAC), 10).0, 10, "own MAC delivered");
+    assert_eq!(
+        (delivered, filtered),
+        (0, 10),
+        "promisc off: foreign unicast must be filtered"
+    );
+    assert_eq!(
+        deliver(&sandnic, &sock, &frame_to(GUEST_MAC), 10).0,
+        10,
+        "own MAC delivered"
+    );
     hostdir.release("promisc-off");
 
     // Promiscuous on: the same frames arrive.
-    hostdir.wait_for("promisc-on", STEP_TIMEOUT, &guest).unwrap();
-    assert_eq!(deliver(&sandnic, &sock, &foreign, 10), (10, 0), "promisc on: foreign unicast delivered");
+    hostdir
+        .wait_for("promisc-on", STEP_TIMEOUT, &guest)
+        .unwrap();
+    assert_eq!(
+        deliver(&sandnic, &sock, &foreign, 10),
+        (10, 0),
+        "promisc on: foreign unicast delivered"
+    );
     hostdir.release("promisc-on");
 
     // Multicast group joined: that group arrives, others do not.
     hostdir.wait_for("mcast", STEP_TIMEOUT, &guest).unwrap();
-    assert_eq!(deliver(&sandnic, &sock, &frame_to([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]), 10), (10, 0), "joined group");
-    assert_eq!(deliver(&sandnic, &sock, &frame_to([0x01, 0x00, 0x5e, 0x09, 0x09, 0x09]), 10), (0, 10), "other group");
-    assert_eq!(deliver(&sandnic, &sock, &foreign, 5), (0, 5), "promisc is off again");
+    assert_eq!(
+        deliver(
+            &sandnic,
+            &sock,
+            &frame_to([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]),
+            10
+        ),
+        (10, 0),
+        "joined group"
+    );
+    assert_eq!(
+        deliver(
+            &sandnic,
+            &sock,
+            &frame_to([0x01, 0x00, 0x5e, 0x09, 0x09, 0x09]),
+            10
+        ),
+        (0, 10),
+        "other group"
+    );
+    assert_eq!(
+        deliver(&sandnic, &sock, &foreign, 5),
+        (0, 5),
+        "promisc is off again"
+    );
     hostdir.release("mcast");
 
     // VLAN subinterface: only the added id arrives.
     hostdir.wait_for("vlan", STEP_TIMEOUT, &guest).unwrap();
     let tagged = |vid| {
-        let inner = frames::ipv4([10, 88, 0, 1], [10, 88, 0, 2], 17, &frames::udp(7, 9, &[1; 32]));
-        frames::ethernet_vlan(GUEST_MAC, [0x02, 0, 0, 0, 0, 1], vid, frames::ETH_IPV4, &inner)
+        let inner = frames::ipv4(
+            [10, 88, 0, 1],
+            [10, 88, 0, 2],
+            17,
+            &frames::udp(7, 9, &[1; 32]),
+        );
+        frames::ethernet_vlan(
+            GUEST_MAC,
+            [0x02, 0, 0, 0, 0, 1],
+            vid,
+            frames::ETH_IPV4,
+            &inner,
+        )
     };
-    assert_eq!(deliver(&sandnic, &sock, &tagged(100), 10), (10, 0), "VLAN 100 added");
-    assert_eq!(deliver(&sandnic, &sock, &tagged(200), 10), (0, 10), "VLAN 200 not added");
+    assert_eq!(
+        deliver(&sandnic, &sock, &tagged(100), 10),
+        (10, 0),
+        "VLAN 100 added"
+    );
+    assert_eq!(
+        deliver(&sandnic, &sock, &tagged(200), 10),
+        (0, 10),
+        "VLAN 200 not added"
+    );
     hostdir.release("vlan");
 
     // Two queue pairs: traffic arrives on both.
     hostdir.wait_for("queues", STEP_TIMEOUT, &guest).unwrap();
     if hostdir.read("ethtool-L.rc").trim() != "0" {
-        fail(&format!("ethtool -L failed: {}", hostdir.read("ethtool-L.txt")));
+        fail(&format!(
+            "ethtool -L failed: {}",
+            hostdir.read("ethtool-L.txt")
+        ));
     }
     let status = sandnic.api(serde_json::json!({"cmd": "status"})).unwrap();
-    assert_eq!(status["queue_pairs"]["active"], 2, "VQ_PAIRS_SET reached the device: {status}");
+    assert_eq!(
+        status["queue_pairs"]["active"], 2,
+        "VQ_PAIRS_SET reached the device: {status}"
+    );
     for port in 0..400u16 {
-        let frame = frames::udp_frame(GUEST_MAC, [0x02, 0, 0, 0, 0, 1], ([10, 88, 0, 1], [10, 88, 0, 2]), (1000 + port, 9), &[2; 32]);
+        let frame = frames::udp_frame(
+            GUEST_MAC,
+            [0x02, 0, 0, 0, 0, 1],
+            ([10, 88, 0, 1], [10, 88, 0, 2]),
+            (1000 + port, 9),
+            &[2; 32],
+        );
         inject(&sock, &frame, 1);
     }
     std::thread::sleep(Duration::from_millis(500));
     let stats = sandnic.stats().unwrap();
-    let per_pair: Vec<u64> = stats["queues"].as_array().unwrap().iter().map(|q| q["rx_packets"].as_u64().unwrap()).collect();
-    assert!(per_pair.iter().all(|&n| n > 0), "traffic on both pairs: {per_pair:?}");
+    let per_pair: Vec<u64> = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["rx_packets"].as_u64().unwrap())
+        .collect();
+    assert!(
+        per_pair.iter().all(|&n| n > 0),
+        "traffic on both pairs: {per_pair:?}"
+    );
     hostdir.release("queues");
 
     // Guest offload change reaches the TAP.
@@ -168,16 +293,36 @@ fn linux_virtio_net_driver_in_uml() {
     hostdir.wait_for("offload", STEP_TIMEOUT, &guest).unwrap();
     let after = host_ethtool_k(&ns);
     if hostdir.read("ethtool-K.rc").trim() != "0" {
-        fail(&format!("ethtool -K failed: {}", hostdir.read("ethtool-K.txt")));
+        fail(&format!(
+            "ethtool -K failed: {}",
+            hostdir.read("ethtool-K.txt")
+        ));
     }
-    assert!(feature_on(&before, "tcp-segmentation-offload"), "TSO towards the guest was on:\n{before}");
-    assert!(!feature_on(&after, "tcp-segmentation-offload"), "TSO towards the guest now off:\n{after}");
-    assert!(feature_on(&after, "tx-checksumming"), "checksum offload kept:\n{after}");
+    assert!(
+        feature_on(&before, "tcp-segmentation-offload"),
+        "TSO towards the guest was on:\n{before}"
+    );
+    assert!(
+        !feature_on(&after, "tcp-segmentation-offload"),
+        "TSO towards the guest now off:\n{after}"
+    );
+    assert!(
+        feature_on(&after, "tx-checksumming"),
+        "checksum offload kept:\n{after}"
+    );
     hostdir.release("offload");
 
-    assert_eq!(guest.wait(STEP_TIMEOUT).unwrap(), 0, "guest script failed:\n{}", guest.console());
+    assert_eq!(
+        guest.wait(STEP_TIMEOUT).unwrap(),
+        0,
+        "guest script failed:\n{}",
+        guest.console()
+    );
     let stats = sandnic.stats().unwrap();
     assert_eq!(stats["control"]["ctrl_bad_chains"], 0);
     assert_eq!(stats["control"]["sandbox_failures"], 0);
-    assert!(stats["control"]["ctrl_commands"].as_u64().unwrap() >= 5, "{stats}");
+    assert!(
+        stats["control"]["ctrl_commands"].as_u64().unwrap() >= 5,
+        "{stats}"
+    );
 }

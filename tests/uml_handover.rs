@@ -4,8 +4,8 @@
 //! TAP fd migration test does). Fails if the largest gap between successful
 //! replies exceeds 0.5 s (QEMU's threshold) and prints the gap measured.
 
-use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind, STEP_FN};
-use sandnic::harness::{NetNs, Sandnic, ScratchDir};
+use sandnic::guest::{self, GuestRig, Kind};
+use sandnic::harness::Sandnic;
 use sandnic::ping::FloodPing;
 use sandnic::require_network;
 use serde_json::json;
@@ -21,25 +21,22 @@ step ready x
 fn uml_guest_keeps_its_network_through_handover_swap_handover() {
     require_network!("uml_guest_keeps_its_network_through_handover_swap_handover");
     if let Some(why) = guest::unavailable(Kind::Uml) {
-        sandnic::harness::skip("uml_guest_keeps_its_network_through_handover_swap_handover", &why);
+        sandnic::harness::skip(
+            "uml_guest_keeps_its_network_through_handover_swap_handover",
+            &why,
+        );
         return;
     }
-    let ns = NetNs::new().unwrap();
-    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
-    let dir = ScratchDir::new().unwrap();
-    let first = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
-    let hostdir = HostDir(dir.path("share"));
-    std::fs::create_dir_all(&hostdir.0).unwrap();
-    let script = format!("{STEP_FN}{SCRIPT}");
-    let mut guest = Guest::boot(GuestOptions {
-        kind: Kind::Uml,
-        socket: &first.socket,
-        script: &script,
-        hostdir: Some(&hostdir.0),
-        console: dir.path("console.log"),
-    })
-    .unwrap();
-    hostdir.wait_for("ready", Duration::from_secs(30), &guest).unwrap();
+    let GuestRig {
+        mut guest,
+        hostdir,
+        sandnic: first,
+        ns,
+        dir,
+    } = GuestRig::boot(Kind::Uml, &[], SCRIPT).unwrap();
+    hostdir
+        .wait_for("ready", Duration::from_secs(30), &guest)
+        .unwrap();
 
     let ping = FloodPing::start(&ns, "10.88.0.2", &dir.path("ping.log")).unwrap();
     let settle = || std::thread::sleep(Duration::from_millis(800));
@@ -57,7 +54,8 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
     settle();
     // Handover 2: to a third process that runs v2 from the start.
     let v2_arg = v2.to_str().unwrap().to_string();
-    let (third, path) = Sandnic::incoming(&ns, &dir, "third", &second, &["--component", &v2_arg]).unwrap();
+    let (third, path) =
+        Sandnic::incoming(&ns, &dir, "third", &second, &["--component", &v2_arg]).unwrap();
     let reply2 = second.handover(&path, false).unwrap();
     assert_eq!(reply2["ok"], true, "{reply2}\n{}", third.log());
     settle();
@@ -74,11 +72,19 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
         reply2["downtime_us"],
         swap["pause_us"]
     );
-    eprintln!("largest gaps (s, at s from start): {:?}", report.top_gaps(6));
+    eprintln!(
+        "largest gaps (s, at s from start): {:?}",
+        report.top_gaps(6)
+    );
     assert!(report.times.len() > 100, "too few replies: {report:?}");
     assert!(gap <= 0.5, "largest gap {gap:.3} s exceeds 0.5 s");
     let status = third.api(json!({"cmd": "status"})).unwrap();
     assert_eq!(status["component"]["version"], "0.2.0");
     assert_eq!(status["frontend_connected"], true);
-    assert_eq!(guest.wait(Duration::from_secs(30)).unwrap(), 0, "{}", guest.console());
+    assert_eq!(
+        guest.wait(Duration::from_secs(30)).unwrap(),
+        0,
+        "{}",
+        guest.console()
+    );
 }

@@ -51,11 +51,15 @@ impl GuestNetDevice for Device {
             max_queue_pairs: config.max_queue_pairs,
             mtu: config.mtu,
             backend_offloads: native::Offloads::from_bits_truncate(config.backend_offloads.bits()),
-            compat: native::Compat { local_migration: config.compat.local_migration },
+            compat: native::Compat {
+                local_migration: config.compat.local_migration,
+            },
         };
         // The host validates the configuration before constructing; a bad
         // one here is a host bug, and a trap is the right answer to it.
-        Device(RefCell::new(NetDevice::new(config).expect("host passed an invalid device config")))
+        Device(RefCell::new(
+            NetDevice::new(config).expect("host passed an invalid device config"),
+        ))
     }
 
     fn device_features(&self) -> u64 {
@@ -84,7 +88,10 @@ impl GuestNetDevice for Device {
 
     fn set_status(&self, status: u8) -> wit::StatusReply {
         let reply = self.0.borrow_mut().set_status(status);
-        wit::StatusReply { status: reply.status, effects: effects(reply.effects) }
+        wit::StatusReply {
+            status: reply.status,
+            effects: effects(reply.effects),
+        }
     }
 
     fn reset(&self) -> Vec<wit::Effect> {
@@ -97,7 +104,10 @@ impl GuestNetDevice for Device {
 
     fn handle_ctrl(&self, command: Vec<u8>) -> wit::CtrlReply {
         let reply = self.0.borrow_mut().handle_ctrl(&command);
-        wit::CtrlReply { ack: reply.ack, effects: effects(reply.effects) }
+        wit::CtrlReply {
+            ack: reply.ack,
+            effects: effects(reply.effects),
+        }
     }
 
     fn link_changed(&self, up: bool) -> Vec<wit::Effect> {
@@ -138,7 +148,9 @@ fn effect(effect: native::Effect) -> wit::Effect {
             vlan_filtering: f.vlan_filtering,
             vlans: f.vlans,
         }),
-        native::Effect::SetTapOffloads(o) => wit::Effect::SetTapOffloads(wit::Offloads::from_bits_retain(o.bits())),
+        native::Effect::SetTapOffloads(o) => {
+            wit::Effect::SetTapOffloads(wit::Offloads::from_bits_retain(o.bits()))
+        }
         native::Effect::SetVnetHdrLen(len) => wit::Effect::SetVnetHdrLen(len),
         native::Effect::EnableQueuePairs(n) => wit::Effect::EnableQueuePairs(n),
         native::Effect::ConfigChanged => wit::Effect::ConfigChanged,

@@ -43,14 +43,18 @@ impl ConfigView {
     pub fn read(&self, offset: u32, len: u32) -> Result<Vec<u8>, String> {
         let end = window_end(offset, len)?;
         let bytes = self.bytes();
-        Ok((offset..end).map(|i| bytes.get(i as usize).copied().unwrap_or(0)).collect())
+        Ok((offset..end)
+            .map(|i| bytes.get(i as usize).copied().unwrap_or(0))
+            .collect())
     }
 }
 
 fn window_end(offset: u32, len: u32) -> Result<u32, String> {
     match offset.checked_add(len) {
         Some(end) if end <= MAX_CONFIG_WINDOW => Ok(end),
-        _ => Err(format!("config access {offset}+{len} outside the {MAX_CONFIG_WINDOW}-byte window")),
+        _ => Err(format!(
+            "config access {offset}+{len} outside the {MAX_CONFIG_WINDOW}-byte window"
+        )),
     }
 }
 
@@ -75,7 +79,12 @@ mod tests {
     use super::*;
 
     fn view() -> ConfigView {
-        ConfigView { mac: [0x52, 0x54, 0, 1, 2, 3], status: STATUS_LINK_UP, max_queue_pairs: 4, mtu: 1500 }
+        ConfigView {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            status: STATUS_LINK_UP,
+            max_queue_pairs: 4,
+            mtu: 1500,
+        }
     }
 
     #[test]
@@ -98,8 +107,14 @@ mod tests {
     fn writes_only_to_a_legacy_writable_mac() {
         let mut mac = [0x52, 0x54, 0, 1, 2, 3];
         assert!(write(&mut mac, false, 0, &[1]).is_err());
-        assert!(write(&mut mac, true, 6, &[0, 0]).is_err(), "status is read-only");
-        assert!(write(&mut mac, true, 5, &[9, 9]).is_err(), "straddles into status");
+        assert!(
+            write(&mut mac, true, 6, &[0, 0]).is_err(),
+            "status is read-only"
+        );
+        assert!(
+            write(&mut mac, true, 5, &[9, 9]).is_err(),
+            "straddles into status"
+        );
         assert!(write(&mut mac, true, 8, &[1, 0]).is_err());
         assert!(write(&mut mac, true, 0, &[]).is_err());
         assert_eq!(mac, [0x52, 0x54, 0, 1, 2, 3]);

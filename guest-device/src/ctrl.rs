@@ -47,8 +47,14 @@ pub enum RxSwitch {
 /// device state (that is [`crate::device`]'s job); shapes and lengths are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CtrlCommand {
-    Rx { switch: RxSwitch, on: bool },
-    MacTableSet { unicast: Vec<Mac>, multicast: Vec<Mac> },
+    Rx {
+        switch: RxSwitch,
+        on: bool,
+    },
+    MacTableSet {
+        unicast: Vec<Mac>,
+        multicast: Vec<Mac>,
+    },
     MacAddrSet(Mac),
     VlanAdd(u16),
     VlanDel(u16),
@@ -61,10 +67,24 @@ pub enum CtrlCommand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CtrlError {
     MissingHeader,
-    Unknown { class: u8, command: u8 },
-    BadLength { class: u8, command: u8, expected: &'static str, got: usize },
-    MacTableCount { table: &'static str, count: u32, room: usize },
-    NotNegotiated { feature: u64 },
+    Unknown {
+        class: u8,
+        command: u8,
+    },
+    BadLength {
+        class: u8,
+        command: u8,
+        expected: &'static str,
+        got: usize,
+    },
+    MacTableCount {
+        table: &'static str,
+        count: u32,
+        room: usize,
+    },
+    NotNegotiated {
+        feature: u64,
+    },
     Invalid(String),
 }
 
@@ -72,15 +92,32 @@ impl fmt::Display for CtrlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::MissingHeader => write!(f, "command shorter than its 2-byte header"),
-            Self::Unknown { class, command } => write!(f, "unknown command class {class} command {command}"),
-            Self::BadLength { class, command, expected, got } => {
-                write!(f, "class {class} command {command}: data is {got} bytes, expected {expected}")
+            Self::Unknown { class, command } => {
+                write!(f, "unknown command class {class} command {command}")
+            }
+            Self::BadLength {
+                class,
+                command,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "class {class} command {command}: data is {got} bytes, expected {expected}"
+                )
             }
             Self::MacTableCount { table, count, room } => {
-                write!(f, "{table} MAC table claims {count} entries but the payload holds {room}")
+                write!(
+                    f,
+                    "{table} MAC table claims {count} entries but the payload holds {room}"
+                )
             }
             Self::NotNegotiated { feature } => {
-                write!(f, "command needs feature {} which is not negotiated", features::names(*feature).join(","))
+                write!(
+                    f,
+                    "command needs feature {} which is not negotiated",
+                    features::names(*feature).join(",")
+                )
             }
             Self::Invalid(why) => f.write_str(why),
         }
@@ -107,7 +144,11 @@ impl CtrlCommand {
             Self::VlanDel(vid) => (CLASS_VLAN, VLAN_DEL, vid.to_le_bytes().to_vec()),
             Self::AnnounceAck => (CLASS_ANNOUNCE, ANNOUNCE_ACK, vec![]),
             Self::MqPairsSet(pairs) => (CLASS_MQ, MQ_VQ_PAIRS_SET, pairs.to_le_bytes().to_vec()),
-            Self::GuestOffloadsSet(bits) => (CLASS_GUEST_OFFLOADS, GUEST_OFFLOADS_SET, bits.to_le_bytes().to_vec()),
+            Self::GuestOffloadsSet(bits) => (
+                CLASS_GUEST_OFFLOADS,
+                GUEST_OFFLOADS_SET,
+                bits.to_le_bytes().to_vec(),
+            ),
         };
         let mut bytes = vec![class, command];
         bytes.extend_from_slice(&data);
@@ -116,7 +157,10 @@ impl CtrlCommand {
 
     pub fn required_feature(&self) -> u64 {
         match self {
-            Self::Rx { switch: RxSwitch::Promisc | RxSwitch::AllMulti, .. } => features::CTRL_RX,
+            Self::Rx {
+                switch: RxSwitch::Promisc | RxSwitch::AllMulti,
+                ..
+            } => features::CTRL_RX,
             Self::Rx { .. } => features::CTRL_RX_EXTRA,
             Self::MacTableSet { .. } => features::CTRL_RX,
             Self::MacAddrSet(_) => features::CTRL_MAC_ADDR,
@@ -138,14 +182,28 @@ pub fn parse(bytes: &[u8]) -> Result<CtrlCommand, CtrlError> {
         if data.len() == len {
             Ok(data)
         } else {
-            Err(CtrlError::BadLength { class, command, expected, got: data.len() })
+            Err(CtrlError::BadLength {
+                class,
+                command,
+                expected,
+                got: data.len(),
+            })
         }
     };
     let parsed = match (class, command) {
         (CLASS_RX, RX_PROMISC..=RX_NOBCAST) => {
-            let switch = [RxSwitch::Promisc, RxSwitch::AllMulti, RxSwitch::AllUni, RxSwitch::NoMulti,
-                RxSwitch::NoUni, RxSwitch::NoBcast][usize::from(command)];
-            CtrlCommand::Rx { switch, on: fixed(1, "1")?[0] != 0 }
+            let switch = [
+                RxSwitch::Promisc,
+                RxSwitch::AllMulti,
+                RxSwitch::AllUni,
+                RxSwitch::NoMulti,
+                RxSwitch::NoUni,
+                RxSwitch::NoBcast,
+            ][usize::from(command)];
+            CtrlCommand::Rx {
+                switch,
+                on: fixed(1, "1")?[0] != 0,
+            }
         }
         (CLASS_MAC, MAC_TABLE_SET) => parse_mac_tables(data)?,
         (CLASS_MAC, MAC_ADDR_SET) => CtrlCommand::MacAddrSet(to_mac(fixed(6, "6")?)),
@@ -158,7 +216,9 @@ pub fn parse(bytes: &[u8]) -> Result<CtrlCommand, CtrlError> {
         (CLASS_MQ, MQ_VQ_PAIRS_SET) => CtrlCommand::MqPairsSet(le16(fixed(2, "2")?)),
         (CLASS_GUEST_OFFLOADS, GUEST_OFFLOADS_SET) => {
             let d = fixed(8, "8")?;
-            CtrlCommand::GuestOffloadsSet(u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))
+            CtrlCommand::GuestOffloadsSet(u64::from_le_bytes([
+                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+            ]))
         }
         _ => return Err(CtrlError::Unknown { class, command }),
     };
@@ -183,7 +243,12 @@ fn parse_mac_tables(data: &[u8]) -> Result<CtrlCommand, CtrlError> {
 
 fn mac_list<'a>(data: &'a [u8], table: &'static str) -> Result<(Vec<Mac>, &'a [u8]), CtrlError> {
     let Some((count, rest)) = data.split_first_chunk::<4>() else {
-        return Err(CtrlError::BadLength { class: CLASS_MAC, command: MAC_TABLE_SET, expected: "a 4-byte count", got: data.len() });
+        return Err(CtrlError::BadLength {
+            class: CLASS_MAC,
+            command: MAC_TABLE_SET,
+            expected: "a 4-byte count",
+            got: data.len(),
+        });
     };
     let count = u32::from_le_bytes(*count);
     let room = rest.len() / 6;
@@ -209,32 +274,63 @@ mod tests {
     use super::*;
 
     fn mac_table_bytes(uni: &[Mac], multi: &[Mac]) -> Vec<u8> {
-        CtrlCommand::MacTableSet { unicast: uni.to_vec(), multicast: multi.to_vec() }.encode()
+        CtrlCommand::MacTableSet {
+            unicast: uni.to_vec(),
+            multicast: multi.to_vec(),
+        }
+        .encode()
     }
 
     #[test]
     fn parses_every_known_command() {
-        assert_eq!(parse(&[0, 0, 1]), Ok(CtrlCommand::Rx { switch: RxSwitch::Promisc, on: true }));
-        assert_eq!(parse(&[0, 5, 0]), Ok(CtrlCommand::Rx { switch: RxSwitch::NoBcast, on: false }));
-        assert_eq!(parse(&[1, 1, 2, 0, 0, 0, 0, 9]), Ok(CtrlCommand::MacAddrSet([2, 0, 0, 0, 0, 9])));
+        assert_eq!(
+            parse(&[0, 0, 1]),
+            Ok(CtrlCommand::Rx {
+                switch: RxSwitch::Promisc,
+                on: true
+            })
+        );
+        assert_eq!(
+            parse(&[0, 5, 0]),
+            Ok(CtrlCommand::Rx {
+                switch: RxSwitch::NoBcast,
+                on: false
+            })
+        );
+        assert_eq!(
+            parse(&[1, 1, 2, 0, 0, 0, 0, 9]),
+            Ok(CtrlCommand::MacAddrSet([2, 0, 0, 0, 0, 9]))
+        );
         assert_eq!(parse(&[2, 0, 0x64, 0]), Ok(CtrlCommand::VlanAdd(100)));
         assert_eq!(parse(&[2, 1, 0xff, 0x0f]), Ok(CtrlCommand::VlanDel(4095)));
         assert_eq!(parse(&[3, 0]), Ok(CtrlCommand::AnnounceAck));
         assert_eq!(parse(&[4, 0, 2, 0]), Ok(CtrlCommand::MqPairsSet(2)));
-        assert_eq!(parse(&[5, 0, 3, 0, 0, 0, 0, 0, 0, 0]), Ok(CtrlCommand::GuestOffloadsSet(3)));
+        assert_eq!(
+            parse(&[5, 0, 3, 0, 0, 0, 0, 0, 0, 0]),
+            Ok(CtrlCommand::GuestOffloadsSet(3))
+        );
         let uni = [[2, 0, 0, 0, 0, 1]];
         let multi = [[1, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
         assert_eq!(
             parse(&mac_table_bytes(&uni, &multi)),
-            Ok(CtrlCommand::MacTableSet { unicast: uni.to_vec(), multicast: multi.to_vec() })
+            Ok(CtrlCommand::MacTableSet {
+                unicast: uni.to_vec(),
+                multicast: multi.to_vec()
+            })
         );
     }
 
     #[test]
     fn encode_inverts_parse() {
         let commands = [
-            CtrlCommand::Rx { switch: RxSwitch::AllUni, on: true },
-            CtrlCommand::MacTableSet { unicast: vec![[2, 0, 0, 0, 0, 1]], multicast: vec![] },
+            CtrlCommand::Rx {
+                switch: RxSwitch::AllUni,
+                on: true,
+            },
+            CtrlCommand::MacTableSet {
+                unicast: vec![[2, 0, 0, 0, 0, 1]],
+                multicast: vec![],
+            },
             CtrlCommand::MacAddrSet([2, 0, 0, 0, 0, 7]),
             CtrlCommand::VlanAdd(7),
             CtrlCommand::VlanDel(4095),
@@ -252,14 +348,32 @@ mod tests {
         assert_eq!(parse(&[]), Err(CtrlError::MissingHeader));
         assert_eq!(parse(&[0]), Err(CtrlError::MissingHeader));
         assert!(matches!(parse(&[0, 6, 1]), Err(CtrlError::Unknown { .. })));
-        assert!(matches!(parse(&[4, 1]), Err(CtrlError::Unknown { .. })), "RSS is not offered");
+        assert!(
+            matches!(parse(&[4, 1]), Err(CtrlError::Unknown { .. })),
+            "RSS is not offered"
+        );
         assert!(matches!(parse(&[6, 0]), Err(CtrlError::Unknown { .. })));
         assert!(matches!(parse(&[0, 0]), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[0, 0, 1, 1]), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[1, 1, 2, 0, 0]), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[2, 0, 1]), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[3, 0, 0]), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[5, 0, 1, 0, 0, 0]), Err(CtrlError::BadLength { .. })));
+        assert!(matches!(
+            parse(&[0, 0, 1, 1]),
+            Err(CtrlError::BadLength { .. })
+        ));
+        assert!(matches!(
+            parse(&[1, 1, 2, 0, 0]),
+            Err(CtrlError::BadLength { .. })
+        ));
+        assert!(matches!(
+            parse(&[2, 0, 1]),
+            Err(CtrlError::BadLength { .. })
+        ));
+        assert!(matches!(
+            parse(&[3, 0, 0]),
+            Err(CtrlError::BadLength { .. })
+        ));
+        assert!(matches!(
+            parse(&[5, 0, 1, 0, 0, 0]),
+            Err(CtrlError::BadLength { .. })
+        ));
     }
 
     #[test]
@@ -268,16 +382,31 @@ mod tests {
         let mut b = vec![CLASS_MAC, MAC_TABLE_SET];
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         b.extend_from_slice(&[0; 12]);
-        assert!(matches!(parse(&b), Err(CtrlError::MacTableCount { table: "unicast", .. })));
+        assert!(matches!(
+            parse(&b),
+            Err(CtrlError::MacTableCount {
+                table: "unicast",
+                ..
+            })
+        ));
         // Second count too large by one.
         let mut b = mac_table_bytes(&[[2, 0, 0, 0, 0, 1]], &[[1, 0, 0, 0, 0, 1]]);
         let n = b.len();
         b[n - 10] = 2;
-        assert!(matches!(parse(&b), Err(CtrlError::MacTableCount { table: "multicast", .. })));
+        assert!(matches!(
+            parse(&b),
+            Err(CtrlError::MacTableCount {
+                table: "multicast",
+                ..
+            })
+        ));
         // Trailing garbage, missing second table.
         let mut b = mac_table_bytes(&[], &[]);
         b.push(0);
         assert!(matches!(parse(&b), Err(CtrlError::BadLength { .. })));
-        assert!(matches!(parse(&[1, 0, 0, 0, 0, 0]), Err(CtrlError::BadLength { .. })));
+        assert!(matches!(
+            parse(&[1, 0, 0, 0, 0, 0]),
+            Err(CtrlError::BadLength { .. })
+        ));
     }
 }

@@ -7,7 +7,8 @@ use crate::features;
 use crate::log::{log, Level};
 use crate::rx_filter::{MacTable, RxMode, VlanTable};
 use crate::types::{
-    format_mac, is_valid_unicast, CtrlReply, DeviceConfig, Effect, Mac, RxFilter, StatusReply, ACK_ERR, ACK_OK,
+    format_mac, is_valid_unicast, CtrlReply, DeviceConfig, Effect, Mac, RxFilter, StatusReply,
+    ACK_ERR, ACK_OK,
 };
 use serde::{Deserialize, Serialize};
 
@@ -170,7 +171,8 @@ impl NetDevice {
     }
 
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<Vec<Effect>, String> {
-        let legacy_mac_write = self.state.acked & (features::VERSION_1 | features::CTRL_MAC_ADDR) == 0;
+        let legacy_mac_write =
+            self.state.acked & (features::VERSION_1 | features::CTRL_MAC_ADDR) == 0;
         let mut mac = self.state.mac;
         config_space::write(&mut mac, legacy_mac_write, offset, data)?;
         self.state.mac = mac;
@@ -186,21 +188,30 @@ impl NetDevice {
     /// accepted `set-features`; NEEDS_RESET is the device's to set.
     pub fn set_status(&mut self, requested: u8) -> StatusReply {
         if requested == 0 {
-            return StatusReply { status: 0, effects: self.reset() };
+            return StatusReply {
+                status: 0,
+                effects: self.reset(),
+            };
         }
         let mut status = requested & status::KNOWN & !status::NEEDS_RESET;
         if status & status::FEATURES_OK != 0 && self.state.features_refused {
             status &= !status::FEATURES_OK;
         }
         self.state.status = status | (self.state.status & status::NEEDS_RESET);
-        StatusReply { status: self.state.status, effects: Vec::new() }
+        StatusReply {
+            status: self.state.status,
+            effects: Vec::new(),
+        }
     }
 
     /// Back to the reset state. The link state is the host's and stays.
     pub fn reset(&mut self) -> Vec<Effect> {
         let generation = self.state.generation.wrapping_add(1);
         let accepted = self.state.accepted;
-        self.state = DeviceState { accepted, ..DeviceState::initial(&self.config, self.state.link_up, generation) };
+        self.state = DeviceState {
+            accepted,
+            ..DeviceState::initial(&self.config, self.state.link_up, generation)
+        };
         vec![
             Effect::SetTapOffloads(features::tap_offloads(0)),
             Effect::SetRxFilter(self.rx_filter()),
@@ -211,7 +222,10 @@ impl NetDevice {
     pub fn queue_enabled(&mut self, index: u16, enabled: bool) -> Vec<Effect> {
         let queues = u32::from(self.config.max_queue_pairs) * 2 + 1;
         if u32::from(index) >= queues {
-            log(Level::Warn, &format!("queue {index} does not exist (device has {queues})"));
+            log(
+                Level::Warn,
+                &format!("queue {index} does not exist (device has {queues})"),
+            );
             return Vec::new();
         }
         let list = &mut self.state.enabled_queues;
@@ -232,10 +246,16 @@ impl NetDevice {
             return reply;
         }
         match self.try_ctrl(bytes) {
-            Ok(effects) => CtrlReply { ack: ACK_OK, effects },
+            Ok(effects) => CtrlReply {
+                ack: ACK_OK,
+                effects,
+            },
             Err(why) => {
                 log(Level::Warn, &format!("control command refused: {why}"));
-                CtrlReply { ack: ACK_ERR, effects: Vec::new() }
+                CtrlReply {
+                    ack: ACK_ERR,
+                    effects: Vec::new(),
+                }
             }
         }
     }
@@ -245,7 +265,9 @@ impl NetDevice {
         let feature = command.required_feature();
         let needs = feature | features::CTRL_VQ;
         if self.state.acked & needs != needs {
-            return Err(CtrlError::NotNegotiated { feature: needs & !self.state.acked });
+            return Err(CtrlError::NotNegotiated {
+                feature: needs & !self.state.acked,
+            });
         }
         match command {
             CtrlCommand::Rx { switch, on } => {
@@ -258,7 +280,10 @@ impl NetDevice {
             }
             CtrlCommand::MacAddrSet(mac) => {
                 if !is_valid_unicast(&mac) {
-                    return Err(CtrlError::Invalid(format!("{} is not a unicast address", format_mac(&mac))));
+                    return Err(CtrlError::Invalid(format!(
+                        "{} is not a unicast address",
+                        format_mac(&mac)
+                    )));
                 }
                 self.state.mac = mac;
                 self.config_changed();

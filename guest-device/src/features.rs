@@ -199,12 +199,18 @@ pub fn validate_acked(offered: u64, acked: u64) -> Result<(), NegotiationError> 
         .iter()
         .find(|(feature, needs)| acked & feature != 0 && acked & needs == 0)
     {
-        return Err(NegotiationError::MissingDependency { feature: *feature, needs: *needs });
+        return Err(NegotiationError::MissingDependency {
+            feature: *feature,
+            needs: *needs,
+        });
     }
     if acked & CTRL_VQ == 0 {
         let orphaned = acked & NEEDS_CTRL_VQ & !FRONTEND_MANAGED_CTRL;
         if orphaned != 0 {
-            return Err(NegotiationError::MissingDependency { feature: orphaned, needs: CTRL_VQ });
+            return Err(NegotiationError::MissingDependency {
+                feature: orphaned,
+                needs: CTRL_VQ,
+            });
         }
     }
     Ok(())
@@ -257,29 +263,57 @@ mod tests {
     #[test]
     fn offers_only_what_the_backend_supports() {
         let none = offered(&config(Offloads::empty(), 1, None));
-        assert_eq!(none & (GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_TSO6 | HOST_ECN | HOST_UFO), 0);
+        assert_eq!(
+            none & (GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_TSO6 | HOST_ECN | HOST_UFO),
+            0
+        );
         assert_eq!(none & (MTU | MQ), 0);
-        for bit in [VERSION_1, MAC, STATUS, CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA, CTRL_VLAN, GUEST_ANNOUNCE,
-            CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS, MRG_RXBUF, EVENT_IDX, INDIRECT_DESC]
-        {
+        for bit in [
+            VERSION_1,
+            MAC,
+            STATUS,
+            CTRL_VQ,
+            CTRL_RX,
+            CTRL_RX_EXTRA,
+            CTRL_VLAN,
+            GUEST_ANNOUNCE,
+            CTRL_MAC_ADDR,
+            CTRL_GUEST_OFFLOADS,
+            MRG_RXBUF,
+            EVENT_IDX,
+            INDIRECT_DESC,
+        ] {
             assert_ne!(none & bit, 0, "{:?}", names(bit));
         }
         let all = offered(&config(Offloads::all(), 4, Some(1500)));
-        assert_eq!(all & (GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_ECN | MTU | MQ),
-            GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_ECN | MTU | MQ);
+        assert_eq!(
+            all & (GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_ECN | MTU | MQ),
+            GUEST_OFFLOADS | CSUM | HOST_TSO4 | HOST_ECN | MTU | MQ
+        );
     }
 
     #[test]
     fn never_offers_a_feature_without_its_requirement() {
         // TSO without checksum support: segmentation cannot be offered.
-        let bits = offered(&config(Offloads::TSO4 | Offloads::ECN | Offloads::UFO, 1, None));
-        assert_eq!(bits & (GUEST_TSO4 | GUEST_ECN | GUEST_UFO | HOST_TSO4 | HOST_ECN | HOST_UFO), 0);
+        let bits = offered(&config(
+            Offloads::TSO4 | Offloads::ECN | Offloads::UFO,
+            1,
+            None,
+        ));
+        assert_eq!(
+            bits & (GUEST_TSO4 | GUEST_ECN | GUEST_UFO | HOST_TSO4 | HOST_ECN | HOST_UFO),
+            0
+        );
         // ECN with checksum but without any TSO: ECN is dropped.
         let bits = offered(&config(Offloads::CSUM | Offloads::ECN, 1, None));
         assert_eq!(bits & (GUEST_ECN | HOST_ECN), 0);
         assert_ne!(bits & GUEST_CSUM, 0);
         for offloads in 0..32u8 {
-            let bits = offered(&config(Offloads::from_bits_truncate(offloads), 2, Some(9000)));
+            let bits = offered(&config(
+                Offloads::from_bits_truncate(offloads),
+                2,
+                Some(9000),
+            ));
             assert_eq!(validate_acked(bits, bits), Ok(()), "offer {offloads:#x}");
         }
     }
@@ -289,7 +323,10 @@ mod tests {
         let offer = offered(&config(Offloads::all(), 2, None));
         assert_eq!(validate_acked(offer, offer), Ok(()));
         assert_eq!(validate_acked(offer, VERSION_1), Ok(()));
-        assert!(matches!(validate_acked(offer, VERSION_1 | MTU), Err(NegotiationError::NotOffered(MTU))));
+        assert!(matches!(
+            validate_acked(offer, VERSION_1 | MTU),
+            Err(NegotiationError::NotOffered(MTU))
+        ));
         assert!(validate_acked(offer, GUEST_TSO4).is_err());
         assert!(validate_acked(offer, GUEST_CSUM | GUEST_ECN).is_err());
         assert!(validate_acked(offer, CSUM | HOST_UFO).is_ok());
@@ -314,9 +351,14 @@ mod tests {
         assert_eq!(vnet_hdr_len(VERSION_1), 12);
         assert_eq!(vnet_hdr_len(MRG_RXBUF), 12);
         assert_eq!(vnet_hdr_len(CSUM), 10);
-        assert_eq!(tap_offloads(GUEST_CSUM | GUEST_TSO6), Offloads::CSUM | Offloads::TSO6);
+        assert_eq!(
+            tap_offloads(GUEST_CSUM | GUEST_TSO6),
+            Offloads::CSUM | Offloads::TSO6
+        );
         assert!(guest_offloads_consistent(0));
-        assert!(guest_offloads_consistent(GUEST_CSUM | GUEST_TSO4 | GUEST_ECN));
+        assert!(guest_offloads_consistent(
+            GUEST_CSUM | GUEST_TSO4 | GUEST_ECN
+        ));
         assert!(!guest_offloads_consistent(GUEST_TSO4));
         assert!(!guest_offloads_consistent(GUEST_CSUM | GUEST_ECN));
     }

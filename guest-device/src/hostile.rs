@@ -23,8 +23,15 @@ pub const LOOP_IN_LOAD_MAC_PREFIX: [u8; 3] = [0x02, 0xde, 0xad];
 
 #[cfg(feature = "hostile")]
 pub fn ctrl(bytes: &[u8]) -> Option<CtrlReply> {
-    let [HOSTILE_CLASS, command, ..] = bytes else { return None };
-    let ok = |effects| Some(CtrlReply { ack: ACK_OK, effects });
+    let [HOSTILE_CLASS, command, ..] = bytes else {
+        return None;
+    };
+    let ok = |effects| {
+        Some(CtrlReply {
+            ack: ACK_OK,
+            effects,
+        })
+    };
     match *command {
         INFINITE_LOOP => spin(),
         UNBOUNDED_ALLOC => {
@@ -38,7 +45,10 @@ pub fn ctrl(bytes: &[u8]) -> Option<CtrlReply> {
         QUEUE_PAIRS_OUT_OF_RANGE => ok(vec![Effect::EnableQueuePairs(u16::MAX)]),
         HUGE_RX_FILTER => ok(vec![Effect::SetRxFilter(huge_filter())]),
         BAD_VNET_HDR_LEN => ok(vec![Effect::SetVnetHdrLen(4096)]),
-        BAD_ACK => Some(CtrlReply { ack: 7, effects: Vec::new() }),
+        BAD_ACK => Some(CtrlReply {
+            ack: 7,
+            effects: Vec::new(),
+        }),
         DEEP_RECURSION => {
             std::hint::black_box(recurse(u64::MAX));
             None
@@ -77,9 +87,19 @@ fn recurse(depth: u64) -> u64 {
 
 #[cfg(feature = "hostile")]
 fn huge_filter() -> RxFilter {
-    let many: Vec<[u8; 6]> = (0..10_000u32).map(|i| { let b = i.to_be_bytes(); [2, 0, b[0], b[1], b[2], b[3]] }).collect();
+    let many: Vec<[u8; 6]> = (0..10_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            [2, 0, b[0], b[1], b[2], b[3]]
+        })
+        .collect();
     RxFilter {
-        promisc: false, all_multi: false, all_uni: false, no_multi: false, no_uni: false, no_bcast: false,
+        promisc: false,
+        all_multi: false,
+        all_uni: false,
+        no_multi: false,
+        no_uni: false,
+        no_bcast: false,
         mac: [2, 0, 0, 0, 0, 1],
         unicast: many.clone(),
         multicast: many,

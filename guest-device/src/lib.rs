@@ -32,4 +32,8 @@ pub use types::*;
 
 /// Name and version of this build, as the component reports it.
 pub const NAME: &str = env!("CARGO_PKG_NAME");
-pub const VERSION: &str = if cfg!(feature = "v2") { "0.2.0" } else { env!("CARGO_PKG_VERSION") };
+pub const VERSION: &str = if cfg!(feature = "v2") {
+    "0.2.0"
+} else {
+    env!("CARGO_PKG_VERSION")
+};

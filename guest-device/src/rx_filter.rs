@@ -20,7 +20,14 @@ impl Default for RxMode {
     /// Promiscuous until the driver says otherwise, as QEMU does: a driver
     /// without CTRL_RX must still receive everything meant for it.
     fn default() -> Self {
-        Self { promisc: true, all_multi: false, all_uni: false, no_multi: false, no_uni: false, no_bcast: false }
+        Self {
+            promisc: true,
+            all_multi: false,
+            all_uni: false,
+            no_multi: false,
+            no_uni: false,
+            no_bcast: false,
+        }
     }
 }
 
@@ -84,7 +91,9 @@ impl<'de> Deserialize<'de> for VlanTable {
                 if bytes.len() % 4 != 0 {
                     return Err(E::invalid_length(bytes.len(), &self));
                 }
-                let words = bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+                let words = bytes
+                    .chunks_exact(4)
+                    .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
                 Ok(VlanTable(words.collect()))
             }
         }
@@ -118,7 +127,9 @@ impl VlanTable {
 }
 
 fn vlan_bit(words: &[u32], vid: u16) -> bool {
-    words.get(usize::from(vid >> 5)).is_some_and(|word| word & (1 << (vid & 31)) != 0)
+    words
+        .get(usize::from(vid >> 5))
+        .is_some_and(|word| word & (1 << (vid & 31)) != 0)
 }
 
 const ETHERTYPE_VLAN: u16 = 0x8100;
@@ -212,9 +223,11 @@ mod tests {
 
     #[test]
     fn promisc_alluni_and_overflow_accept_foreign_unicast() {
-        for tweak in [|f: &mut RxFilter| f.promisc = true, |f: &mut RxFilter| f.all_uni = true,
-            |f: &mut RxFilter| f.unicast_overflow = true]
-        {
+        for tweak in [
+            |f: &mut RxFilter| f.promisc = true,
+            |f: &mut RxFilter| f.all_uni = true,
+            |f: &mut RxFilter| f.unicast_overflow = true,
+        ] {
             let mut f = filter();
             tweak(&mut f);
             assert!(accepts(&f, &frame(OTHER, None)));
@@ -230,7 +243,10 @@ mod tests {
         assert!(accepts(&f, &frame(MCAST, None)));
         f.no_multi = true;
         assert!(!accepts(&f, &frame(MCAST, None)));
-        assert!(accepts(&f, &frame(BROADCAST, None)), "NOMULTI leaves broadcast alone");
+        assert!(
+            accepts(&f, &frame(BROADCAST, None)),
+            "NOMULTI leaves broadcast alone"
+        );
         f.no_bcast = true;
         assert!(!accepts(&f, &frame(BROADCAST, None)));
         let mut f = filter();
@@ -248,7 +264,10 @@ mod tests {
         table.set(100, true);
         f.vlans = table.0.clone();
         assert!(accepts(&f, &frame(OWN, Some(100))));
-        assert!(accepts(&f, &frame(OWN, Some(0x2000 | 100))), "priority bits ignored");
+        assert!(
+            accepts(&f, &frame(OWN, Some(0x2000 | 100))),
+            "priority bits ignored"
+        );
         assert!(!accepts(&f, &frame(OWN, Some(101))));
         table.set(100, false);
         assert_eq!(table.ids(), Vec::<u16>::new());

@@ -84,7 +84,9 @@ impl Saved {
 /// check before copying a blob into the sandbox.
 pub fn check_len(len: usize) -> Result<(), String> {
     if len > MAX_STATE_LEN {
-        return Err(format!("state is {len} bytes, more than the {MAX_STATE_LEN}-byte limit"));
+        return Err(format!(
+            "state is {len} bytes, more than the {MAX_STATE_LEN}-byte limit"
+        ));
     }
     Ok(())
 }
@@ -105,7 +107,11 @@ pub fn decode(blob: &[u8]) -> Result<Saved, String> {
     let saved = match version {
         1 => Saved::V1(body_from(body).map_err(body_error)?),
         2 => Saved::V2(body_from(body).map_err(body_error)?),
-        _ => return Err(format!("state version {version} is older than this device supports ({OLDEST_STATE_VERSION}..)")),
+        _ => {
+            return Err(format!(
+            "state version {version} is older than this device supports ({OLDEST_STATE_VERSION}..)"
+        ))
+        }
     };
     Ok(saved)
 }
@@ -128,7 +134,9 @@ fn body_from<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, rmp_serde
     let mut rest = body;
     let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))?;
     if !rest.is_empty() {
-        return Err(rmp_serde::decode::Error::Syntax("trailing bytes after the state".into()));
+        return Err(rmp_serde::decode::Error::Syntax(
+            "trailing bytes after the state".into(),
+        ));
     }
     Ok(value)
 }
@@ -136,7 +144,8 @@ fn body_from<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, rmp_serde
 fn encode<T: Serialize>(version: u32, body: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     // Serializing plain data into a Vec cannot fail.
-    rmp_serde::encode::write(&mut out, &Blob(FORMAT, version, body)).expect("in-memory msgpack encoding");
+    rmp_serde::encode::write(&mut out, &Blob(FORMAT, version, body))
+        .expect("in-memory msgpack encoding");
     out
 }
 
@@ -155,13 +164,24 @@ impl NetDevice {
             vnet_hdr_len: features::vnet_hdr_len(self.state.acked),
             tap_offloads: features::tap_offloads(self.state.guest_offloads),
         });
-        BodyV1 { config: self.config.clone(), offered: self.offered, state: self.state.clone(), local_migration }
+        BodyV1 {
+            config: self.config.clone(),
+            offered: self.offered,
+            state: self.state.clone(),
+            local_migration,
+        }
     }
 
     /// The device state in the newest format this build writes.
     pub fn save(&self) -> Vec<u8> {
         #[cfg(feature = "v2")]
-        return encode(2, &BodyV2 { v1: self.body_v1(), announce_count: self.announce_count });
+        return encode(
+            2,
+            &BodyV2 {
+                v1: self.body_v1(),
+                announce_count: self.announce_count,
+            },
+        );
         #[cfg(not(feature = "v2"))]
         encode(1, &self.body_v1())
     }
@@ -190,7 +210,10 @@ impl NetDevice {
 pub fn validate(body: &BodyV1, config: &DeviceConfig, offered: u64) -> Result<DeviceState, String> {
     let saved = &body.config;
     saved.validate().map_err(|e| format!("saved config: {e}"))?;
-    if saved.mac != config.mac || saved.max_queue_pairs != config.max_queue_pairs || saved.mtu != config.mtu {
+    if saved.mac != config.mac
+        || saved.max_queue_pairs != config.max_queue_pairs
+        || saved.mtu != config.mtu
+    {
         return Err(format!(
             "saved device (mac {}, {} queue pairs, mtu {:?}) differs from this one (mac {}, {} queue pairs, mtu {:?})",
             format_mac(&saved.mac), saved.max_queue_pairs, saved.mtu,
@@ -198,24 +221,36 @@ pub fn validate(body: &BodyV1, config: &DeviceConfig, offered: u64) -> Result<De
         ));
     }
     if body.local_migration.is_some() && !config.compat.local_migration {
-        return Err("state has a local-migration section but this device has local-migration off".into());
+        return Err(
+            "state has a local-migration section but this device has local-migration off".into(),
+        );
     }
     let s = &body.state;
     for (what, set) in [("acked", Some(s.acked)), ("accepted", s.accepted)] {
         let Some(set) = set else { continue };
         if set & !body.offered != 0 {
-            return Err(format!("{what} features {set:#x} were never offered ({:#x})", body.offered));
+            return Err(format!(
+                "{what} features {set:#x} were never offered ({:#x})",
+                body.offered
+            ));
         }
-        features::validate_acked(offered, set).map_err(|e| format!("{what} features unsupported here: {e}"))?;
+        features::validate_acked(offered, set)
+            .map_err(|e| format!("{what} features unsupported here: {e}"))?;
     }
     if s.status & !status::KNOWN != 0 {
-        return Err(format!("unknown status bits {:#x}", s.status & !status::KNOWN));
+        return Err(format!(
+            "unknown status bits {:#x}",
+            s.status & !status::KNOWN
+        ));
     }
     if s.status & status::FEATURES_OK != 0 && s.features_refused {
         return Err("FEATURES_OK set although the features were refused".into());
     }
     if !is_valid_unicast(&s.mac) {
-        return Err(format!("mac {} is not a unicast address", format_mac(&s.mac)));
+        return Err(format!(
+            "mac {} is not a unicast address",
+            format_mac(&s.mac)
+        ));
     }
     let table = &s.mac_table;
     if !table.fits()
@@ -229,25 +264,43 @@ pub fn validate(body: &BodyV1, config: &DeviceConfig, offered: u64) -> Result<De
         ));
     }
     if s.vlans.0.len() != VLAN_WORDS {
-        return Err(format!("VLAN table has {} words, expected {VLAN_WORDS}", s.vlans.0.len()));
+        return Err(format!(
+            "VLAN table has {} words, expected {VLAN_WORDS}",
+            s.vlans.0.len()
+        ));
     }
     if s.queue_pairs == 0 || s.queue_pairs > config.max_queue_pairs {
-        return Err(format!("{} active queue pairs outside 1..={}", s.queue_pairs, config.max_queue_pairs));
+        return Err(format!(
+            "{} active queue pairs outside 1..={}",
+            s.queue_pairs, config.max_queue_pairs
+        ));
     }
     if s.queue_pairs > 1 && s.acked & features::MQ == 0 {
         return Err("several queue pairs active without MQ".into());
     }
     let negotiated_offloads = s.acked & features::GUEST_OFFLOADS;
-    if s.guest_offloads & !negotiated_offloads != 0 || !features::guest_offloads_consistent(s.guest_offloads) {
-        return Err(format!("guest offloads {:#x} not valid for acked features", s.guest_offloads));
+    if s.guest_offloads & !negotiated_offloads != 0
+        || !features::guest_offloads_consistent(s.guest_offloads)
+    {
+        return Err(format!(
+            "guest offloads {:#x} not valid for acked features",
+            s.guest_offloads
+        ));
     }
     if s.announce_pending && s.acked & features::GUEST_ANNOUNCE == 0 {
         return Err("announce pending without GUEST_ANNOUNCE".into());
     }
     let queues = u32::from(config.max_queue_pairs) * 2 + 1;
     let ascending = s.enabled_queues.windows(2).all(|w| w[0] < w[1]);
-    if !ascending || s.enabled_queues.last().is_some_and(|&q| u32::from(q) >= queues) {
-        return Err(format!("enabled queue list {:?} invalid for {queues} queues", s.enabled_queues));
+    if !ascending
+        || s.enabled_queues
+            .last()
+            .is_some_and(|&q| u32::from(q) >= queues)
+    {
+        return Err(format!(
+            "enabled queue list {:?} invalid for {queues} queues",
+            s.enabled_queues
+        ));
     }
     if let Some(section) = &body.local_migration {
         let expected = LocalMigration {
@@ -255,7 +308,9 @@ pub fn validate(body: &BodyV1, config: &DeviceConfig, offered: u64) -> Result<De
             tap_offloads: features::tap_offloads(s.guest_offloads),
         };
         if *section != expected {
-            return Err(format!("local-migration section {section:?} contradicts the features ({expected:?})"));
+            return Err(format!(
+                "local-migration section {section:?} contradicts the features ({expected:?})"
+            ));
         }
     }
     Ok(s.clone())

@@ -43,8 +43,13 @@ impl Offloads {
     pub const ECN: Self = Self(1 << 3);
     pub const UFO: Self = Self(1 << 4);
     const ALL_BITS: u8 = 0x1f;
-    const NAMES: [(Self, &'static str); 5] =
-        [(Self::CSUM, "csum"), (Self::TSO4, "tso4"), (Self::TSO6, "tso6"), (Self::ECN, "ecn"), (Self::UFO, "ufo")];
+    const NAMES: [(Self, &'static str); 5] = [
+        (Self::CSUM, "csum"),
+        (Self::TSO4, "tso4"),
+        (Self::TSO6, "tso6"),
+        (Self::ECN, "ecn"),
+        (Self::UFO, "ufo"),
+    ];
 
     pub const fn empty() -> Self {
         Self(0)
@@ -68,7 +73,11 @@ impl Offloads {
         self.0 == 0
     }
     pub fn names(self) -> Vec<&'static str> {
-        Self::NAMES.iter().filter(|(flag, _)| self.contains(*flag)).map(|(_, name)| *name).collect()
+        Self::NAMES
+            .iter()
+            .filter(|(flag, _)| self.contains(*flag))
+            .map(|(_, name)| *name)
+            .collect()
     }
 }
 
@@ -100,7 +109,9 @@ pub struct Compat {
 
 impl Default for Compat {
     fn default() -> Self {
-        Self { local_migration: true }
+        Self {
+            local_migration: true,
+        }
     }
 }
 
@@ -119,10 +130,16 @@ impl DeviceConfig {
     /// before creating a device; this guards the device's invariants.
     pub fn validate(&self) -> Result<(), String> {
         if !is_valid_unicast(&self.mac) {
-            return Err(format!("mac {} is not a unicast address", format_mac(&self.mac)));
+            return Err(format!(
+                "mac {} is not a unicast address",
+                format_mac(&self.mac)
+            ));
         }
         if self.max_queue_pairs == 0 || self.max_queue_pairs > MAX_QUEUE_PAIRS {
-            return Err(format!("max queue pairs {} outside 1..={MAX_QUEUE_PAIRS}", self.max_queue_pairs));
+            return Err(format!(
+                "max queue pairs {} outside 1..={MAX_QUEUE_PAIRS}",
+                self.max_queue_pairs
+            ));
         }
         if let Some(mtu) = self.mtu {
             if mtu < MIN_MTU {

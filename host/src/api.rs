@@ -27,7 +27,10 @@ pub struct ApiClient {
 impl ApiClient {
     pub fn new(stream: UnixStream) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
-        Ok(Self { stream, buf: Vec::new() })
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+        })
     }
 
     /// Reads what is available; returns complete lines, or None when the
@@ -56,7 +59,8 @@ impl ApiClient {
 
     pub fn reply(&mut self, value: &Value) -> std::io::Result<()> {
         self.stream.set_nonblocking(false)?;
-        self.stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        self.stream
+            .set_write_timeout(Some(Duration::from_secs(2)))?;
         let mut line = value.to_string();
         line.push('\n');
         let result = self.stream.write_all(line.as_bytes());
@@ -103,7 +107,10 @@ pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
         },
         "handover" => match request.get("path").and_then(Value::as_str) {
             Some(path) => {
-                let new_tap = request.get("new_tap").and_then(Value::as_bool).unwrap_or(false);
+                let new_tap = request
+                    .get("new_tap")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 ctx.handover = Some((PathBuf::from(path), new_tap));
                 json!({ "ok": true, "pending": true })
             }
@@ -178,9 +185,13 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
             return Err(format!("{} exists and is not a socket", path.display()));
         }
         if UnixStream::connect(path).is_ok() {
-            return Err(format!("socket {} is in use by another process", path.display()));
+            return Err(format!(
+                "socket {} is in use by another process",
+                path.display()
+            ));
         }
-        std::fs::remove_file(path).map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path)
+            .map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
     }
     UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
 }
@@ -188,14 +199,22 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
 /// `sandnic ctl`: sends one request, prints the reply, and says whether it
 /// was ok.
 pub fn client(api: &PathBuf, request: Value) -> Result<(Value, bool), String> {
-    let mut stream = UnixStream::connect(api).map_err(|e| format!("connecting to {}: {e}", api.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut stream =
+        UnixStream::connect(api).map_err(|e| format!("connecting to {}: {e}", api.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     let mut line = request.to_string();
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(|e| format!("sending: {e}"))?;
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("sending: {e}"))?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
-    let value: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reading the reply: {e}"))?;
+    let value: Value =
+        serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
     let ok = value.get("ok").and_then(Value::as_bool).unwrap_or(false);
     Ok((value, ok))
 }

@@ -2,14 +2,18 @@
 
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::serve::{serve, ServeError, ServeOptions, TapSource};
-use sandnic_device::Mac;
 use clap::{Parser, Subcommand};
+use sandnic_device::Mac;
 use sandnic_device::{Compat, DeviceConfig, Offloads};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "sandnic", version, about = "vhost-user virtio-net backend with a sandboxed (wasm) device model")]
+#[command(
+    name = "sandnic",
+    version,
+    about = "vhost-user virtio-net backend with a sandboxed (wasm) device model"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,7 +24,11 @@ pub enum Command {
     /// Serve a virtio-net device over vhost-user, backed by a TAP device.
     Serve {
         /// Listen here as the vhost-user server.
-        #[arg(long, required_unless_present = "incoming", conflicts_with = "incoming")]
+        #[arg(
+            long,
+            required_unless_present = "incoming",
+            conflicts_with = "incoming"
+        )]
         socket: Option<PathBuf>,
         /// An existing TAP device to attach to (one queue per queue pair).
         #[arg(long, conflicts_with_all = ["tap_fd", "incoming"], required_unless_present_any = ["tap_fd", "incoming"])]
@@ -123,13 +131,34 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect { file, component } => inspect(&file, component),
-        Command::Serve { socket, tap, tap_fd, mac, queues, mtu, component, api, incoming, new_tap } => {
+        Command::Serve {
+            socket,
+            tap,
+            tap_fd,
+            mac,
+            queues,
+            mtu,
+            component,
+            api,
+            incoming,
+            new_tap,
+        } => {
             let tap = match (tap, tap_fd.is_empty()) {
                 (Some(name), _) => Some(TapSource::Name(name)),
                 (None, false) => Some(TapSource::Fds(tap_fd)),
                 (None, true) => None,
             };
-            let opts = ServeOptions { socket, tap, mac, queues, mtu, component, api, incoming, new_tap };
+            let opts = ServeOptions {
+                socket,
+                tap,
+                mac,
+                queues,
+                mtu,
+                component,
+                api,
+                incoming,
+                new_tap,
+            };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(ServeError::Usage(e)) => {
@@ -156,7 +185,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SANDNIC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
@@ -176,7 +208,10 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
     };
     match crate::api::client(api, request) {
         Ok((reply, ok)) => {
-            println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).unwrap_or_default()
+            );
             if ok {
                 ExitCode::SUCCESS
             } else {
@@ -197,7 +232,9 @@ fn inspect(file: &PathBuf, component: Option<PathBuf>) -> anyhow::Result<()> {
     let source = component.map_or(ComponentSource::Builtin, ComponentSource::File);
     let component = runtime.load(&source)?;
     let mut device = SandboxedDevice::new(runtime, component, placeholder_config())?;
-    let json = device.describe(&blob).with_context(|| format!("{} is not a valid device state", file.display()))?;
+    let json = device
+        .describe(&blob)
+        .with_context(|| format!("{} is not a valid device state", file.display()))?;
     println!("{json}");
     Ok(())
 }

@@ -75,7 +75,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
     let signals = block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
-    let source = opts.component.clone().map_or(ComponentSource::Builtin, ComponentSource::File);
+    let source = opts
+        .component
+        .clone()
+        .map_or(ComponentSource::Builtin, ComponentSource::File);
     let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
     let mut server = match &opts.incoming {
         Some(path) => {
@@ -88,7 +91,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 (None, None) => None,
             };
             if let Some(conn) = &incoming.connection {
-                conn.set_read_timeout(Some(MESSAGE_TIMEOUT)).map_err(|e| ServeError::Runtime(e.into()))?;
+                conn.set_read_timeout(Some(MESSAGE_TIMEOUT))
+                    .map_err(|e| ServeError::Runtime(e.into()))?;
             }
             Server::new(
                 incoming.backend,
@@ -120,7 +124,10 @@ fn fresh(
     signals: SignalFd,
 ) -> Result<Server, ServeError> {
     let usage = |e: String| ServeError::Usage(e);
-    let socket = opts.socket.clone().ok_or_else(|| usage("--socket is required (or --incoming)".into()))?;
+    let socket = opts
+        .socket
+        .clone()
+        .ok_or_else(|| usage("--socket is required (or --incoming)".into()))?;
     let tap = Arc::new(open_tap(opts)?);
     let config = DeviceConfig {
         mac: opts.mac,
@@ -130,7 +137,8 @@ fn fresh(
         compat: Compat::default(),
     };
     config.validate().map_err(usage)?;
-    let device = SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
+    let device =
+        SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
     let mut files = SocketFiles(Vec::new());
     let listener = api::bind_unix(&socket).map_err(usage)?;
     files.0.push(socket.clone());
@@ -151,22 +159,41 @@ fn fresh(
         component = %backend.device().info().version,
         "serving"
     );
-    Ok(Server::new(backend, runtime, Some(listener), api_listener, signals, None, files))
+    Ok(Server::new(
+        backend,
+        runtime,
+        Some(listener),
+        api_listener,
+        signals,
+        None,
+        files,
+    ))
 }
 
 fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {
-    let tap = match opts.tap.as_ref().ok_or_else(|| ServeError::Usage("--tap or --tap-fd is required".into()))? {
+    let tap = match opts
+        .tap
+        .as_ref()
+        .ok_or_else(|| ServeError::Usage("--tap or --tap-fd is required".into()))?
+    {
         TapSource::Name(name) => Tap::open(name, usize::from(opts.queues)),
         TapSource::Fds(fds) => {
             // SAFETY: the fds were named on the command line as ours to
             // take over (inherited from the parent); each is adopted once.
-            let owned = fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+            let owned = fds
+                .iter()
+                .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .collect();
             Tap::adopt(owned)
         }
     }
     .map_err(|e| ServeError::Usage(e.to_string()))?;
     if tap.queue_count() < usize::from(opts.queues) {
-        return Err(ServeError::Usage(format!("{} TAP queues for {} queue pairs", tap.queue_count(), opts.queues)));
+        return Err(ServeError::Usage(format!(
+            "{} TAP queues for {} queue pairs",
+            tap.queue_count(),
+            opts.queues
+        )));
     }
     Ok(tap)
 }
@@ -178,7 +205,10 @@ fn block_signals() -> anyhow::Result<SignalFd> {
     mask.add(Signal::SIGINT);
     mask.add(Signal::SIGTERM);
     mask.thread_block()?;
-    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
+    Ok(SignalFd::with_flags(
+        &mask,
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )?)
 }
 
 /// Why the event loop ended.
@@ -229,14 +259,26 @@ impl Server {
     fn run(&mut self) -> anyhow::Result<Exit> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         if let Some(listener) = &self.listener {
-            epoll.add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+            epoll.add(
+                listener.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, LISTENER),
+            )?;
         }
         if let Some(conn) = &self.conn {
-            epoll.add(conn.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION))?;
+            epoll.add(
+                conn.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION),
+            )?;
         }
-        epoll.add(self.signals.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
+        epoll.add(
+            self.signals.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS),
+        )?;
         if let Some(api) = &self.api_listener {
-            epoll.add(api.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, API_LISTENER))?;
+            epoll.add(
+                api.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, API_LISTENER),
+            )?;
         }
         let mut events = [EpollEvent::empty(); 16];
         loop {
@@ -255,7 +297,9 @@ impl Server {
                     CONNECTION => self.serve_message(&epoll),
                     CTRL_KICK => self.backend.process_ctrl_queue(),
                     API_LISTENER => self.accept_api(&epoll),
-                    token if token >= API_CLIENT => self.serve_api((token - API_CLIENT) as usize, &epoll),
+                    token if token >= API_CLIENT => {
+                        self.serve_api((token - API_CLIENT) as usize, &epoll)
+                    }
                     _ => {}
                 }
             }
@@ -272,7 +316,9 @@ impl Server {
     /// client that asked. True when the destination took over.
     fn hand_over(&mut self, path: &std::path::Path, new_tap: bool, client: usize) -> bool {
         use std::os::fd::AsRawFd;
-        let Some(listener) = &self.listener else { return false };
+        let Some(listener) = &self.listener else {
+            return false;
+        };
         let sockets = source::Sockets {
             connection: self.conn.as_ref().map(|c| c.as_raw_fd()),
             listener: listener.as_raw_fd(),
@@ -289,7 +335,10 @@ impl Server {
                 }),
                 true,
             ),
-            Err(e) => (serde_json::json!({ "ok": false, "error": e.to_string() }), false),
+            Err(e) => (
+                serde_json::json!({ "ok": false, "error": e.to_string() }),
+                false,
+            ),
         };
         if let Some(Some(c)) = self.api_clients.get_mut(client) {
             let _ = c.reply(&reply);
@@ -298,7 +347,9 @@ impl Server {
     }
 
     fn accept_frontend(&mut self, epoll: &Epoll) -> anyhow::Result<()> {
-        let Some(listener) = &self.listener else { return Ok(()) };
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
         let (stream, _) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
@@ -311,7 +362,10 @@ impl Server {
             return Ok(());
         }
         stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
-        epoll.add(stream.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION))?;
+        epoll.add(
+            stream.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION),
+        )?;
         info!("frontend connected");
         self.conn = Some(stream);
         Ok(())
@@ -364,7 +418,13 @@ impl Server {
             let _ = epoll.delete(old.as_fd());
         }
         if let Some(kick) = wanted {
-            if epoll.add(kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CTRL_KICK)).is_ok() {
+            if epoll
+                .add(
+                    kick.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, CTRL_KICK),
+                )
+                .is_ok()
+            {
                 self.ctrl_kick = Some(kick);
             }
             // Commands may already be waiting.
@@ -373,11 +433,27 @@ impl Server {
     }
 
     fn accept_api(&mut self, epoll: &Epoll) {
-        let Some(listener) = &self.api_listener else { return };
-        let Ok((stream, _)) = listener.accept() else { return };
-        let Ok(client) = ApiClient::new(stream) else { return };
-        let slot = self.api_clients.iter().position(Option::is_none).unwrap_or(self.api_clients.len());
-        if epoll.add(client.stream.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, API_CLIENT + slot as u64)).is_err() {
+        let Some(listener) = &self.api_listener else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(client) = ApiClient::new(stream) else {
+            return;
+        };
+        let slot = self
+            .api_clients
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.api_clients.len());
+        if epoll
+            .add(
+                client.stream.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, API_CLIENT + slot as u64),
+            )
+            .is_err()
+        {
             return;
         }
         if slot == self.api_clients.len() {
@@ -388,7 +464,9 @@ impl Server {
     }
 
     fn serve_api(&mut self, slot: usize, epoll: &Epoll) {
-        let Some(Some(client)) = self.api_clients.get_mut(slot) else { return };
+        let Some(Some(client)) = self.api_clients.get_mut(slot) else {
+            return;
+        };
         let Some(lines) = client.read_lines() else {
             let _ = epoll.delete(client.stream.as_fd());
             self.api_clients[slot] = None;
@@ -407,7 +485,9 @@ impl Server {
                 self.handover_request = Some((path, new_tap, slot));
                 return;
             }
-            let Some(Some(client)) = self.api_clients.get_mut(slot) else { return };
+            let Some(Some(client)) = self.api_clients.get_mut(slot) else {
+                return;
+            };
             if client.reply(&reply).is_err() {
                 let _ = epoll.delete(client.stream.as_fd());
                 self.api_clients[slot] = None;
@@ -419,11 +499,20 @@ impl Server {
 
 /// Replies as the protocol asks: a body for GET requests; otherwise an ack
 /// (0 ok, 1 failed) only when REPLY_ACK was negotiated and requested.
-fn answer(sock: BorrowedFd<'_>, header: wire::Header, outcome: Outcome, reply_ack: bool) -> Result<(), wire::WireError> {
+fn answer(
+    sock: BorrowedFd<'_>,
+    header: wire::Header,
+    outcome: Outcome,
+    reply_ack: bool,
+) -> Result<(), wire::WireError> {
     match outcome {
         Outcome::Reply(body) => wire::reply(sock, header.request, &body),
-        Outcome::Ok if header.needs_reply() && reply_ack => wire::reply(sock, header.request, &0u64.to_ne_bytes()),
-        Outcome::Failed(_) if header.needs_reply() && reply_ack => wire::reply(sock, header.request, &1u64.to_ne_bytes()),
+        Outcome::Ok if header.needs_reply() && reply_ack => {
+            wire::reply(sock, header.request, &0u64.to_ne_bytes())
+        }
+        Outcome::Failed(_) if header.needs_reply() && reply_ack => {
+            wire::reply(sock, header.request, &1u64.to_ne_bytes())
+        }
         _ => Ok(()),
     }
 }

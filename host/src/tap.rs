@@ -37,9 +37,21 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-nix::ioctl_write_ptr_bad!(tun_set_iff, nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()), IfReq);
-nix::ioctl_write_ptr_bad!(tun_set_queue, nix::request_code_write!(b'T', 217, std::mem::size_of::<libc::c_int>()), IfReq);
-nix::ioctl_read_bad!(tun_get_iff, nix::request_code_read!(b'T', 210, std::mem::size_of::<libc::c_uint>()), IfReq);
+nix::ioctl_write_ptr_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+    IfReq
+);
+nix::ioctl_write_ptr_bad!(
+    tun_set_queue,
+    nix::request_code_write!(b'T', 217, std::mem::size_of::<libc::c_int>()),
+    IfReq
+);
+nix::ioctl_read_bad!(
+    tun_get_iff,
+    nix::request_code_read!(b'T', 210, std::mem::size_of::<libc::c_uint>()),
+    IfReq
+);
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
 nix::ioctl_write_ptr!(tun_set_vnet_hdr_sz, b'T', 216, libc::c_int);
 
@@ -64,7 +76,11 @@ pub enum TapError {
     #[error("TAP fds belong to different devices ({0} and {1})")]
     Mixed(String, String),
     #[error("{op} on TAP {name:?}: {errno}")]
-    Ioctl { op: &'static str, name: String, errno: Errno },
+    Ioctl {
+        op: &'static str,
+        name: String,
+        errno: Errno,
+    },
 }
 
 /// An open TAP device: one fd per queue.
@@ -91,7 +107,10 @@ impl Tap {
         // attaches, and the other way round: try the likely one first.
         let mut multi_queue = queues > 1;
         let first = match attach_queue(name, multi_queue) {
-            Err(TapError::Attach { errno: Errno::EINVAL, .. }) if !multi_queue => {
+            Err(TapError::Attach {
+                errno: Errno::EINVAL,
+                ..
+            }) if !multi_queue => {
                 multi_queue = true;
                 attach_queue(name, true)?
             }
@@ -113,8 +132,12 @@ impl Tap {
             let mut req = IfReq::default();
             // SAFETY: TUNGETIFF writes at most a `struct ifreq` into `req`,
             // which is a properly sized and aligned `IfReq`.
-            unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }
-                .map_err(|errno| TapError::NotATap { fd: fd.as_raw_fd(), why: errno.to_string() })?;
+            unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }.map_err(|errno| {
+                TapError::NotATap {
+                    fd: fd.as_raw_fd(),
+                    why: errno.to_string(),
+                }
+            })?;
             let flags = req.flags;
             if flags & IFF_TAP == 0 || flags & IFF_VNET_HDR == 0 || flags & IFF_NO_PI == 0 {
                 return Err(TapError::NotATap {
@@ -129,16 +152,31 @@ impl Tap {
                 Some(first) if *first != this => return Err(TapError::Mixed(first.clone(), this)),
                 Some(_) => {}
             }
-            set_nonblocking(fd.as_fd()).map_err(|errno| TapError::NotATap { fd: fd.as_raw_fd(), why: errno.to_string() })?;
+            set_nonblocking(fd.as_fd()).map_err(|errno| TapError::NotATap {
+                fd: fd.as_raw_fd(),
+                why: errno.to_string(),
+            })?;
         }
         let Some(name) = name else {
-            return Err(TapError::NotATap { fd: -1, why: "no fds given".into() });
+            return Err(TapError::NotATap {
+                fd: -1,
+                why: "no fds given".into(),
+            });
         };
         Self::from_queues(name, fds, multi_queue)
     }
 
-    fn from_queues(name: String, queues: Vec<OwnedFd>, multi_queue: bool) -> Result<Self, TapError> {
-        let mut tap = Self { name, queues, multi_queue, offload_caps: Offloads::empty() };
+    fn from_queues(
+        name: String,
+        queues: Vec<OwnedFd>,
+        multi_queue: bool,
+    ) -> Result<Self, TapError> {
+        let mut tap = Self {
+            name,
+            queues,
+            multi_queue,
+            offload_caps: Offloads::empty(),
+        };
         tap.offload_caps = tap.probe_offloads();
         tap.set_offloads(Offloads::empty())?;
         Ok(tap)
@@ -219,8 +257,17 @@ impl Tap {
         if !self.multi_queue {
             return Ok(());
         }
-        let Some(fd) = self.queues.get(index) else { return Ok(()) };
-        let req = IfReq { flags: if attached { IFF_ATTACH_QUEUE } else { IFF_DETACH_QUEUE }, ..Default::default() };
+        let Some(fd) = self.queues.get(index) else {
+            return Ok(());
+        };
+        let req = IfReq {
+            flags: if attached {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            ..Default::default()
+        };
         // SAFETY: TUNSETQUEUE reads a `struct ifreq`; `req` is one.
         match unsafe { tun_set_queue(fd.as_raw_fd(), &req) } {
             // Attaching an attached queue (or detaching a detached one)
@@ -231,23 +278,37 @@ impl Tap {
     }
 
     fn ioctl_error(&self, op: &'static str, errno: Errno) -> TapError {
-        TapError::Ioctl { op, name: self.name.clone(), errno }
+        TapError::Ioctl {
+            op,
+            name: self.name.clone(),
+            errno,
+        }
     }
 }
 
 fn attach_queue(name: &str, multi_queue: bool) -> Result<OwnedFd, TapError> {
-    let raw = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(TapError::NoTunDevice)?;
+    let raw = open(
+        "/dev/net/tun",
+        OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(TapError::NoTunDevice)?;
     // SAFETY: `open` just returned this fd and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut req = IfReq { flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, ..Default::default() };
+    let mut req = IfReq {
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        ..Default::default()
+    };
     if multi_queue {
         req.flags |= IFF_MULTI_QUEUE;
     }
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads a `struct ifreq`; `req` is one, with a
     // NUL-terminated name (checked to be at most 15 bytes).
-    unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|errno| TapError::Attach { name: name.into(), errno })?;
+    unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|errno| TapError::Attach {
+        name: name.into(),
+        errno,
+    })?;
     Ok(fd)
 }
 

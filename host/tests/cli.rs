@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 fn sandnic(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sandnic"))
         .args(args)
-        .env("SANDNIC_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache"))
+        .env(
+            "SANDNIC_CACHE_DIR",
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache"),
+        )
         .output()
         .expect("running sandnic")
 }
@@ -33,7 +36,11 @@ fn inspect_of_a_newer_state_needs_a_newer_component() {
     let v2 = fixture("device-state-v2.msgpack");
     let out = sandnic(&["inspect", &v2]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("state version 2 is newer"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("state version 2 is newer"),
+        "{}",
+        stderr(&out)
+    );
     let component = sandnic_host::sandbox::components::built::v2();
     let out = sandnic(&["inspect", &v2, "--component", component.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));

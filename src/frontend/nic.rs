@@ -12,7 +12,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress};
@@ -105,10 +107,15 @@ impl TestNic {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to {}", socket.display()))
+                }
             }
         };
-        Self::setup(Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1), config)
+        Self::setup(
+            Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1),
+            config,
+        )
     }
 
     fn setup(mut fe: Frontend, config: &NicConfig) -> anyhow::Result<Self> {
@@ -126,7 +133,11 @@ impl TestNic {
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let acked = offered & (config.features | PROTOCOL_FEATURES);
         fe.set_features(acked)?;
-        let hdr_len = if acked & (f::VERSION_1 | f::MRG_RXBUF) != 0 { 12 } else { 10 };
+        let hdr_len = if acked & (f::VERSION_1 | f::MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        };
 
         let ram = GuestRam::new(config.ram_size)?;
         let region = VhostUserMemoryRegionInfo {
@@ -139,21 +150,43 @@ impl TestNic {
         };
         fe.set_mem_table(&[region])?;
 
-        let backend_channel = if config.backend_channel && proto.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-            let (ours, theirs) = UnixStream::pair()?;
-            fe.set_backend_request_fd(&theirs)?;
-            ours.set_nonblocking(true)?;
-            Some(ours)
-        } else {
-            None
-        };
+        let backend_channel =
+            if config.backend_channel && proto.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+                let (ours, theirs) = UnixStream::pair()?;
+                fe.set_backend_request_fd(&theirs)?;
+                ours.set_nonblocking(true)?;
+                Some(ours)
+            } else {
+                None
+            };
 
         let event_idx = acked & f::EVENT_IDX != 0;
-        let mut nic = Self { frontend: fe, ram, offered, acked, hdr_len, rx: vec![], tx: vec![], ctrl: None, backend_channel, rx_posted: None };
+        let mut nic = Self {
+            frontend: fe,
+            ram,
+            offered,
+            acked,
+            hdr_len,
+            rx: vec![],
+            tx: vec![],
+            ctrl: None,
+            backend_channel,
+            rx_posted: None,
+        };
         let pairs = if acked & f::MQ != 0 { config.pairs } else { 1 };
         for pair in 0..pairs {
-            let rx = nic.make_queue(2 * usize::from(pair), config.queue_size, config.rx_buf_len, event_idx)?;
-            let mut tx = nic.make_queue(2 * usize::from(pair) + 1, config.queue_size, config.tx_buf_len, event_idx)?;
+            let rx = nic.make_queue(
+                2 * usize::from(pair),
+                config.queue_size,
+                config.rx_buf_len,
+                event_idx,
+            )?;
+            let mut tx = nic.make_queue(
+                2 * usize::from(pair) + 1,
+                config.queue_size,
+                config.tx_buf_len,
+                event_idx,
+            )?;
             // TX completions are reaped by polling.
             tx.vq.polled = true;
             tx.vq.quiet();
@@ -161,7 +194,11 @@ impl TestNic {
             nic.tx.push(tx);
         }
         if acked & f::CTRL_VQ != 0 {
-            let index = if acked & f::MQ != 0 { 2 * usize::from(config.pairs) } else { 2 };
+            let index = if acked & f::MQ != 0 {
+                2 * usize::from(config.pairs)
+            } else {
+                2
+            };
             nic.ctrl = Some(nic.make_queue(index, 64, 4096, event_idx)?);
         }
         nic.rx_posted = config.rx_posted;
@@ -170,7 +207,8 @@ impl TestNic {
         }
         if nic.rx.len() > 1 && nic.ctrl.is_some() {
             // As a Linux driver does at probe: use every queue pair.
-            let command = sandnic_device::ctrl::CtrlCommand::MqPairsSet(nic.rx.len() as u16).encode();
+            let command =
+                sandnic_device::ctrl::CtrlCommand::MqPairsSet(nic.rx.len() as u16).encode();
             if nic.ctrl(&command)? != sandnic_device::ACK_OK {
                 bail!("the device refused VQ_PAIRS_SET {}", nic.rx.len());
             }
@@ -178,10 +216,18 @@ impl TestNic {
         Ok(nic)
     }
 
-    fn make_queue(&mut self, index: usize, size: u16, buf_len: u32, event_idx: bool) -> anyhow::Result<Queue> {
+    fn make_queue(
+        &mut self,
+        index: usize,
+        size: u16,
+        buf_len: u32,
+        event_idx: bool,
+    ) -> anyhow::Result<Queue> {
         let mut vq = Virtq::new(&self.ram, size);
         vq.event_idx = event_idx;
-        let bufs = (0..size).map(|_| self.ram.alloc(u64::from(buf_len), 64)).collect();
+        let bufs = (0..size)
+            .map(|_| self.ram.alloc(u64::from(buf_len), 64))
+            .collect();
         let kick = EventFd::new(EFD_NONBLOCK)?;
         let call = EventFd::new(EFD_NONBLOCK)?;
         let fe = &mut self.frontend;
@@ -201,7 +247,13 @@ impl TestNic {
         fe.set_vring_kick(index, &kick)?;
         fe.set_vring_enable(index, true)?;
         vq.want_interrupts();
-        Ok(Queue { vq, kick, call, bufs, buf_len })
+        Ok(Queue {
+            vq,
+            kick,
+            call,
+            bufs,
+            buf_len,
+        })
     }
 
     /// Posts every free RX descriptor as a buffer.
@@ -209,11 +261,17 @@ impl TestNic {
         let limit = self.rx_posted.unwrap_or(usize::MAX);
         let q = &mut self.rx[pair];
         let mut added = false;
-        while q.vq.free_descriptors() > 0 && usize::from(q.vq.size) - q.vq.free_descriptors() < limit {
+        while q.vq.free_descriptors() > 0
+            && usize::from(q.vq.size) - q.vq.free_descriptors() < limit
+        {
             // One descriptor per chain: its index is the head, which names
             // its fixed buffer.
             let Some(probe) = q.vq.next_free() else { break };
-            let buf = Buf { addr: q.bufs[usize::from(probe)], len: q.buf_len, writable: true };
+            let buf = Buf {
+                addr: q.bufs[usize::from(probe)],
+                len: q.buf_len,
+                writable: true,
+            };
             if q.vq.add(&[buf]).is_none() {
                 break;
             }
@@ -226,7 +284,11 @@ impl TestNic {
 
     /// Queues frames on TX (header zeroed: no offloads) and kicks once.
     /// Returns how many were queued (fewer when the ring is full).
-    pub fn send_batch<'a>(&mut self, pair: usize, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    pub fn send_batch<'a>(
+        &mut self,
+        pair: usize,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> usize {
         let zero = [0u8; 12];
         let hdr = &zero[..self.hdr_len];
         self.send_batch_with_header(pair, hdr, frames)
@@ -262,7 +324,12 @@ impl TestNic {
                 std::ptr::copy_nonoverlapping(header.as_ptr(), dst, hdr);
                 std::ptr::copy_nonoverlapping(frame.as_ptr(), dst.add(hdr), frame.len());
             }
-            q.vq.add(&[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
+            q.vq.add(&[Buf {
+                addr,
+                len: len as u32,
+                writable: false,
+            }])
+            .expect("free descriptor");
             sent += 1;
         }
         if sent > 0 && q.vq.needs_kick() {
@@ -300,7 +367,12 @@ impl TestNic {
         while sent < n {
             let Some(probe) = q.vq.next_free() else { break };
             let addr = q.bufs[usize::from(probe)];
-            q.vq.add(&[Buf { addr, len: len as u32, writable: false }]).expect("free descriptor");
+            q.vq.add(&[Buf {
+                addr,
+                len: len as u32,
+                writable: false,
+            }])
+            .expect("free descriptor");
             sent += 1;
         }
         if sent > 0 && q.vq.needs_kick() {
@@ -336,8 +408,12 @@ impl TestNic {
         let q = &mut self.rx[pair];
         let (mut frames, mut bytes) = (0, 0);
         while let Some((head, len)) = q.vq.pop_used() {
-            let num_buffers: u16 =
-                if hdr == 12 { mem.read_obj(GuestAddress(q.bufs[usize::from(head)].0 + 10)).unwrap() } else { 1 };
+            let num_buffers: u16 = if hdr == 12 {
+                mem.read_obj(GuestAddress(q.bufs[usize::from(head)].0 + 10))
+                    .unwrap()
+            } else {
+                1
+            };
             bytes += u64::from(len).saturating_sub(hdr);
             for _ in 1..num_buffers.max(1) {
                 match q.vq.pop_used() {
@@ -360,13 +436,21 @@ impl TestNic {
         let q = &mut self.rx[pair];
         let (head, len) = q.vq.pop_used()?;
         let first = q.bufs[usize::from(head)];
-        let num_buffers: u16 = if hdr == 12 { mem.read_obj(GuestAddress(first.0 + 10)).unwrap() } else { 1 };
+        let num_buffers: u16 = if hdr == 12 {
+            mem.read_obj(GuestAddress(first.0 + 10)).unwrap()
+        } else {
+            1
+        };
         let mut frame = vec![0u8; (len as usize).saturating_sub(hdr)];
-        mem.read_slice(&mut frame, GuestAddress(first.0 + hdr as u64)).unwrap();
+        mem.read_slice(&mut frame, GuestAddress(first.0 + hdr as u64))
+            .unwrap();
         for _ in 1..num_buffers.max(1) {
-            let Some((head, len)) = q.vq.pop_used() else { break };
+            let Some((head, len)) = q.vq.pop_used() else {
+                break;
+            };
             let mut more = vec![0u8; len as usize];
-            mem.read_slice(&mut more, q.bufs[usize::from(head)]).unwrap();
+            mem.read_slice(&mut more, q.bufs[usize::from(head)])
+                .unwrap();
             frame.extend_from_slice(&more);
         }
         self.fill_rx(pair);
@@ -389,17 +473,28 @@ impl TestNic {
     /// Sends one control command and returns the device's ack.
     pub fn ctrl(&mut self, command: &[u8]) -> anyhow::Result<u8> {
         let mem = self.ram.mem();
-        let q = self.ctrl.as_mut().ok_or_else(|| anyhow!("no control queue negotiated"))?;
+        let q = self
+            .ctrl
+            .as_mut()
+            .ok_or_else(|| anyhow!("no control queue negotiated"))?;
         let cmd_at = q.bufs[0];
         let ack_at = GuestAddress(cmd_at.0 + u64::from(q.buf_len) - 1);
         assert!(command.len() < q.buf_len as usize);
         mem.write_slice(command, cmd_at).unwrap();
         mem.write_obj(0xffu8, ack_at).unwrap();
-        let ours = q
-            .vq
-            .add(
-                &[Buf { addr: cmd_at, len: command.len() as u32, writable: false }, Buf { addr: ack_at, len: 1, writable: true }],
-            )
+        let ours =
+            q.vq.add(&[
+                Buf {
+                    addr: cmd_at,
+                    len: command.len() as u32,
+                    writable: false,
+                },
+                Buf {
+                    addr: ack_at,
+                    len: 1,
+                    writable: true,
+                },
+            ])
             .ok_or_else(|| anyhow!("control queue full"))?;
         let _ = q.kick.write(1);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -447,18 +542,27 @@ impl TestNic {
 
     /// The device's config space (GET_CONFIG).
     pub fn config(&mut self, len: u32) -> anyhow::Result<Vec<u8>> {
-        let (_, bytes) = self.frontend.get_config(0, len, VhostUserConfigFlags::WRITABLE, &vec![0; len as usize])?;
+        let (_, bytes) = self.frontend.get_config(
+            0,
+            len,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0; len as usize],
+        )?;
         Ok(bytes)
     }
 
     /// Waits for a CONFIG_CHANGE_MSG on the backend channel.
     pub fn wait_config_change(&mut self, timeout: Duration) -> bool {
-        let Some(channel) = &mut self.backend_channel else { return false };
+        let Some(channel) = &mut self.backend_channel else {
+            return false;
+        };
         let deadline = Instant::now() + timeout;
         let mut header = [0u8; 12];
         while Instant::now() < deadline {
             match channel.read(&mut header) {
-                Ok(12) => return u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) == 2,
+                Ok(12) => {
+                    return u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) == 2
+                }
                 Ok(_) => return false,
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }

@@ -107,13 +107,20 @@ impl Virtq {
 
     fn read_desc(&self, index: u16) -> RawDesc {
         // SAFETY: as in `write_desc` (indices come from our own chains).
-        unsafe { self.desc_ptr.add(usize::from(index % self.size)).read_volatile() }
+        unsafe {
+            self.desc_ptr
+                .add(usize::from(index % self.size))
+                .read_volatile()
+        }
     }
 
     /// Adds a chain; None if the ring has too few free descriptors.
     pub fn add(&mut self, bufs: &[Buf]) -> Option<u16> {
         const MAX_BUFS: usize = 8;
-        assert!(bufs.len() <= MAX_BUFS, "chains of at most {MAX_BUFS} buffers");
+        assert!(
+            bufs.len() <= MAX_BUFS,
+            "chains of at most {MAX_BUFS} buffers"
+        );
         if bufs.is_empty() || self.free.len() < bufs.len() {
             return None;
         }
@@ -126,7 +133,15 @@ impl Virtq {
             let last = i + 1 == bufs.len();
             let flags = if b.writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
             let next = if last { 0 } else { ids[i + 1] };
-            self.write_desc(ids[i], RawDesc { addr: b.addr.0, len: b.len, flags, next });
+            self.write_desc(
+                ids[i],
+                RawDesc {
+                    addr: b.addr.0,
+                    len: b.len,
+                    flags,
+                    next,
+                },
+            );
         }
         self.chain_len[usize::from(ids[0])] = bufs.len() as u16;
         self.publish(ids[0]);
@@ -147,14 +162,18 @@ impl Virtq {
 
     /// Takes free descriptor indices out of the free list (for `add_raw`).
     pub fn take_free(&mut self, n: usize) -> Vec<u16> {
-        (0..n).map(|_| self.free.pop().expect("free descriptor")).collect()
+        (0..n)
+            .map(|_| self.free.pop().expect("free descriptor"))
+            .collect()
     }
 
     fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
-        self.u16_at(self.avail_ptr, 4 + 2 * slot).store(head, Ordering::Relaxed);
+        self.u16_at(self.avail_ptr, 4 + 2 * slot)
+            .store(head, Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.u16_at(self.avail_ptr, 2).store(self.avail_idx, Ordering::Release);
+        self.u16_at(self.avail_ptr, 2)
+            .store(self.avail_idx, Ordering::Release);
     }
 
     /// Whether the device asked to be kicked for what was added since the
@@ -165,7 +184,9 @@ impl Virtq {
         let new = self.avail_idx;
         self.kicked_at = new;
         if self.event_idx {
-            let event = self.u16_at(self.used_ptr, 4 + 8 * u64::from(self.size)).load(Ordering::Acquire);
+            let event = self
+                .u16_at(self.used_ptr, 4 + 8 * u64::from(self.size))
+                .load(Ordering::Acquire);
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             self.u16_at(self.used_ptr, 0).load(Ordering::Acquire) & 1 == 0
@@ -176,7 +197,8 @@ impl Virtq {
     /// (EVENT_IDX): the next one, i.e. always interrupt.
     pub fn want_interrupts(&self) {
         if self.event_idx {
-            self.u16_at(self.avail_ptr, 4 + 2 * u64::from(self.size)).store(self.last_used, Ordering::Release);
+            self.u16_at(self.avail_ptr, 4 + 2 * u64::from(self.size))
+                .store(self.last_used, Ordering::Release);
         }
     }
 
@@ -186,7 +208,8 @@ impl Virtq {
     pub fn quiet(&self) {
         if self.event_idx {
             let far = self.last_used.wrapping_add(0x7fff);
-            self.u16_at(self.avail_ptr, 4 + 2 * u64::from(self.size)).store(far, Ordering::Release);
+            self.u16_at(self.avail_ptr, 4 + 2 * u64::from(self.size))
+                .store(far, Ordering::Release);
         }
     }
 

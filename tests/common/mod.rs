@@ -5,14 +5,22 @@
 #![allow(dead_code)]
 
 use sandnic_device::{Compat, DeviceConfig, Effect, NetDevice, Offloads};
-use sandnic_host::sandbox::{components, ComponentSource, DeviceComponent, DeviceError, Runtime, SandboxedDevice};
+use sandnic_host::sandbox::{
+    components, ComponentSource, DeviceComponent, DeviceError, Runtime, SandboxedDevice,
+};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 pub const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 pub fn config(pairs: u16, mtu: Option<u16>, offloads: Offloads) -> DeviceConfig {
-    DeviceConfig { mac: MAC, max_queue_pairs: pairs, mtu, backend_offloads: offloads, compat: Compat::default() }
+    DeviceConfig {
+        mac: MAC,
+        max_queue_pairs: pairs,
+        mtu,
+        backend_offloads: offloads,
+        compat: Compat::default(),
+    }
 }
 
 /// Two pairs, MTU 1500, every offload: every feature on offer.
@@ -43,8 +51,10 @@ pub fn component(build: Build) -> Arc<DeviceComponent> {
         let rt = runtime();
         [
             rt.load(&ComponentSource::Builtin).expect("v1 component"),
-            rt.load(&ComponentSource::File(components::built::v2())).expect("v2 component"),
-            rt.load(&ComponentSource::File(components::built::hostile())).expect("hostile component"),
+            rt.load(&ComponentSource::File(components::built::v2()))
+                .expect("v2 component"),
+            rt.load(&ComponentSource::File(components::built::hostile()))
+                .expect("hostile component"),
         ]
     });
     all[build as usize].clone()
@@ -55,7 +65,9 @@ pub fn sandboxed(build: Build, config: DeviceConfig) -> SandboxedDevice {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The device's current state, saved and described as JSON.
@@ -169,7 +181,10 @@ impl Dut for SandboxedDevice {
     }
     fn ctrl(&mut self, command: &[u8]) -> (u8, Vec<Effect>) {
         let outcome = self.handle_ctrl(command);
-        assert_eq!(outcome.failure, None, "sandbox failure on a control command");
+        assert_eq!(
+            outcome.failure, None,
+            "sandbox failure on a control command"
+        );
         (outcome.ack, outcome.effects)
     }
     fn link(&mut self, up: bool) -> Vec<Effect> {
@@ -198,7 +213,10 @@ pub struct Lockstep {
 
 impl Lockstep {
     pub fn new(config: DeviceConfig) -> Self {
-        Self { native: NetDevice::new(config.clone()).expect("native device"), wasm: sandboxed(Build::V1, config) }
+        Self {
+            native: NetDevice::new(config.clone()).expect("native device"),
+            wasm: sandboxed(Build::V1, config),
+        }
     }
 }
 
@@ -212,7 +230,11 @@ macro_rules! both {
             let $d: &mut dyn Dut = &mut $self.wasm;
             $call
         };
-        assert_eq!(native, wasm, "native and sandboxed device differ on {}", $name);
+        assert_eq!(
+            native, wasm,
+            "native and sandboxed device differ on {}",
+            $name
+        );
         native
     }};
 }

@@ -27,7 +27,9 @@ enum BadChain {
 impl NetBackend {
     /// Serves every command waiting on the control queue.
     pub fn process_ctrl_queue(&mut self) {
-        let (Some(mut ring), Some(memory)) = (self.ctrl.take(), self.memory.clone()) else { return };
+        let (Some(mut ring), Some(memory)) = (self.ctrl.take(), self.memory.clone()) else {
+            return;
+        };
         notify::drain(ring.kick.as_fd());
         let mem = memory.mmap();
         let mut served = 0;
@@ -50,7 +52,11 @@ impl NetBackend {
     }
 
     /// Returns the used length (1 if an ack was written).
-    fn serve_command(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    fn serve_command(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
         self.counters.ctrl_commands += 1;
         let (command, ack_at) = match read_command(chain, mem) {
             Ok(parts) => parts,

@@ -56,7 +56,10 @@ impl NetBackend {
     }
 
     /// Applies the effects of a device call, or counts its failure.
-    pub(super) fn apply_result(&mut self, result: Result<Vec<Effect>, DeviceError>) -> Result<(), String> {
+    pub(super) fn apply_result(
+        &mut self,
+        result: Result<Vec<Effect>, DeviceError>,
+    ) -> Result<(), String> {
         match result {
             Ok(effects) => {
                 self.apply(effects);

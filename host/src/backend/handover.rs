@@ -32,15 +32,28 @@ impl NetBackend {
         let vrings = self
             .vrings
             .iter()
-            .map(|v| VringState { num: v.num, addrs: v.addrs, base: v.base, enabled: v.enabled, started: v.started })
+            .map(|v| VringState {
+                num: v.num,
+                addrs: v.addrs,
+                base: v.base,
+                enabled: v.enabled,
+                started: v.started,
+            })
             .collect();
         let tap = self.datapath.tap();
         let host = HostState {
             config: self.device.config().clone(),
             protocol: self.proto.clone(),
             vrings,
-            regions: self.memory.as_ref().map(|m| m.regions().to_vec()).unwrap_or_default(),
-            tap: TapState { name: tap.name().to_string(), queues: tap.queue_count() as u16 },
+            regions: self
+                .memory
+                .as_ref()
+                .map(|m| m.regions().to_vec())
+                .unwrap_or_default(),
+            tap: TapState {
+                name: tap.name().to_string(),
+                queues: tap.queue_count() as u16,
+            },
             link_up: self.settings.link_up,
             socket_paths: Vec::new(),
         };
@@ -99,7 +112,10 @@ impl NetBackend {
         }
         if !host.regions.is_empty() {
             let region_fds = (0..host.regions.len() as u32)
-                .map(|i| fds.remove(&FdRole::MemoryRegion(i)).ok_or_else(|| anyhow::anyhow!("memory region {i} has no fd")))
+                .map(|i| {
+                    fds.remove(&FdRole::MemoryRegion(i))
+                        .ok_or_else(|| anyhow::anyhow!("memory region {i} has no fd"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let memory = Arc::new(GuestMemory::map(host.regions.clone(), region_fds)?);
             b.memory = Some(memory.clone());

@@ -121,7 +121,9 @@ impl NetBackend {
         for index in 0..self.vrings.len() {
             self.stop_ring(index);
         }
-        self.vrings.iter_mut().for_each(|v| *v = VringSetup::default());
+        self.vrings
+            .iter_mut()
+            .for_each(|v| *v = VringSetup::default());
         self.datapath.set_memory(None);
         self.memory = None;
         self.backend_channel = None;

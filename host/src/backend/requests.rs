@@ -68,7 +68,12 @@ impl NetBackend {
                 b.vrings[i].num = num;
                 Ok(())
             }),
-            Request::SetVringAddr { index, desc, used, avail } => self.with_ring(index, |b, i| {
+            Request::SetVringAddr {
+                index,
+                desc,
+                used,
+                avail,
+            } => self.with_ring(index, |b, i| {
                 b.vrings[i].addrs = Some(RingAddrs { desc, avail, used });
                 Ok(())
             }),
@@ -96,7 +101,11 @@ impl NetBackend {
                 Ok(())
             }),
             Request::SetVringEnable { index, enable } => {
-                if self.proto.acked_features.is_some_and(|f| f & F_PROTOCOL_FEATURES == 0) {
+                if self
+                    .proto
+                    .acked_features
+                    .is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
+                {
                     return Outcome::Failed("SET_VRING_ENABLE without protocol features".into());
                 }
                 let outcome = self.with_ring(index, |b, i| {
@@ -111,7 +120,11 @@ impl NetBackend {
                 }
                 outcome
             }
-            Request::GetConfig { offset, size, flags } => self.get_config(offset, size, flags),
+            Request::GetConfig {
+                offset,
+                size,
+                flags,
+            } => self.get_config(offset, size, flags),
             Request::SetConfig { offset, data, .. } => {
                 let result = self.device.write_config(offset, &data);
                 match self.apply_result(result) {
@@ -132,10 +145,17 @@ impl NetBackend {
 
     /// Applies a change to ring `index`'s configuration and brings the ring
     /// in line with it.
-    fn with_ring(&mut self, index: u32, f: impl FnOnce(&mut Self, usize) -> Result<(), String>) -> Outcome {
+    fn with_ring(
+        &mut self,
+        index: u32,
+        f: impl FnOnce(&mut Self, usize) -> Result<(), String>,
+    ) -> Outcome {
         let i = index as usize;
         if i >= self.vrings.len() {
-            return Outcome::Failed(format!("ring {index} does not exist ({} rings)", self.vrings.len()));
+            return Outcome::Failed(format!(
+                "ring {index} does not exist ({} rings)",
+                self.vrings.len()
+            ));
         }
         match f(self, i) {
             Ok(()) => {
@@ -172,7 +192,9 @@ impl NetBackend {
     fn set_mem_table(&mut self, regions: Vec<RegionInfo>, fds: Vec<OwnedFd>) -> Outcome {
         match GuestMemory::map(regions, fds) {
             Ok(memory) => {
-                let running: Vec<usize> = (0..self.vrings.len()).filter(|&i| self.stop_ring(i).is_some()).collect();
+                let running: Vec<usize> = (0..self.vrings.len())
+                    .filter(|&i| self.stop_ring(i).is_some())
+                    .collect();
                 let memory = Arc::new(memory);
                 self.memory = Some(memory.clone());
                 self.datapath.set_memory(Some(memory));
@@ -208,7 +230,11 @@ impl NetBackend {
                 Vec::new()
             }
         };
-        let head = VhostUserConfig::new(offset, data.len() as u32, vhost::vhost_user::message::VhostUserConfigFlags::from_bits_retain(flags));
+        let head = VhostUserConfig::new(
+            offset,
+            data.len() as u32,
+            vhost::vhost_user::message::VhostUserConfigFlags::from_bits_retain(flags),
+        );
         let mut body = head.as_slice().to_vec();
         body.extend_from_slice(&data);
         Outcome::Reply(body)
@@ -236,7 +262,10 @@ impl NetBackend {
 fn nonblocking(fd: &OwnedFd) -> Result<(), String> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| format!("fcntl: {e}"))?;
-    fcntl(fd.as_fd().as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK))
-        .map(drop)
-        .map_err(|e| format!("fcntl: {e}"))
+    fcntl(
+        fd.as_fd().as_raw_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map(drop)
+    .map_err(|e| format!("fcntl: {e}"))
 }

@@ -35,7 +35,14 @@ impl NetBackend {
         if index == self.ctrl_index() {
             Some(Slot::Ctrl)
         } else if index < data_queues {
-            Some(Slot::Data { pair: index / 2, dir: if index % 2 == 0 { Direction::Rx } else { Direction::Tx } })
+            Some(Slot::Data {
+                pair: index / 2,
+                dir: if index % 2 == 0 {
+                    Direction::Rx
+                } else {
+                    Direction::Tx
+                },
+            })
         } else {
             None
         }
@@ -43,7 +50,12 @@ impl NetBackend {
 
     fn wants_running(&self, index: usize) -> bool {
         let v = &self.vrings[index];
-        v.started && v.enabled && v.num > 0 && v.addrs.is_some() && v.kick.is_some() && self.memory.is_some()
+        v.started
+            && v.enabled
+            && v.num > 0
+            && v.addrs.is_some()
+            && v.kick.is_some()
+            && self.memory.is_some()
     }
 
     /// Stops ring `index` if it runs; returns (and remembers) where the
@@ -67,7 +79,9 @@ impl NetBackend {
         if !self.wants_running(index) {
             return;
         }
-        let (Some(slot), Some(memory)) = (self.slot(index), self.memory.clone()) else { return };
+        let (Some(slot), Some(memory)) = (self.slot(index), self.memory.clone()) else {
+            return;
+        };
         let event_idx = self.proto.device_features() & features::EVENT_IDX != 0;
         match Vring::start(index as u16, &self.vrings[index], &memory, event_idx) {
             Ok(ring) => match slot {

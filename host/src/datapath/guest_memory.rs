@@ -9,8 +9,8 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, MmapRegion,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 /// One SET_MEM_TABLE region as sent (without its fd).
@@ -51,7 +51,10 @@ impl GuestMemory {
     /// Maps every region from its fd.
     pub fn map(regions: Vec<RegionInfo>, fds: Vec<OwnedFd>) -> Result<Self, MemoryError> {
         if regions.len() != fds.len() {
-            return Err(MemoryError::FdCount { regions: regions.len(), fds: fds.len() });
+            return Err(MemoryError::FdCount {
+                regions: regions.len(),
+                fds: fds.len(),
+            });
         }
         let mut mapped = Vec::with_capacity(regions.len());
         for (info, fd) in regions.iter().zip(fds) {
@@ -65,14 +68,21 @@ impl GuestMemory {
                 return Err(MemoryError::BadRegion(*info));
             }
             let file = File::from(fd);
-            let mmap = MmapRegion::<()>::from_file(FileOffset::new(file, info.mmap_offset), info.memory_size as usize)
-                .map_err(|e| MemoryError::Map { region: *info, error: e.to_string() })?;
+            let mmap = MmapRegion::<()>::from_file(
+                FileOffset::new(file, info.mmap_offset),
+                info.memory_size as usize,
+            )
+            .map_err(|e| MemoryError::Map {
+                region: *info,
+                error: e.to_string(),
+            })?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(info.guest_phys_addr))
                 .ok_or(MemoryError::BadRegion(*info))?;
             mapped.push(region);
         }
         mapped.sort_by_key(|r| r.start_addr());
-        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
         Ok(Self { mem, regions })
     }
 
@@ -98,7 +108,8 @@ impl GuestMemory {
     pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<GuestAddress> {
         self.regions.iter().find_map(|r| {
             let offset = va.checked_sub(r.userspace_addr)?;
-            (offset.checked_add(len)? <= r.memory_size).then(|| GuestAddress(r.guest_phys_addr + offset))
+            (offset.checked_add(len)? <= r.memory_size)
+                .then(|| GuestAddress(r.guest_phys_addr + offset))
         })
     }
 }
@@ -109,15 +120,25 @@ pub type IoVec = libc::iovec;
 /// Appends the host ranges backing guest range `[addr, addr+len)` to `out`
 /// (several when it crosses regions). Fails if any byte is outside guest
 /// memory: the guest chooses these addresses.
-pub fn translate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32, out: &mut Vec<IoVec>) -> Result<(), GuestAddress> {
+pub fn translate(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+    out: &mut Vec<IoVec>,
+) -> Result<(), GuestAddress> {
     let mut addr = addr;
     let mut left = u64::from(len);
     while left > 0 {
         let region = mem.find_region(addr).ok_or(addr)?;
         let offset = addr.checked_offset_from(region.start_addr()).ok_or(addr)?;
         let take = left.min(region.len() - offset);
-        let host = region.get_host_address(MemoryRegionAddress(offset)).map_err(|_| addr)?;
-        out.push(IoVec { iov_base: host.cast(), iov_len: take as usize });
+        let host = region
+            .get_host_address(MemoryRegionAddress(offset))
+            .map_err(|_| addr)?;
+        out.push(IoVec {
+            iov_base: host.cast(),
+            iov_len: take as usize,
+        });
         left -= take;
         addr = addr.checked_add(take).ok_or(addr)?;
     }

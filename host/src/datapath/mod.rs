@@ -44,7 +44,13 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { hdr_len: 12, mergeable: false, frame_room: rx::MAX_FRAME, filter: Arc::default(), link_up: true }
+        Self {
+            hdr_len: 12,
+            mergeable: false,
+            frame_room: rx::MAX_FRAME,
+            filter: Arc::default(),
+            link_up: true,
+        }
     }
 }
 
@@ -130,18 +136,29 @@ impl Datapath {
                     generation: 0,
                 }),
                 stats: QueueStats::default(),
-                wake: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                    .map_err(std::io::Error::from)?,
+                wake: EventFd::from_value_and_flags(
+                    0,
+                    EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?,
                 stop: AtomicBool::new(false),
             });
             let (s, t) = (shared.clone(), tap.clone());
-            threads.push(std::thread::Builder::new().name(format!("sandnic-q{index}")).spawn(move || worker::run(s, t))?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sandnic-q{index}"))
+                    .spawn(move || worker::run(s, t))?,
+            );
             pairs.push(shared);
         }
         for index in 1..tap.queue_count() {
             let _ = tap.set_queue_attached(index, false);
         }
-        Ok(Self { tap, pairs, threads })
+        Ok(Self {
+            tap,
+            pairs,
+            threads,
+        })
     }
 
     pub fn tap(&self) -> &Arc<Tap> {

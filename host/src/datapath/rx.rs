@@ -56,14 +56,20 @@ impl RxPending {
     /// Gives every pending chain back to the available ring.
     pub fn rewind(&mut self, ring: &mut Vring) {
         let n = self.chains.len() as u16;
-        ring.queue.set_next_avail(ring.queue.next_avail().wrapping_sub(n));
+        ring.queue
+            .set_next_avail(ring.queue.next_avail().wrapping_sub(n));
         self.chains.clear();
         self.iov.clear();
     }
 
     /// Room, chains and segments of the good chains at the front.
     fn usable(&self) -> (u64, usize, usize) {
-        self.chains.iter().take_while(|c| !c.bad).fold((0, 0, 0), |(cap, n, s), c| (cap + c.capacity, n + 1, s + c.segments))
+        self.chains
+            .iter()
+            .take_while(|c| !c.bad)
+            .fold((0, 0, 0), |(cap, n, s), c| {
+                (cap + c.capacity, n + 1, s + c.segments)
+            })
     }
 
     fn consume(&mut self, chains: usize) {
@@ -72,7 +78,9 @@ impl RxPending {
     }
 
     fn pop_into(&mut self, ring: &mut Vring, mem: &GuestMemoryMmap) -> bool {
-        let Some(chain) = ring.pop(mem) else { return false };
+        let Some(chain) = ring.pop(mem) else {
+            return false;
+        };
         let head = chain.head_index();
         let before = self.iov.len();
         let result = chain_iovecs(chain, mem, true, u64::from(u32::MAX), &mut self.iov);
@@ -80,7 +88,12 @@ impl RxPending {
             Ok(capacity) => (capacity, false),
             Err(_) => (0, true),
         };
-        self.chains.push_back(Pending { head, segments: self.iov.len() - before, capacity, bad });
+        self.chains.push_back(Pending {
+            head,
+            segments: self.iov.len() - before,
+            capacity,
+            bad,
+        });
         true
     }
 }
@@ -107,7 +120,12 @@ pub enum RxOutcome {
 }
 
 /// Moves up to `budget` frames from the TAP into the guest.
-pub fn process_rx(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>, budget: usize) -> (Batch, RxOutcome) {
+pub fn process_rx(
+    ring: &mut Vring,
+    pending: &mut RxPending,
+    ctx: &RxContext<'_>,
+    budget: usize,
+) -> (Batch, RxOutcome) {
     let mut batch = Batch::default();
     let mut used_any = false;
     let mut outcome = RxOutcome::Budget;
@@ -121,7 +139,13 @@ pub fn process_rx(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>
         // SAFETY: the iovecs point into guest buffers the guest handed to
         // the device (device-writable, inside `ctx.mem`, which stays mapped
         // for the call). The kernel writes at most `room` bytes into them.
-        let n = unsafe { libc::readv(ctx.tap.as_raw_fd(), pending.iov.as_ptr(), segments as libc::c_int) };
+        let n = unsafe {
+            libc::readv(
+                ctx.tap.as_raw_fd(),
+                pending.iov.as_ptr(),
+                segments as libc::c_int,
+            )
+        };
         if n < 0 {
             outcome = RxOutcome::TapEmpty;
             break;
@@ -133,7 +157,10 @@ pub fn process_rx(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>
         }
         let mut head = [0u8; 18];
         let got = read_iov(&pending.iov, ctx.hdr_len, &mut head);
-        if !ctx.filter.accepts(&head[..got.min(n as usize - ctx.hdr_len)]) {
+        if !ctx
+            .filter
+            .accepts(&head[..got.min(n as usize - ctx.hdr_len)])
+        {
             batch.filtered += 1;
             continue;
         }
@@ -149,7 +176,12 @@ pub fn process_rx(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>
 }
 
 /// Malformed chains at the front are returned to the guest unused.
-fn return_bad_chains(ring: &mut Vring, pending: &mut RxPending, mem: &GuestMemoryMmap, batch: &mut Batch) -> bool {
+fn return_bad_chains(
+    ring: &mut Vring,
+    pending: &mut RxPending,
+    mem: &GuestMemoryMmap,
+    batch: &mut Batch,
+) -> bool {
     let mut any = false;
     while pending.chains.front().is_some_and(|c| c.bad) {
         let head = pending.chains[0].head;
@@ -166,7 +198,11 @@ fn return_bad_chains(ring: &mut Vring, pending: &mut RxPending, mem: &GuestMemor
 fn gather(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>) -> bool {
     loop {
         let (room, chains, _) = pending.usable();
-        let enough = if ctx.mergeable { room > ctx.frame_room } else { chains > 0 };
+        let enough = if ctx.mergeable {
+            room > ctx.frame_room
+        } else {
+            chains > 0
+        };
         let blocked = pending.chains.iter().any(|c| c.bad);
         if enough || (blocked && chains > 0) {
             return true;
@@ -186,7 +222,13 @@ fn gather(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>) -> boo
 }
 
 /// Hands a frame of `n` bytes, read into the first chains, to the guest.
-fn deliver(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>, n: u64, available: usize) {
+fn deliver(
+    ring: &mut Vring,
+    pending: &mut RxPending,
+    ctx: &RxContext<'_>,
+    n: u64,
+    available: usize,
+) {
     let mut count = 0;
     let mut left = n;
     for c in pending.chains.iter().take(available) {

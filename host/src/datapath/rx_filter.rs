@@ -78,7 +78,9 @@ impl NativeFilter {
         if self.accept_all {
             return true;
         }
-        let Some(dest) = head.get(..6) else { return false };
+        let Some(dest) = head.get(..6) else {
+            return false;
+        };
         if self.vlan_filtering && head.len() >= 16 && head[12] == 0x81 && head[13] == 0x00 {
             let vid = (u16::from(head[14] & 0x0f) << 8) | u16::from(head[15]);
             if self.vlans[usize::from(vid >> 6)] & (1 << (vid & 63)) == 0 {
@@ -87,7 +89,8 @@ impl NativeFilter {
         }
         let dest: &Mac = dest.try_into().expect("6 bytes");
         if dest[0] & 1 == 0 {
-            !self.no_uni && (self.all_uni || *dest == self.mac || self.unicast.binary_search(dest).is_ok())
+            !self.no_uni
+                && (self.all_uni || *dest == self.mac || self.unicast.binary_search(dest).is_ok())
         } else if *dest == [0xff; 6] {
             !self.no_bcast
         } else {
@@ -105,7 +108,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
         fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -151,11 +157,17 @@ mod tests {
             frame.extend_from_slice(&[2, 0, 0, 0, 0, 0x77]);
             if bit(&mut rng) {
                 frame.extend_from_slice(&[0x81, 0x00]);
-                frame.extend_from_slice(&(rng.pick(&[0u16, 1, 100, 101, 4095]) | 0x2000).to_be_bytes());
+                frame.extend_from_slice(
+                    &(rng.pick(&[0u16, 1, 100, 101, 4095]) | 0x2000).to_be_bytes(),
+                );
             }
             frame.extend_from_slice(&[0x08, 0x00]);
             frame.resize(60, 0);
-            assert_eq!(native.accepts(&frame), reference(&filter, &frame), "round {round}: {filter:?} {frame:02x?}");
+            assert_eq!(
+                native.accepts(&frame),
+                reference(&filter, &frame),
+                "round {round}: {filter:?} {frame:02x?}"
+            );
         }
     }
 

@@ -27,7 +27,12 @@ const GATHER: usize = 64;
 
 /// Sends up to `budget` chains. Returns the counts and whether the ring may
 /// hold more (budget exhausted).
-pub fn process_tx(ring: &mut Vring, ctx: &TxContext<'_>, iov: &mut Vec<IoVec>, budget: usize) -> (Batch, bool) {
+pub fn process_tx(
+    ring: &mut Vring,
+    ctx: &TxContext<'_>,
+    iov: &mut Vec<IoVec>,
+    budget: usize,
+) -> (Batch, bool) {
     let mut batch = Batch::default();
     let mut done = 0;
     // (head, first iovec, iovec count, frame length or 0 for a bad chain)
@@ -71,8 +76,15 @@ pub fn process_tx(ring: &mut Vring, ctx: &TxContext<'_>, iov: &mut Vec<IoVec>, b
 
 /// Takes up to `out.len()` chains off the ring, resolving their buffers into
 /// `iov`. A malformed chain gets length 0.
-fn gather(ring: &mut Vring, ctx: &TxContext<'_>, iov: &mut Vec<IoVec>, out: &mut [(u16, usize, usize, u64)]) -> usize {
-    let Ok(mut avail) = ring.queue.iter(ctx.mem) else { return 0 };
+fn gather(
+    ring: &mut Vring,
+    ctx: &TxContext<'_>,
+    iov: &mut Vec<IoVec>,
+    out: &mut [(u16, usize, usize, u64)],
+) -> usize {
+    let Ok(mut avail) = ring.queue.iter(ctx.mem) else {
+        return 0;
+    };
     let mut n = 0;
     while n < out.len() {
         let Some(chain) = avail.next() else { break };
@@ -93,7 +105,8 @@ fn send(ctx: &TxContext<'_>, iov: &[IoVec], len: u64, batch: &mut Batch) {
     // SAFETY: every iovec points into guest memory mapped by `ctx.mem`
     // (checked by `chain_iovecs`), which stays mapped for the call; writev
     // only reads from them.
-    let written = unsafe { libc::writev(ctx.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+    let written =
+        unsafe { libc::writev(ctx.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
     if written < 0 {
         batch.drops += 1;
     } else {

@@ -55,7 +55,11 @@ pub enum VringError {
     BadSize { index: u16, num: u16 },
     /// A ring address is misaligned or not inside guest memory.
     #[error("ring {index}: {part} ring at {va:#x} is not inside guest memory or misaligned")]
-    BadAddress { index: u16, part: &'static str, va: u64 },
+    BadAddress {
+        index: u16,
+        part: &'static str,
+        va: u64,
+    },
 }
 
 /// A started virtqueue.
@@ -68,7 +72,12 @@ pub struct Vring {
 
 impl Vring {
     /// Starts ring `index` as configured in `setup`, at `setup.base`.
-    pub fn start(index: u16, setup: &VringSetup, memory: &GuestMemory, event_idx: bool) -> Result<Self, VringError> {
+    pub fn start(
+        index: u16,
+        setup: &VringSetup,
+        memory: &GuestMemory,
+        event_idx: bool,
+    ) -> Result<Self, VringError> {
         let (Some(addrs), Some(kick)) = (setup.addrs, setup.kick.clone()) else {
             return Err(VringError::NotConfigured(index));
         };
@@ -78,23 +87,41 @@ impl Vring {
         }
         let n = u64::from(num);
         let gpa = |part, va: u64, len| {
-            memory.va_to_gpa(va, len).ok_or(VringError::BadAddress { index, part, va })
+            memory
+                .va_to_gpa(va, len)
+                .ok_or(VringError::BadAddress { index, part, va })
         };
         let desc = gpa("descriptor", addrs.desc, 16 * n)?;
         let avail = gpa("available", addrs.avail, 6 + 2 * n)?;
         let used = gpa("used", addrs.used, 6 + 8 * n)?;
         let bad = |part, va| VringError::BadAddress { index, part, va };
-        let mut queue = Queue::new(MAX_QUEUE_SIZE).map_err(|_| VringError::BadSize { index, num })?;
-        queue.try_set_size(num).map_err(|_| VringError::BadSize { index, num })?;
-        queue.try_set_desc_table_address(desc).map_err(|_| bad("descriptor", addrs.desc))?;
-        queue.try_set_avail_ring_address(avail).map_err(|_| bad("available", addrs.avail))?;
-        queue.try_set_used_ring_address(used).map_err(|_| bad("used", addrs.used))?;
+        let mut queue =
+            Queue::new(MAX_QUEUE_SIZE).map_err(|_| VringError::BadSize { index, num })?;
+        queue
+            .try_set_size(num)
+            .map_err(|_| VringError::BadSize { index, num })?;
+        queue
+            .try_set_desc_table_address(desc)
+            .map_err(|_| bad("descriptor", addrs.desc))?;
+        queue
+            .try_set_avail_ring_address(avail)
+            .map_err(|_| bad("available", addrs.avail))?;
+        queue
+            .try_set_used_ring_address(used)
+            .map_err(|_| bad("used", addrs.used))?;
         queue.set_event_idx(event_idx);
         queue.set_next_avail(setup.base);
-        let used_idx = queue.used_idx(memory.mmap(), Ordering::Acquire).map_err(|_| bad("used", addrs.used))?;
+        let used_idx = queue
+            .used_idx(memory.mmap(), Ordering::Acquire)
+            .map_err(|_| bad("used", addrs.used))?;
         queue.set_next_used(used_idx.0);
         queue.set_ready(true);
-        Ok(Self { index, queue, kick, call: setup.call.clone() })
+        Ok(Self {
+            index,
+            queue,
+            kick,
+            call: setup.call.clone(),
+        })
     }
 
     /// Signals the driver if the ring's notification rules ask for it.
@@ -110,7 +137,10 @@ impl Vring {
 
     /// The next chain, or none when the ring is empty or its available
     /// index is corrupt (more entries than the ring holds).
-    pub fn pop<'m>(&mut self, mem: &'m GuestMemoryMmap) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    pub fn pop<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         self.queue.iter(mem).ok()?.next()
     }
 }
@@ -202,7 +232,12 @@ pub fn write_iov(iov: &[IoVec], offset: usize, data: &[u8]) -> usize {
     })
 }
 
-fn walk_iov(iov: &[IoVec], mut offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) -> usize {
+fn walk_iov(
+    iov: &[IoVec],
+    mut offset: usize,
+    len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) -> usize {
     let mut done = 0;
     for v in iov {
         if done == len {

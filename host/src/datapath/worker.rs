@@ -52,7 +52,11 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
     let mut busy = false;
     let mut last_work = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
-        let generation = shared.state.lock().unwrap_or_else(|p| p.into_inner()).generation;
+        let generation = shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation;
         if reg.as_ref().map(|r| r.generation) != Some(generation) {
             match register(&shared, tap_fd, generation) {
                 Ok(r) => {
@@ -69,7 +73,11 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         }
         let r = reg.as_mut().expect("registered above");
         let polling = last_work.elapsed() < BUSY_POLL;
-        let timeout = if busy || polling { EpollTimeout::ZERO } else { EpollTimeout::NONE };
+        let timeout = if busy || polling {
+            EpollTimeout::ZERO
+        } else {
+            EpollTimeout::NONE
+        };
         let n = match r.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -102,7 +110,11 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
             last_work = std::time::Instant::now();
         }
         if want_tap != r.tap_armed {
-            let flags = if want_tap { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
+            let flags = if want_tap {
+                EpollFlags::EPOLLIN
+            } else {
+                EpollFlags::empty()
+            };
             if let Err(e) = r.epoll.modify(tap_fd, &mut EpollEvent::new(flags, TAP)) {
                 warn!(pair = shared.index, "epoll modify TAP: {e}");
             }
@@ -111,19 +123,34 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
     }
 }
 
-fn register(shared: &PairShared, tap_fd: std::os::fd::BorrowedFd<'_>, generation: u64) -> nix::Result<Registration> {
+fn register(
+    shared: &PairShared,
+    tap_fd: std::os::fd::BorrowedFd<'_>,
+    generation: u64,
+) -> nix::Result<Registration> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    epoll.add(shared.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
+    epoll.add(
+        shared.wake.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, WAKE),
+    )?;
     epoll.add(tap_fd, EpollEvent::new(EpollFlags::empty(), TAP))?;
     let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
     let mut kicks = Vec::new();
     for (ring, token) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
         if let Some(ring) = ring {
-            epoll.add(ring.kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+            epoll.add(
+                ring.kick.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token),
+            )?;
             kicks.push((token, ring.kick.clone()));
         }
     }
-    Ok(Registration { epoll, generation, kicks, tap_armed: false })
+    Ok(Registration {
+        epoll,
+        generation,
+        kicks,
+        tap_armed: false,
+    })
 }
 
 /// One TX batch and one RX batch. Returns whether more work is waiting,
@@ -137,13 +164,20 @@ fn one_batch(
     if st.paused {
         return (false, false, false);
     }
-    let Some(mem) = st.memory.clone() else { return (false, false, false) };
+    let Some(mem) = st.memory.clone() else {
+        return (false, false, false);
+    };
     let mem = mem.mmap();
     let settings = st.settings.clone();
     let mut more = false;
     let mut worked = false;
     if let Some(tx) = st.tx.as_mut() {
-        let ctx = TxContext { mem, tap: tap_fd, hdr_len: settings.hdr_len, link_up: settings.link_up && st.active };
+        let ctx = TxContext {
+            mem,
+            tap: tap_fd,
+            hdr_len: settings.hdr_len,
+            link_up: settings.link_up && st.active,
+        };
         let (batch, tx_more) = process_tx(tx, &ctx, iov, BATCH);
         worked |= batch != Batch::default();
         shared.stats.add_tx(&batch);

@@ -6,9 +6,9 @@
 //! TAP from the received fds, and only then answers `Ready`. Any failure
 //! before that answers `Refused` (the source keeps running) and ends here.
 
+use super::monotonic_ns;
 use super::state::{self, FdRole, Offer, Reply};
 use super::stream::{self, StreamError};
-use super::monotonic_ns;
 use crate::backend::NetBackend;
 use crate::sandbox::{DeviceComponent, Runtime, SandboxedDevice};
 use crate::tap::Tap;
@@ -53,14 +53,25 @@ pub fn receive(
     component: Arc<DeviceComponent>,
     new_tap: bool,
 ) -> Result<Incoming, IncomingError> {
-    let listener = crate::api::bind_unix(path).map_err(|error| IncomingError::Listen { path: path.into(), error })?;
+    let listener = crate::api::bind_unix(path).map_err(|error| IncomingError::Listen {
+        path: path.into(),
+        error,
+    })?;
     info!(path = %path.display(), "waiting for a handover");
-    let (sock, _) = listener.accept().map_err(|e| IncomingError::Listen { path: path.into(), error: e.to_string() })?;
+    let (sock, _) = listener.accept().map_err(|e| IncomingError::Listen {
+        path: path.into(),
+        error: e.to_string(),
+    })?;
     drop(listener);
     let _ = std::fs::remove_file(path);
     let offer: Offer = stream::recv(&sock, FRAME_TIMEOUT)?;
     let refuse = |sock: &UnixStream, reason: String| {
-        let _ = stream::send(sock, &Reply::Refused { reason: reason.clone() });
+        let _ = stream::send(
+            sock,
+            &Reply::Refused {
+                reason: reason.clone(),
+            },
+        );
         IncomingError::Refused(reason)
     };
     if let Err(reason) = state::validate(&offer, new_tap) {
@@ -96,9 +107,14 @@ fn take_over(
     new_tap: bool,
 ) -> Result<NetBackend, String> {
     let host = &offer.host;
-    let mut device = SandboxedDevice::new(runtime, component, host.config.clone()).map_err(|e| format!("{e:#}"))?;
-    let effects = device.load(&offer.device_state).map_err(|e| format!("device state: {e}"))?;
-    let tap_fds: Vec<OwnedFd> = (0..host.tap.queues).filter_map(|q| fds.remove(&FdRole::TapQueue(q))).collect();
+    let mut device = SandboxedDevice::new(runtime, component, host.config.clone())
+        .map_err(|e| format!("{e:#}"))?;
+    let effects = device
+        .load(&offer.device_state)
+        .map_err(|e| format!("device state: {e}"))?;
+    let tap_fds: Vec<OwnedFd> = (0..host.tap.queues)
+        .filter_map(|q| fds.remove(&FdRole::TapQueue(q)))
+        .collect();
     let tap = if new_tap || tap_fds.is_empty() {
         drop(tap_fds);
         Tap::open(&host.tap.name, usize::from(host.tap.queues))
@@ -107,7 +123,11 @@ fn take_over(
     }
     .map_err(|e| format!("TAP: {e}"))?;
     if tap.queue_count() < usize::from(host.config.max_queue_pairs) {
-        return Err(format!("{} TAP queues for {} pairs", tap.queue_count(), host.config.max_queue_pairs));
+        return Err(format!(
+            "{} TAP queues for {} pairs",
+            tap.queue_count(),
+            host.config.max_queue_pairs
+        ));
     }
     NetBackend::import(device, Arc::new(tap), host, fds, effects).map_err(|e| format!("{e:#}"))
 }
@@ -119,6 +139,9 @@ impl Incoming {
         let at_ns = monotonic_ns();
         let component = self.backend.device().info().clone();
         let _ = stream::send(&self.source, &Reply::Resumed { at_ns, component });
-        info!(downtime_us = at_ns.saturating_sub(self.stopped_at_ns) / 1000, "took over the device");
+        info!(
+            downtime_us = at_ns.saturating_sub(self.stopped_at_ns) / 1000,
+            "took over the device"
+        );
     }
 }

@@ -27,7 +27,10 @@ const RESUMED_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum HandoverError {
     /// The destination could not be reached; nothing was stopped.
     #[error("cannot reach the destination at {path}: {error}")]
-    Connect { path: PathBuf, error: std::io::Error },
+    Connect {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// The device model could not save its state; the device resumed.
     #[error("saving the device state failed: {0}")]
     Save(DeviceError),
@@ -55,8 +58,10 @@ pub fn hand_over(
     destination: &Path,
     new_tap: bool,
 ) -> Result<HandoverReport, HandoverError> {
-    let sock = UnixStream::connect(destination)
-        .map_err(|error| HandoverError::Connect { path: destination.to_path_buf(), error })?;
+    let sock = UnixStream::connect(destination).map_err(|error| HandoverError::Connect {
+        path: destination.to_path_buf(),
+        error,
+    })?;
     let stopped_at_ns = monotonic_ns();
     backend.stop_datapath();
     match send_and_wait_ready(backend, &sock, sockets, stopped_at_ns, new_tap) {
@@ -64,13 +69,21 @@ pub fn hand_over(
             // Committed: the destination runs the device now.
             let resumed = stream::recv::<Reply>(&sock, RESUMED_TIMEOUT);
             let (downtime, to) = match resumed {
-                Ok(Reply::Resumed { at_ns, component }) => {
-                    (Some(Duration::from_nanos(at_ns.saturating_sub(stopped_at_ns))), Some(component))
-                }
+                Ok(Reply::Resumed { at_ns, component }) => (
+                    Some(Duration::from_nanos(at_ns.saturating_sub(stopped_at_ns))),
+                    Some(component),
+                ),
                 _ => (None, None),
             };
-            info!(downtime_us = downtime.map(|d| d.as_micros() as u64), "handed over");
-            Ok(HandoverReport { downtime, to, fds: fd_count })
+            info!(
+                downtime_us = downtime.map(|d| d.as_micros() as u64),
+                "handed over"
+            );
+            Ok(HandoverReport {
+                downtime,
+                to,
+                fds: fd_count,
+            })
         }
         Err(e) => {
             warn!("handover failed, resuming: {e}");
@@ -112,6 +125,8 @@ fn send_and_wait_ready(
     match stream::recv::<Reply>(sock, READY_TIMEOUT)? {
         Reply::Ready => Ok(raw.len()),
         Reply::Refused { reason } => Err(HandoverError::Refused(reason)),
-        Reply::Resumed { .. } => Err(HandoverError::Refused("destination answered out of order".into())),
+        Reply::Resumed { .. } => Err(HandoverError::Refused(
+            "destination answered out of order".into(),
+        )),
     }
 }

@@ -89,19 +89,31 @@ pub enum Reply {
     /// Refused; the source keeps running.
     Refused { reason: String },
     /// The datapath runs again (after `Ready`).
-    Resumed { at_ns: u64, component: ComponentInfo },
+    Resumed {
+        at_ns: u64,
+        component: ComponentInfo,
+    },
 }
 
 /// Checks an offer's host state and manifest.
 pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
     if offer.magic != super::stream::MAGIC {
-        return Err(format!("not a sandnic handover stream (magic {:?})", offer.magic));
+        return Err(format!(
+            "not a sandnic handover stream (magic {:?})",
+            offer.magic
+        ));
     }
     if offer.version != super::stream::VERSION {
-        return Err(format!("handover format version {} (this build speaks {})", offer.version, super::stream::VERSION));
+        return Err(format!(
+            "handover format version {} (this build speaks {})",
+            offer.version,
+            super::stream::VERSION
+        ));
     }
     let h = &offer.host;
-    h.config.validate().map_err(|e| format!("device config: {e}"))?;
+    h.config
+        .validate()
+        .map_err(|e| format!("device config: {e}"))?;
     let pairs = usize::from(h.config.max_queue_pairs);
     if pairs > MAX_TAP_QUEUES {
         return Err(format!("{pairs} queue pairs (at most {MAX_TAP_QUEUES})"));
@@ -115,10 +127,16 @@ pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
         }
     }
     if h.regions.len() > MAX_REGIONS {
-        return Err(format!("{} memory regions (at most {MAX_REGIONS})", h.regions.len()));
+        return Err(format!(
+            "{} memory regions (at most {MAX_REGIONS})",
+            h.regions.len()
+        ));
     }
     if h.tap.name.is_empty() || h.tap.name.len() > 15 || usize::from(h.tap.queues) < pairs {
-        return Err(format!("TAP {:?} with {} queues for {pairs} pairs", h.tap.name, h.tap.queues));
+        return Err(format!(
+            "TAP {:?} with {} queues for {pairs} pairs",
+            h.tap.name, h.tap.queues
+        ));
     }
     validate_manifest(offer, new_tap)
 }
@@ -140,11 +158,22 @@ fn validate_manifest(offer: &Offer, new_tap: bool) -> Result<(), String> {
             return Err(format!("fd manifest: {role:?} out of range or repeated"));
         }
     }
-    let regions = offer.fds.iter().filter(|r| matches!(r, FdRole::MemoryRegion(_))).count();
+    let regions = offer
+        .fds
+        .iter()
+        .filter(|r| matches!(r, FdRole::MemoryRegion(_)))
+        .count();
     if regions != h.regions.len() {
-        return Err(format!("{regions} region fds for {} regions", h.regions.len()));
+        return Err(format!(
+            "{regions} region fds for {} regions",
+            h.regions.len()
+        ));
     }
-    let taps = offer.fds.iter().filter(|r| matches!(r, FdRole::TapQueue(_))).count();
+    let taps = offer
+        .fds
+        .iter()
+        .filter(|r| matches!(r, FdRole::TapQueue(_)))
+        .count();
     if !new_tap && taps != 0 && taps != usize::from(h.tap.queues) {
         return Err(format!("{taps} TAP fds for {} queues", h.tap.queues));
     }

@@ -61,7 +61,9 @@ pub fn recv<T: DeserializeOwned>(sock: &UnixStream, timeout: Duration) -> Result
     recv_exact(sock, &mut len, &mut Vec::new())?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(StreamError::Malformed(format!("frame of {len} bytes (at most {MAX_FRAME})")));
+        return Err(StreamError::Malformed(format!(
+            "frame of {len} bytes (at most {MAX_FRAME})"
+        )));
     }
     let mut body = vec![0u8; len];
     recv_exact(sock, &mut body, &mut Vec::new())?;
@@ -78,9 +80,15 @@ pub fn send_fds(sock: &UnixStream, fds: &[RawFd]) -> Result<(), StreamError> {
 }
 
 /// Receives exactly `count` fds sent by `send_fds`.
-pub fn recv_fds(sock: &UnixStream, count: usize, timeout: Duration) -> Result<Vec<OwnedFd>, StreamError> {
+pub fn recv_fds(
+    sock: &UnixStream,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<OwnedFd>, StreamError> {
     if count > MAX_FDS {
-        return Err(StreamError::Fds(format!("{count} fds announced (at most {MAX_FDS})")));
+        return Err(StreamError::Fds(format!(
+            "{count} fds announced (at most {MAX_FDS})"
+        )));
     }
     sock.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut fds = Vec::with_capacity(count);
@@ -90,7 +98,10 @@ pub fn recv_fds(sock: &UnixStream, count: usize, timeout: Duration) -> Result<Ve
         recv_exact(sock, &mut n, &mut fds)?;
         let got = fds.len() - before;
         if got != usize::from(n[0]) || fds.len() > count {
-            return Err(StreamError::Fds(format!("frame says {} fds, carried {got}", n[0])));
+            return Err(StreamError::Fds(format!(
+                "frame says {} fds, carried {got}",
+                n[0]
+            )));
         }
     }
     Ok(fds)
@@ -103,7 +114,11 @@ fn io(e: std::io::Error) -> StreamError {
 fn send_all(sock: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> Result<(), StreamError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let iov: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &[ControlMessage::ScmRights(fds)] };
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(fds)]
+    };
     let sent = loop {
         match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Err(Errno::EINTR) => continue,
@@ -127,12 +142,21 @@ fn send_all(sock: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> Result<(), Str
 }
 
 /// Fills `buf`, collecting any fds that arrive on the way into `fds`.
-fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), StreamError> {
+fn recv_exact(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(), StreamError> {
     let mut done = 0;
     while done < buf.len() {
         let mut space = cmsg_space!([RawFd; FDS_PER_FRAME]);
         let mut iov = [IoSliceMut::new(&mut buf[done..])];
-        let msg = match recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let msg = match recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Ok(msg) => msg,
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => return Err(StreamError::Timeout),
@@ -144,7 +168,10 @@ fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Resu
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 // SAFETY: the kernel just installed these fds for us; they
                 // are owned from here on (closed on any error below).
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         if truncated {

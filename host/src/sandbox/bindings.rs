@@ -24,13 +24,19 @@ const OFFLOADS: [(wit::Offloads, sandnic_device::Offloads); 5] = [
 
 impl From<wit::Offloads> for sandnic_device::Offloads {
     fn from(flags: wit::Offloads) -> Self {
-        OFFLOADS.iter().filter(|(w, _)| flags.contains(*w)).fold(Self::empty(), |acc, (_, n)| acc | *n)
+        OFFLOADS
+            .iter()
+            .filter(|(w, _)| flags.contains(*w))
+            .fold(Self::empty(), |acc, (_, n)| acc | *n)
     }
 }
 
 impl From<sandnic_device::Offloads> for wit::Offloads {
     fn from(flags: sandnic_device::Offloads) -> Self {
-        OFFLOADS.iter().filter(|(_, n)| flags.contains(*n)).fold(Self::empty(), |acc, (w, _)| acc | *w)
+        OFFLOADS
+            .iter()
+            .filter(|(_, n)| flags.contains(*n))
+            .fold(Self::empty(), |acc, (w, _)| acc | *w)
     }
 }
 

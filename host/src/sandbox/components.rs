@@ -1,7 +1,10 @@
 //! The device components built by `host/build.rs`.
 
 /// The shipped device component, embedded in the binary.
-pub const BUILTIN: &[u8] = include_bytes!(concat!(env!("SANDNIC_COMPONENT_DIR"), "/sandnic_device.wasm"));
+pub const BUILTIN: &[u8] = include_bytes!(concat!(
+    env!("SANDNIC_COMPONENT_DIR"),
+    "/sandnic_device.wasm"
+));
 
 /// Components built alongside for tests, benches and the demo: device
 /// version 2 and the deliberately hostile one. They live in the build tree.

@@ -116,15 +116,23 @@ pub(crate) fn wit_config(config: &DeviceConfig) -> wit::DeviceConfig {
         max_queue_pairs: config.max_queue_pairs,
         mtu: config.mtu,
         backend_offloads: config.backend_offloads.into(),
-        compat: wit::Compat { local_migration: config.compat.local_migration },
+        compat: wit::Compat {
+            local_migration: config.compat.local_migration,
+        },
     }
 }
 
 impl SandboxedDevice {
     /// A new device running `component`. `config` is validated first: the
     /// component may assume a sane configuration.
-    pub fn new(runtime: Arc<Runtime>, component: Arc<DeviceComponent>, config: DeviceConfig) -> anyhow::Result<Self> {
-        config.validate().map_err(|e| anyhow::anyhow!("invalid device configuration: {e}"))?;
+    pub fn new(
+        runtime: Arc<Runtime>,
+        component: Arc<DeviceComponent>,
+        config: DeviceConfig,
+    ) -> anyhow::Result<Self> {
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid device configuration: {e}"))?;
         let wit_config = wit_config(&config);
         let instance = Instance::new(&runtime, &component, &wit_config)?;
         let bounds = Bounds::new(&config, runtime.limits.max_effects);
@@ -176,13 +184,17 @@ impl SandboxedDevice {
     }
 
     pub fn read_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, DeviceError> {
-        let result = self.read_only("read-config", |d, s, r| d.call_read_config(s, r, offset, len))?;
+        let result = self.read_only("read-config", |d, s, r| {
+            d.call_read_config(s, r, offset, len)
+        })?;
         let bytes = result.map_err(|e| self.refusal(e))?;
         self.checked("read-config", validate::config_bytes(bytes, len))
     }
 
     pub fn config_generation(&mut self) -> Result<u32, DeviceError> {
-        self.read_only("config-generation", |d, s, r| d.call_config_generation(s, r))
+        self.read_only("config-generation", |d, s, r| {
+            d.call_config_generation(s, r)
+        })
     }
 
     /// The device state in the component's newest format.
@@ -195,7 +207,9 @@ impl SandboxedDevice {
     /// A saved state as JSON, by this device's component.
     pub fn describe(&mut self, blob: &[u8]) -> Result<String, DeviceError> {
         let max = self.runtime.limits.max_text_bytes;
-        let result = self.guard("describe", |i| i.call_free("describe", |g, s| g.call_describe(s, blob)))?;
+        let result = self.guard("describe", |i| {
+            i.call_free("describe", |g, s| g.call_describe(s, blob))
+        })?;
         let text = result.map_err(|e| self.refusal(e))?;
         self.checked("describe", validate::bounded_text(text, max, "description"))
     }
@@ -215,11 +229,15 @@ impl SandboxedDevice {
     // ---- mutating calls --------------------------------------------------
 
     pub fn set_features(&mut self, acked: u64) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::SetFeatures(acked))?.effects.map_err(DeviceError::Refused)
+        self.mutate(Mutation::SetFeatures(acked))?
+            .effects
+            .map_err(DeviceError::Refused)
     }
 
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::WriteConfig(offset, data.to_vec()))?.effects.map_err(DeviceError::Refused)
+        self.mutate(Mutation::WriteConfig(offset, data.to_vec()))?
+            .effects
+            .map_err(DeviceError::Refused)
     }
 
     /// The status after the device's rules, and effects.
@@ -233,34 +251,60 @@ impl SandboxedDevice {
     }
 
     pub fn reset(&mut self) -> Result<Vec<Effect>, DeviceError> {
-        let effects = self.mutate(Mutation::Reset)?.effects.map_err(DeviceError::Refused)?;
+        let effects = self
+            .mutate(Mutation::Reset)?
+            .effects
+            .map_err(DeviceError::Refused)?;
         self.needs_reset = false;
         Ok(effects)
     }
 
     pub fn queue_enabled(&mut self, index: u16, enabled: bool) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::QueueEnabled(index, enabled))?.effects.map_err(DeviceError::Refused)
+        self.mutate(Mutation::QueueEnabled(index, enabled))?
+            .effects
+            .map_err(DeviceError::Refused)
     }
 
     /// One control command. A failure inside the sandbox answers ERR and
     /// leaves the device as it was before the command.
     pub fn handle_ctrl(&mut self, command: &[u8]) -> CtrlOutcome {
         match self.mutate(Mutation::Ctrl(command.to_vec())) {
-            Ok(Reply { value: Some(ack), effects: Ok(effects) }) => CtrlOutcome { ack, effects, failure: None },
-            Ok(_) => CtrlOutcome { ack: sandnic_device::ACK_ERR, effects: Vec::new(), failure: None },
-            Err(DeviceError::Sandbox(failure)) => {
-                CtrlOutcome { ack: sandnic_device::ACK_ERR, effects: Vec::new(), failure: Some(failure) }
-            }
-            Err(DeviceError::Refused(_)) => CtrlOutcome { ack: sandnic_device::ACK_ERR, effects: Vec::new(), failure: None },
+            Ok(Reply {
+                value: Some(ack),
+                effects: Ok(effects),
+            }) => CtrlOutcome {
+                ack,
+                effects,
+                failure: None,
+            },
+            Ok(_) => CtrlOutcome {
+                ack: sandnic_device::ACK_ERR,
+                effects: Vec::new(),
+                failure: None,
+            },
+            Err(DeviceError::Sandbox(failure)) => CtrlOutcome {
+                ack: sandnic_device::ACK_ERR,
+                effects: Vec::new(),
+                failure: Some(failure),
+            },
+            Err(DeviceError::Refused(_)) => CtrlOutcome {
+                ack: sandnic_device::ACK_ERR,
+                effects: Vec::new(),
+                failure: None,
+            },
         }
     }
 
     pub fn link_changed(&mut self, up: bool) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::LinkChanged(up))?.effects.map_err(DeviceError::Refused)
+        self.mutate(Mutation::LinkChanged(up))?
+            .effects
+            .map_err(DeviceError::Refused)
     }
 
     pub fn announce(&mut self) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::Announce)?.effects.map_err(DeviceError::Refused)
+        self.mutate(Mutation::Announce)?
+            .effects
+            .map_err(DeviceError::Refused)
     }
 
     /// Replaces the device state with a saved one (validated by the
@@ -270,7 +314,10 @@ impl SandboxedDevice {
         let bounds = self.bounds;
         let result = self.guard("load", |i| load_into(i, blob, &bounds))?;
         let effects = result.map_err(|e| self.refusal(e))?;
-        self.checkpoint = Checkpoint { blob: Some(blob.to_vec()), replay: Vec::new() };
+        self.checkpoint = Checkpoint {
+            blob: Some(blob.to_vec()),
+            replay: Vec::new(),
+        };
         Ok(effects)
     }
 
@@ -291,10 +338,14 @@ impl SandboxedDevice {
         let max = self.runtime.limits.max_state_bytes;
         let saved = self.guard("save", |i| {
             let blob = i.call("save", |d, s, r| d.call_save(s, r))?;
-            validate::bounded_bytes(blob, max, "saved state").map_err(|why| SandboxError::InvalidOutput { call: "save", why })
+            validate::bounded_bytes(blob, max, "saved state")
+                .map_err(|why| SandboxError::InvalidOutput { call: "save", why })
         });
         if let Ok(blob) = saved {
-            self.checkpoint = Checkpoint { blob: Some(blob), replay: Vec::new() };
+            self.checkpoint = Checkpoint {
+                blob: Some(blob),
+                replay: Vec::new(),
+            };
             self.stats.checkpoints += 1;
         }
     }
@@ -319,7 +370,11 @@ impl SandboxedDevice {
         }
     }
 
-    fn checked<R>(&mut self, call: &'static str, result: Result<R, String>) -> Result<R, DeviceError> {
+    fn checked<R>(
+        &mut self,
+        call: &'static str,
+        result: Result<R, String>,
+    ) -> Result<R, DeviceError> {
         result.map_err(|why| {
             let failure = SandboxError::InvalidOutput { call, why };
             warn!(component = %self.component.origin, "{failure}; restoring the device");
@@ -339,7 +394,13 @@ impl SandboxedDevice {
     /// from its reset state and reports DEVICE_NEEDS_RESET.
     fn restore(&mut self) {
         self.stats.restores += 1;
-        match rebuild(&self.runtime, &self.component, &self.wit_config, &self.checkpoint, &self.bounds) {
+        match rebuild(
+            &self.runtime,
+            &self.component,
+            &self.wit_config,
+            &self.checkpoint,
+            &self.bounds,
+        ) {
             Ok(instance) => self.instance = instance,
             Err(failure) => {
                 error!(component = %self.component.origin, "cannot restore device state ({failure}); device needs reset");
@@ -355,13 +416,24 @@ impl SandboxedDevice {
 
     // ---- hot swap support (see swap.rs) ----------------------------------
 
-    pub(crate) fn install(&mut self, component: Arc<DeviceComponent>, instance: Instance, blob: Vec<u8>) {
+    pub(crate) fn install(
+        &mut self,
+        component: Arc<DeviceComponent>,
+        instance: Instance,
+        blob: Vec<u8>,
+    ) {
         self.component = component;
         self.instance = instance;
-        self.checkpoint = Checkpoint { blob: Some(blob), replay: Vec::new() };
+        self.checkpoint = Checkpoint {
+            blob: Some(blob),
+            replay: Vec::new(),
+        };
     }
 
-    pub(crate) fn instantiate(&self, component: &DeviceComponent) -> Result<Instance, SandboxError> {
+    pub(crate) fn instantiate(
+        &self,
+        component: &DeviceComponent,
+    ) -> Result<Instance, SandboxError> {
         Instance::new(&self.runtime, component, &self.wit_config)
     }
 
@@ -371,28 +443,49 @@ impl SandboxedDevice {
 }
 
 /// Performs one mutating call and validates what comes back.
-fn perform(instance: &mut Instance, mutation: &Mutation, bounds: &Bounds) -> Result<Reply, SandboxError> {
+fn perform(
+    instance: &mut Instance,
+    mutation: &Mutation,
+    bounds: &Bounds,
+) -> Result<Reply, SandboxError> {
     let call = mutation.name();
     let invalid = |why: String| SandboxError::InvalidOutput { call, why };
     let (value, effects) = match mutation {
-        Mutation::SetFeatures(acked) => (None, instance.call(call, |d, s, r| d.call_set_features(s, r, *acked))?),
-        Mutation::WriteConfig(offset, data) => {
-            (None, instance.call(call, |d, s, r| d.call_write_config(s, r, *offset, data))?)
-        }
+        Mutation::SetFeatures(acked) => (
+            None,
+            instance.call(call, |d, s, r| d.call_set_features(s, r, *acked))?,
+        ),
+        Mutation::WriteConfig(offset, data) => (
+            None,
+            instance.call(call, |d, s, r| d.call_write_config(s, r, *offset, data))?,
+        ),
         Mutation::SetStatus(requested) => {
             let reply = instance.call(call, |d, s, r| d.call_set_status(s, r, *requested))?;
-            (Some(validate::status(*requested, reply.status).map_err(invalid)?), Ok(reply.effects))
+            (
+                Some(validate::status(*requested, reply.status).map_err(invalid)?),
+                Ok(reply.effects),
+            )
         }
         Mutation::Reset => (None, Ok(instance.call(call, |d, s, r| d.call_reset(s, r))?)),
-        Mutation::QueueEnabled(index, on) => {
-            (None, Ok(instance.call(call, |d, s, r| d.call_queue_enabled(s, r, *index, *on))?))
-        }
+        Mutation::QueueEnabled(index, on) => (
+            None,
+            Ok(instance.call(call, |d, s, r| d.call_queue_enabled(s, r, *index, *on))?),
+        ),
         Mutation::Ctrl(bytes) => {
             let reply = instance.call(call, |d, s, r| d.call_handle_ctrl(s, r, bytes))?;
-            (Some(validate::ack(reply.ack).map_err(invalid)?), Ok(reply.effects))
+            (
+                Some(validate::ack(reply.ack).map_err(invalid)?),
+                Ok(reply.effects),
+            )
         }
-        Mutation::LinkChanged(up) => (None, Ok(instance.call(call, |d, s, r| d.call_link_changed(s, r, *up))?)),
-        Mutation::Announce => (None, Ok(instance.call(call, |d, s, r| d.call_announce(s, r))?)),
+        Mutation::LinkChanged(up) => (
+            None,
+            Ok(instance.call(call, |d, s, r| d.call_link_changed(s, r, *up))?),
+        ),
+        Mutation::Announce => (
+            None,
+            Ok(instance.call(call, |d, s, r| d.call_announce(s, r))?),
+        ),
     };
     let effects = match effects {
         Ok(list) => Ok(validate::effects(list, bounds).map_err(invalid)?),
@@ -427,7 +520,8 @@ fn rebuild(
         load_into(&mut instance, blob, bounds).map_err(|e| e.to_string())??;
     }
     for mutation in &checkpoint.replay {
-        perform(&mut instance, mutation, bounds).map_err(|e| format!("replaying {}: {e}", mutation.name()))?;
+        perform(&mut instance, mutation, bounds)
+            .map_err(|e| format!("replaying {}: {e}", mutation.name()))?;
     }
     Ok(instance)
 }

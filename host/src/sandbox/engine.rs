@@ -55,12 +55,22 @@ impl Runtime {
     /// A runtime with `limits` and the precompiled-component cache in
     /// `cache_dir` (none: compile every time).
     pub fn new(limits: SandboxLimits, cache_dir: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
-        let engine = Engine::new(&engine_config(&limits)).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+        let engine = Engine::new(&engine_config(&limits))
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
         link_stdio_only(&mut linker)?;
-        VirtioNetDevice::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |data| data)?;
+        VirtioNetDevice::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |data| data,
+        )?;
         let cache_dir = cache_dir.and_then(|dir| usable_cache_dir(&dir));
-        Ok(Arc::new(Self { engine, linker, limits, cache_dir }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            limits,
+            cache_dir,
+        }))
     }
 
     /// The runtime with default limits and the default cache directory.
@@ -74,20 +84,29 @@ impl Runtime {
 
     /// Compiles (or fetches from the cache) and pre-links a component, then
     /// asks it what it is.
-    pub fn load(self: &Arc<Self>, source: &ComponentSource) -> anyhow::Result<Arc<DeviceComponent>> {
+    pub fn load(
+        self: &Arc<Self>,
+        source: &ComponentSource,
+    ) -> anyhow::Result<Arc<DeviceComponent>> {
         let (bytes, origin) = match source {
-            ComponentSource::Builtin => (super::components::BUILTIN.to_vec(), "builtin".to_string()),
+            ComponentSource::Builtin => {
+                (super::components::BUILTIN.to_vec(), "builtin".to_string())
+            }
             ComponentSource::File(path) => (
-                std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?,
+                std::fs::read(path)
+                    .with_context(|| format!("reading component {}", path.display()))?,
                 path.display().to_string(),
             ),
         };
-        let component = self.compile_cached(&bytes).with_context(|| format!("compiling component {origin}"))?;
+        let component = self
+            .compile_cached(&bytes)
+            .with_context(|| format!("compiling component {origin}"))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
             format!("component {origin} needs imports sandnic does not grant (only host-log and stdio)")
         })?;
         let pre = VirtioNetDevicePre::new(instance_pre)?;
-        let info = super::instance::query_info(self, &pre).with_context(|| format!("querying component {origin}"))?;
+        let info = super::instance::query_info(self, &pre)
+            .with_context(|| format!("querying component {origin}"))?;
         Ok(Arc::new(DeviceComponent { pre, info, origin }))
     }
 
@@ -104,12 +123,18 @@ impl Runtime {
             // once complete.
             match unsafe { Component::deserialize_file(&self.engine, &path) } {
                 Ok(component) => return Ok(component),
-                Err(e) => warn!("ignoring unusable cached component {}: {e:#}", path.display()),
+                Err(e) => warn!(
+                    "ignoring unusable cached component {}: {e:#}",
+                    path.display()
+                ),
             }
         }
         let artifact = self.engine.precompile_component(bytes)?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &artifact).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+        if std::fs::write(&tmp, &artifact)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
             let _ = std::fs::remove_file(&tmp);
             warn!("could not write the component cache in {}", dir.display());
         }
@@ -120,7 +145,9 @@ impl Runtime {
 
     fn cache_key(&self, bytes: &[u8]) -> u64 {
         let mut hasher = DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         bytes.hash(&mut hasher);
         hasher.finish()
     }
@@ -135,7 +162,7 @@ fn engine_config(limits: &SandboxLimits) -> Config {
         .consume_fuel(true)
         .max_wasm_stack(limits.wasm_stack_bytes)
         .concurrency_support(false)
-                .parallel_compilation(true);
+        .parallel_compilation(true);
     config
 }
 
@@ -187,7 +214,10 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 fn usable_cache_dir(dir: &Path) -> Option<PathBuf> {
     let check = || -> anyhow::Result<()> {
         if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         let meta = std::fs::metadata(dir)?;
         if meta.uid() != nix::unistd::geteuid().as_raw() || meta.permissions().mode() & 0o022 != 0 {
@@ -201,7 +231,10 @@ fn usable_cache_dir(dir: &Path) -> Option<PathBuf> {
             Some(dir.to_path_buf())
         }
         Err(e) => {
-            warn!("not caching compiled components in {}: {e:#}", dir.display());
+            warn!(
+                "not caching compiled components in {}: {e:#}",
+                dir.display()
+            );
             None
         }
     }

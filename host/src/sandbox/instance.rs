@@ -46,7 +46,10 @@ pub struct InstanceData {
 
 impl WasiView for InstanceData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -72,8 +75,11 @@ impl InstanceData {
     /// without Rust's "note: run with RUST_BACKTRACE" hints.
     fn panic_message(&self) -> Option<String> {
         let text = String::from_utf8_lossy(&self.stderr.contents()).into_owned();
-        let lines: Vec<&str> =
-            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note:")).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note:"))
+            .collect();
         let tail = lines[lines.len().saturating_sub(2)..].join(" ");
         (!tail.is_empty()).then(|| truncate_text(&tail, 512))
     }
@@ -94,7 +100,9 @@ fn run<R>(
     f: impl FnOnce(&mut Store<InstanceData>) -> wasmtime::Result<R>,
 ) -> Result<R, SandboxError> {
     store.data_mut().limiter.memory_limit_hit = false;
-    store.set_fuel(fuel).map_err(|e| SandboxError::Instantiate(e.to_string()))?;
+    store
+        .set_fuel(fuel)
+        .map_err(|e| SandboxError::Instantiate(e.to_string()))?;
     f(store).map_err(|error| classify(call, &error, store.data()))
 }
 
@@ -125,8 +133,11 @@ pub(crate) fn query_info(
     let mut store = new_store(runtime);
     let fuel = runtime.limits.fuel_per_call;
     let bindings = run(&mut store, fuel, "instantiate", |s| pre.instantiate(s))?;
-    let info = run(&mut store, fuel, "info", |s| bindings.sandnic_device_device().call_info(s))?;
-    ComponentInfo::try_from(info).map_err(|why| SandboxError::InvalidOutput { call: "info", why }.into())
+    let info = run(&mut store, fuel, "info", |s| {
+        bindings.sandnic_device_device().call_info(s)
+    })?;
+    ComponentInfo::try_from(info)
+        .map_err(|why| SandboxError::InvalidOutput { call: "info", why }.into())
 }
 
 /// A live instance with its constructed device.
@@ -138,26 +149,47 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    pub fn new(runtime: &Runtime, component: &DeviceComponent, config: &wit::DeviceConfig) -> Result<Self, SandboxError> {
+    pub fn new(
+        runtime: &Runtime,
+        component: &DeviceComponent,
+        config: &wit::DeviceConfig,
+    ) -> Result<Self, SandboxError> {
         let mut store = new_store(runtime);
         let fuel = runtime.limits.fuel_per_call;
         let instantiate = |e: SandboxError| SandboxError::Instantiate(e.to_string());
-        let bindings = run(&mut store, fuel, "instantiate", |s| component.pre.instantiate(s)).map_err(instantiate)?;
-        let device = run(&mut store, fuel, "constructor", |s| {
-            bindings.sandnic_device_device().net_device().call_constructor(s, config)
+        let bindings = run(&mut store, fuel, "instantiate", |s| {
+            component.pre.instantiate(s)
         })
         .map_err(instantiate)?;
-        Ok(Self { store, bindings, device, fuel })
+        let device = run(&mut store, fuel, "constructor", |s| {
+            bindings
+                .sandnic_device_device()
+                .net_device()
+                .call_constructor(s, config)
+        })
+        .map_err(instantiate)?;
+        Ok(Self {
+            store,
+            bindings,
+            device,
+            fuel,
+        })
     }
 
     /// One call into the component under the per-call limits.
     pub fn call<R>(
         &mut self,
         call: &'static str,
-        f: impl FnOnce(device_api::GuestNetDevice<'_>, &mut Store<InstanceData>, ResourceAny) -> wasmtime::Result<R>,
+        f: impl FnOnce(
+            device_api::GuestNetDevice<'_>,
+            &mut Store<InstanceData>,
+            ResourceAny,
+        ) -> wasmtime::Result<R>,
     ) -> Result<R, SandboxError> {
         let (bindings, device) = (&self.bindings, self.device);
-        run(&mut self.store, self.fuel, call, |s| f(bindings.sandnic_device_device().net_device(), s, device))
+        run(&mut self.store, self.fuel, call, |s| {
+            f(bindings.sandnic_device_device().net_device(), s, device)
+        })
     }
 
     /// A call to one of the interface's free functions (`describe`).
@@ -167,6 +199,8 @@ impl Instance {
         f: impl FnOnce(&device_api::Guest, &mut Store<InstanceData>) -> wasmtime::Result<R>,
     ) -> Result<R, SandboxError> {
         let bindings = &self.bindings;
-        run(&mut self.store, self.fuel, call, |s| f(bindings.sandnic_device_device(), s))
+        run(&mut self.store, self.fuel, call, |s| {
+            f(bindings.sandnic_device_device(), s)
+        })
     }
 }

@@ -73,18 +73,32 @@ pub struct InstanceLimiter {
 
 impl InstanceLimiter {
     pub fn new(limits: &SandboxLimits) -> Self {
-        Self { memory_bytes: limits.memory_bytes, table_elements: limits.table_elements, memory_limit_hit: false }
+        Self {
+            memory_bytes: limits.memory_bytes,
+            table_elements: limits.table_elements,
+            memory_limit_hit: false,
+        }
     }
 }
 
 impl ResourceLimiter for InstanceLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory_bytes;
         self.memory_limit_hit |= !allowed;
         Ok(allowed)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= self.table_elements)
     }
 

@@ -52,17 +52,32 @@ impl SandboxedDevice {
     pub fn swap(&mut self, component: Arc<DeviceComponent>) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
         let blob = self.save().map_err(SwapError::Save)?;
-        let mut fresh = self.instantiate(&component).map_err(SwapError::Instantiate)?;
-        let effects = load_into(&mut fresh, &blob, self.bounds()).map_err(SwapError::Failed)?.map_err(SwapError::Refused)?;
+        let mut fresh = self
+            .instantiate(&component)
+            .map_err(SwapError::Instantiate)?;
+        let effects = load_into(&mut fresh, &blob, self.bounds())
+            .map_err(SwapError::Failed)?
+            .map_err(SwapError::Refused)?;
         let offered = fresh
-            .call("device-features", |d: GuestNetDevice<'_>, s, r| d.call_device_features(s, r))
+            .call("device-features", |d: GuestNetDevice<'_>, s, r| {
+                d.call_device_features(s, r)
+            })
             .map_err(SwapError::Failed)?;
-        validate::device_features(offered, self.config())
-            .map_err(|why| SwapError::Failed(SandboxError::InvalidOutput { call: "device-features", why }))?;
+        validate::device_features(offered, self.config()).map_err(|why| {
+            SwapError::Failed(SandboxError::InvalidOutput {
+                call: "device-features",
+                why,
+            })
+        })?;
         let from = self.info().clone();
         self.install(component, fresh, blob);
         let pause = started.elapsed();
         info!(from = %from.version, to = %self.info().version, pause_us = pause.as_micros() as u64, "component swapped");
-        Ok(SwapReport { pause, from, to: self.info().clone(), effects })
+        Ok(SwapReport {
+            pause,
+            from,
+            to: self.info().clone(),
+            effects,
+        })
     }
 }

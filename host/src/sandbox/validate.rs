@@ -8,7 +8,9 @@
 
 use super::bindings::wit;
 use sandnic_device::features as f;
-use sandnic_device::{DeviceConfig, Effect, Mac, Offloads, RxFilter, MAC_TABLE_ENTRIES, VLAN_WORDS};
+use sandnic_device::{
+    DeviceConfig, Effect, Mac, Offloads, RxFilter, MAC_TABLE_ENTRIES, VLAN_WORDS,
+};
 
 /// What effects may ask for on this device.
 #[derive(Debug, Clone, Copy)]
@@ -20,13 +22,21 @@ pub struct Bounds {
 
 impl Bounds {
     pub fn new(config: &DeviceConfig, max_effects: usize) -> Self {
-        Self { max_queue_pairs: config.max_queue_pairs, backend_offloads: config.backend_offloads, max_effects }
+        Self {
+            max_queue_pairs: config.max_queue_pairs,
+            backend_offloads: config.backend_offloads,
+            max_effects,
+        }
     }
 }
 
 pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, String> {
     if list.len() > bounds.max_effects {
-        return Err(format!("{} effects, at most {} allowed", list.len(), bounds.max_effects));
+        return Err(format!(
+            "{} effects, at most {} allowed",
+            list.len(),
+            bounds.max_effects
+        ));
     }
     list.into_iter().map(|e| effect(e, bounds)).collect()
 }
@@ -34,12 +44,21 @@ pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, S
 fn effect(effect: wit::Effect, bounds: &Bounds) -> Result<Effect, String> {
     Ok(match effect {
         wit::Effect::SetRxFilter(filter) => Effect::SetRxFilter(rx_filter(filter)?),
-        wit::Effect::SetTapOffloads(o) => Effect::SetTapOffloads(tap_offloads(o, bounds.backend_offloads)?),
+        wit::Effect::SetTapOffloads(o) => {
+            Effect::SetTapOffloads(tap_offloads(o, bounds.backend_offloads)?)
+        }
         wit::Effect::SetVnetHdrLen(len @ (10 | 12)) => Effect::SetVnetHdrLen(len),
-        wit::Effect::SetVnetHdrLen(len) => return Err(format!("virtio-net header length {len} is not 10 or 12")),
-        wit::Effect::EnableQueuePairs(n) if (1..=bounds.max_queue_pairs).contains(&n) => Effect::EnableQueuePairs(n),
+        wit::Effect::SetVnetHdrLen(len) => {
+            return Err(format!("virtio-net header length {len} is not 10 or 12"))
+        }
+        wit::Effect::EnableQueuePairs(n) if (1..=bounds.max_queue_pairs).contains(&n) => {
+            Effect::EnableQueuePairs(n)
+        }
         wit::Effect::EnableQueuePairs(n) => {
-            return Err(format!("{n} queue pairs outside 1..={}", bounds.max_queue_pairs));
+            return Err(format!(
+                "{n} queue pairs outside 1..={}",
+                bounds.max_queue_pairs
+            ));
         }
         wit::Effect::ConfigChanged => Effect::ConfigChanged,
         wit::Effect::NeedsReset => Effect::NeedsReset,
@@ -51,7 +70,9 @@ fn effect(effect: wit::Effect, bounds: &Bounds) -> Result<Effect, String> {
 fn tap_offloads(offloads: wit::Offloads, backend: Offloads) -> Result<Offloads, String> {
     let offloads = Offloads::from(offloads);
     if !backend.contains(offloads) {
-        return Err(format!("{offloads:?} not within what the TAP supports ({backend:?})"));
+        return Err(format!(
+            "{offloads:?} not within what the TAP supports ({backend:?})"
+        ));
     }
     let needs_csum = Offloads::TSO4 | Offloads::TSO6 | Offloads::ECN | Offloads::UFO;
     let tso = Offloads::TSO4 | Offloads::TSO6;
@@ -74,7 +95,10 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
         ));
     }
     if filter.vlans.len() != VLAN_WORDS {
-        return Err(format!("VLAN table of {} words, expected {VLAN_WORDS}", filter.vlans.len()));
+        return Err(format!(
+            "VLAN table of {} words, expected {VLAN_WORDS}",
+            filter.vlans.len()
+        ));
     }
     Ok(RxFilter {
         promisc: filter.promisc,
@@ -116,14 +140,19 @@ pub fn ack(ack: u8) -> Result<u8, String> {
 pub fn status(requested: u8, returned: u8) -> Result<u8, String> {
     use sandnic_device::device::status::NEEDS_RESET;
     if returned & !(requested | NEEDS_RESET) != 0 {
-        return Err(format!("status {returned:#x} sets bits the driver did not write ({requested:#x})"));
+        return Err(format!(
+            "status {returned:#x} sets bits the driver did not write ({requested:#x})"
+        ));
     }
     Ok(returned)
 }
 
 pub fn config_bytes(bytes: Vec<u8>, requested: u32) -> Result<Vec<u8>, String> {
     if bytes.len() != requested as usize {
-        return Err(format!("{} config bytes for a {requested}-byte read", bytes.len()));
+        return Err(format!(
+            "{} config bytes for a {requested}-byte read",
+            bytes.len()
+        ));
     }
     Ok(bytes)
 }
@@ -168,7 +197,10 @@ pub fn feature_ceiling(config: &DeviceConfig) -> u64 {
 pub fn device_features(bits: u64, config: &DeviceConfig) -> Result<u64, String> {
     let extra = bits & !feature_ceiling(config);
     if extra != 0 {
-        return Err(format!("offers features the host cannot serve: {}", f::names(extra).join(",")));
+        return Err(format!(
+            "offers features the host cannot serve: {}",
+            f::names(extra).join(",")
+        ));
     }
     if bits & f::VERSION_1 == 0 {
         return Err("does not offer VERSION_1".into());
@@ -196,7 +228,10 @@ pub fn truncate_text(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let cut = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     format!("{}… ({} bytes)", &text[..cut], text.len())
 }
 
@@ -259,10 +294,22 @@ mod tests {
             wit::Effect::EnableQueuePairs(3),
             wit::Effect::SetTapOffloads(wit::Offloads::TSO6 | wit::Offloads::CSUM),
             wit::Effect::SetTapOffloads(wit::Offloads::TSO4),
-            wit::Effect::SetRxFilter(wit::RxFilter { mac: vec![1, 2, 3], ..wit_filter() }),
-            wit::Effect::SetRxFilter(wit::RxFilter { unicast: vec![2; 7], ..wit_filter() }),
-            wit::Effect::SetRxFilter(wit::RxFilter { multicast: vec![1; 6 * 65], ..wit_filter() }),
-            wit::Effect::SetRxFilter(wit::RxFilter { vlans: vec![0; 4096], ..wit_filter() }),
+            wit::Effect::SetRxFilter(wit::RxFilter {
+                mac: vec![1, 2, 3],
+                ..wit_filter()
+            }),
+            wit::Effect::SetRxFilter(wit::RxFilter {
+                unicast: vec![2; 7],
+                ..wit_filter()
+            }),
+            wit::Effect::SetRxFilter(wit::RxFilter {
+                multicast: vec![1; 6 * 65],
+                ..wit_filter()
+            }),
+            wit::Effect::SetRxFilter(wit::RxFilter {
+                vlans: vec![0; 4096],
+                ..wit_filter()
+            }),
         ];
         for e in bad {
             assert!(effects(vec![e.clone()], &b).is_err(), "{e:?} accepted");

@@ -10,5 +10,14 @@ const CONFIG_CHANGE_MSG: u32 = 2;
 /// Tells the frontend the config space changed. No reply is requested: a
 /// frontend that is slow to answer must not stall the backend.
 pub fn config_changed(channel: &OwnedFd) -> Result<(), wire::WireError> {
-    wire::send(channel.as_fd(), Header { request: CONFIG_CHANGE_MSG, flags: VERSION, size: 0 }, &[], &[])
+    wire::send(
+        channel.as_fd(),
+        Header {
+            request: CONFIG_CHANGE_MSG,
+            flags: VERSION,
+            size: 0,
+        },
+        &[],
+        &[],
+    )
 }

@@ -50,6 +50,7 @@ impl ProtocolState {
 
     /// Rings start disabled only when protocol features were negotiated.
     pub fn rings_start_enabled(&self) -> bool {
-        self.acked_features.is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
+        self.acked_features
+            .is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
     }
 }

@@ -6,7 +6,8 @@ use super::wire::Message;
 use crate::datapath::guest_memory::RegionInfo;
 use std::os::fd::OwnedFd;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserVringAddr, VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserVringAddr,
+    VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
@@ -23,19 +24,52 @@ pub enum Request {
     SetOwner,
     ResetOwner,
     SetMemTable(Vec<RegionInfo>, Vec<OwnedFd>),
-    SetVringNum { index: u32, num: u32 },
-    SetVringAddr { index: u32, desc: u64, used: u64, avail: u64 },
-    SetVringBase { index: u32, base: u32 },
-    GetVringBase { index: u32 },
-    SetVringKick { index: u32, fd: Option<OwnedFd> },
-    SetVringCall { index: u32, fd: Option<OwnedFd> },
-    SetVringErr { index: u32, fd: Option<OwnedFd> },
+    SetVringNum {
+        index: u32,
+        num: u32,
+    },
+    SetVringAddr {
+        index: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+    },
+    SetVringBase {
+        index: u32,
+        base: u32,
+    },
+    GetVringBase {
+        index: u32,
+    },
+    SetVringKick {
+        index: u32,
+        fd: Option<OwnedFd>,
+    },
+    SetVringCall {
+        index: u32,
+        fd: Option<OwnedFd>,
+    },
+    SetVringErr {
+        index: u32,
+        fd: Option<OwnedFd>,
+    },
     GetProtocolFeatures,
     SetProtocolFeatures(u64),
     GetQueueNum,
-    SetVringEnable { index: u32, enable: bool },
-    GetConfig { offset: u32, size: u32, flags: u32 },
-    SetConfig { offset: u32, flags: u32, data: Vec<u8> },
+    SetVringEnable {
+        index: u32,
+        enable: bool,
+    },
+    GetConfig {
+        offset: u32,
+        size: u32,
+        flags: u32,
+    },
+    SetConfig {
+        offset: u32,
+        flags: u32,
+        data: Vec<u8>,
+    },
     SetBackendReqFd(OwnedFd),
     /// A request sandnic does not implement (answered with a NACK).
     Unsupported(u32),
@@ -46,7 +80,11 @@ impl Request {
     pub fn has_reply_body(&self) -> bool {
         matches!(
             self,
-            Self::GetFeatures | Self::GetProtocolFeatures | Self::GetVringBase { .. } | Self::GetQueueNum | Self::GetConfig { .. }
+            Self::GetFeatures
+                | Self::GetProtocolFeatures
+                | Self::GetVringBase { .. }
+                | Self::GetQueueNum
+                | Self::GetConfig { .. }
         )
     }
 }
@@ -55,10 +93,18 @@ impl Request {
 pub enum RequestError {
     /// The payload size is wrong for the request.
     #[error("request {request}: payload of {got} bytes, expected {want}")]
-    Size { request: u32, got: usize, want: usize },
+    Size {
+        request: u32,
+        got: usize,
+        want: usize,
+    },
     /// Wrong number of fds for the request.
     #[error("request {request}: {got} fds attached, expected {want}")]
-    Fds { request: u32, got: usize, want: usize },
+    Fds {
+        request: u32,
+        got: usize,
+        want: usize,
+    },
     /// A value out of range (region count, index width).
     #[error("request {request}: {why}")]
     Invalid { request: u32, why: String },
@@ -66,17 +112,28 @@ pub enum RequestError {
 
 /// Parses a message. Unknown request codes parse as `Unsupported`.
 pub fn parse(msg: Message) -> Result<Request, RequestError> {
-    let Message { header, payload, fds } = msg;
+    let Message {
+        header,
+        payload,
+        fds,
+    } = msg;
     let code = header.request;
     let Ok(req) = FrontendReq::try_from(code) else {
         return Ok(Request::Unsupported(code));
     };
-    let p = Payload { code, bytes: &payload };
+    let p = Payload {
+        code,
+        bytes: &payload,
+    };
     let expect_fds = |want: usize, fds: &Vec<OwnedFd>| {
         if fds.len() == want {
             Ok(())
         } else {
-            Err(RequestError::Fds { request: code, got: fds.len(), want })
+            Err(RequestError::Fds {
+                request: code,
+                got: fds.len(),
+                want,
+            })
         }
     };
     let no_fds = |fds: &Vec<OwnedFd>| expect_fds(0, fds);
@@ -88,15 +145,26 @@ pub fn parse(msg: Message) -> Result<Request, RequestError> {
         FrontendReq::SET_MEM_TABLE => return parse_mem_table(p, fds),
         FrontendReq::SET_VRING_NUM => {
             let s: VhostUserVringState = p.exact()?;
-            Request::SetVringNum { index: s.index, num: s.num }
+            Request::SetVringNum {
+                index: s.index,
+                num: s.num,
+            }
         }
         FrontendReq::SET_VRING_ADDR => {
             let a: VhostUserVringAddr = p.exact()?;
-            Request::SetVringAddr { index: a.index, desc: a.descriptor, used: a.used, avail: a.available }
+            Request::SetVringAddr {
+                index: a.index,
+                desc: a.descriptor,
+                used: a.used,
+                avail: a.available,
+            }
         }
         FrontendReq::SET_VRING_BASE => {
             let s: VhostUserVringState = p.exact()?;
-            Request::SetVringBase { index: s.index, base: s.num }
+            Request::SetVringBase {
+                index: s.index,
+                base: s.num,
+            }
         }
         FrontendReq::GET_VRING_BASE => {
             let s: VhostUserVringState = p.exact()?;
@@ -123,7 +191,10 @@ pub fn parse(msg: Message) -> Result<Request, RequestError> {
         FrontendReq::GET_QUEUE_NUM => Request::GetQueueNum,
         FrontendReq::SET_VRING_ENABLE => {
             let s: VhostUserVringState = p.exact()?;
-            Request::SetVringEnable { index: s.index, enable: s.num != 0 }
+            Request::SetVringEnable {
+                index: s.index,
+                enable: s.num != 0,
+            }
         }
         FrontendReq::GET_CONFIG | FrontendReq::SET_CONFIG => {
             let head: VhostUserConfig = p.prefix()?;
@@ -137,9 +208,17 @@ pub fn parse(msg: Message) -> Result<Request, RequestError> {
                 });
             }
             if req == FrontendReq::GET_CONFIG {
-                Request::GetConfig { offset, size, flags }
+                Request::GetConfig {
+                    offset,
+                    size,
+                    flags,
+                }
             } else {
-                Request::SetConfig { offset, flags, data }
+                Request::SetConfig {
+                    offset,
+                    flags,
+                    data,
+                }
             }
         }
         FrontendReq::SET_BACKEND_REQ_FD => {
@@ -158,20 +237,32 @@ fn parse_mem_table(p: Payload<'_>, fds: Vec<OwnedFd>) -> Result<Request, Request
     let head: VhostUserMemory = p.prefix()?;
     let count = head.num_regions as usize;
     if count == 0 || count > MAX_REGIONS {
-        return Err(RequestError::Invalid { request: p.code, why: format!("{count} memory regions") });
+        return Err(RequestError::Invalid {
+            request: p.code,
+            why: format!("{count} memory regions"),
+        });
     }
     let region_len = std::mem::size_of::<VhostUserMemoryRegion>();
     let want = std::mem::size_of::<VhostUserMemory>() + count * region_len;
     if p.bytes.len() < want {
-        return Err(RequestError::Size { request: p.code, got: p.bytes.len(), want });
+        return Err(RequestError::Size {
+            request: p.code,
+            got: p.bytes.len(),
+            want,
+        });
     }
     if fds.len() != count {
-        return Err(RequestError::Fds { request: p.code, got: fds.len(), want: count });
+        return Err(RequestError::Fds {
+            request: p.code,
+            got: fds.len(),
+            want: count,
+        });
     }
     let regions = (0..count)
         .map(|i| {
             let at = std::mem::size_of::<VhostUserMemory>() + i * region_len;
-            let r: VhostUserMemoryRegion = read_struct(&p.bytes[at..at + region_len]).expect("length checked");
+            let r: VhostUserMemoryRegion =
+                read_struct(&p.bytes[at..at + region_len]).expect("length checked");
             RegionInfo {
                 guest_phys_addr: r.guest_phys_addr,
                 memory_size: r.memory_size,
@@ -192,21 +283,30 @@ impl Payload<'_> {
     fn exact<T: ByteValued>(&self) -> Result<T, RequestError> {
         let want = std::mem::size_of::<T>();
         if self.bytes.len() != want {
-            return Err(RequestError::Size { request: self.code, got: self.bytes.len(), want });
+            return Err(RequestError::Size {
+                request: self.code,
+                got: self.bytes.len(),
+                want,
+            });
         }
         Ok(read_struct(self.bytes).expect("length checked"))
     }
 
     fn prefix<T: ByteValued>(&self) -> Result<T, RequestError> {
         let want = std::mem::size_of::<T>();
-        read_struct(self.bytes).ok_or(RequestError::Size { request: self.code, got: self.bytes.len(), want })
+        read_struct(self.bytes).ok_or(RequestError::Size {
+            request: self.code,
+            got: self.bytes.len(),
+            want,
+        })
     }
 
     fn u64(&self) -> Result<u64, RequestError> {
-        let bytes: [u8; 8] = self
-            .bytes
-            .try_into()
-            .map_err(|_| RequestError::Size { request: self.code, got: self.bytes.len(), want: 8 })?;
+        let bytes: [u8; 8] = self.bytes.try_into().map_err(|_| RequestError::Size {
+            request: self.code,
+            got: self.bytes.len(),
+            want: 8,
+        })?;
         Ok(u64::from_ne_bytes(bytes))
     }
 }

@@ -40,7 +40,11 @@ impl Header {
 
     fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
         let word = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Self { request: word(0), flags: word(4), size: word(8) }
+        Self {
+            request: word(0),
+            flags: word(4),
+            size: word(8),
+        }
     }
 
     pub fn needs_reply(&self) -> bool {
@@ -88,19 +92,35 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Message, WireError> {
         read_exact(sock, &mut hdr[got..], got)?;
     }
     let header = Header::from_bytes(&hdr);
-    if header.flags & 0x3 != VERSION || header.flags & !0xf != 0 || header.size as usize > MAX_PAYLOAD {
+    if header.flags & 0x3 != VERSION
+        || header.flags & !0xf != 0
+        || header.size as usize > MAX_PAYLOAD
+    {
         return Err(WireError::BadHeader(header));
     }
     let mut payload = vec![0u8; header.size as usize];
     read_exact(sock, &mut payload, 0)?;
-    Ok(Message { header, payload, fds })
+    Ok(Message {
+        header,
+        payload,
+        fds,
+    })
 }
 
-fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, WireError> {
+fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, WireError> {
     let mut space = cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
-        match recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        match recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Err(Errno::EINTR) => continue,
             other => break other.map_err(WireError::Io)?,
         }
@@ -110,7 +130,10 @@ fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             // SAFETY: the kernel just installed these fds in our table for
             // us (SCM_RIGHTS); nothing else owns them.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     if truncated {
@@ -123,10 +146,20 @@ fn read_exact(sock: BorrowedFd<'_>, buf: &mut [u8], already: usize) -> Result<()
     let mut done = 0;
     while done < buf.len() {
         match nix::unistd::read(sock.as_raw_fd(), &mut buf[done..]) {
-            Ok(0) => return Err(WireError::Truncated { got: already + done, want: already + buf.len() }),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    got: already + done,
+                    want: already + buf.len(),
+                })
+            }
             Ok(n) => done += n,
             Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => return Err(WireError::Truncated { got: already + done, want: already + buf.len() }),
+            Err(Errno::EAGAIN) => {
+                return Err(WireError::Truncated {
+                    got: already + done,
+                    want: already + buf.len(),
+                })
+            }
             Err(e) => return Err(WireError::Io(e)),
         }
     }
@@ -134,10 +167,19 @@ fn read_exact(sock: BorrowedFd<'_>, buf: &mut [u8], already: usize) -> Result<()
 }
 
 /// Sends one message with `fds` attached.
-pub fn send(sock: BorrowedFd<'_>, header: Header, payload: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
+pub fn send(
+    sock: BorrowedFd<'_>,
+    header: Header,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> Result<(), WireError> {
     let hdr = header.to_bytes();
     let iov = [IoSlice::new(&hdr), IoSlice::new(payload)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &[ControlMessage::ScmRights(fds)] };
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(fds)]
+    };
     let total = HEADER_LEN + payload.len();
     let sent = loop {
         match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
@@ -163,5 +205,14 @@ pub fn send(sock: BorrowedFd<'_>, header: Header, payload: &[u8], fds: &[RawFd])
 
 /// A reply to `request`: flags VERSION|REPLY, exactly as frontends check.
 pub fn reply(sock: BorrowedFd<'_>, request: u32, payload: &[u8]) -> Result<(), WireError> {
-    send(sock, Header { request, flags: VERSION | REPLY, size: payload.len() as u32 }, payload, &[])
+    send(
+        sock,
+        Header {
+            request,
+            flags: VERSION | REPLY,
+            size: payload.len() as u32,
+        },
+        payload,
+        &[],
+    )
 }
