@@ -23,7 +23,7 @@ const VARIANTS: [(&str, &str); 3] = [
     ("sandnic_device_hostile.wasm", "hostile"),
 ];
 
-const LEAKY_ENV: [&str; 8] = [
+const LEAKY_ENV: [&str; 10] = [
     "RUSTFLAGS",
     "CARGO_ENCODED_RUSTFLAGS",
     "CARGO_TARGET_DIR",
@@ -32,6 +32,12 @@ const LEAKY_ENV: [&str; 8] = [
     "RUSTC_WORKSPACE_WRAPPER",
     "CARGO_BUILD_RUSTFLAGS",
     "CARGO_MAKEFLAGS",
+    // The guest is always built by the toolchain rust-toolchain.toml pins
+    // (which has the wasm32-wasip2 target), even when the host is built by
+    // another one (cargo +nightly fuzz): rustup's cargo picks it when these
+    // do not point elsewhere.
+    "RUSTUP_TOOLCHAIN",
+    "RUSTC",
 ];
 
 fn main() {
@@ -75,8 +81,7 @@ fn guest_target_dir(out_dir: &Path, workspace: &Path) -> PathBuf {
 }
 
 fn build_guest(workspace: &Path, target_dir: &Path, features: &str) {
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace)
         .args([
             "build",

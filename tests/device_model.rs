@@ -267,6 +267,32 @@ fn read_only_fields_refuse_writes<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
     assert!(legacy.write_config(6, &[0, 0]).is_err());
 }
 
+/// Found by the `device_sequence` fuzz target: a legacy config write could
+/// make the MAC multicast, and the saved state then did not load.
+fn legacy_mac_write_cannot_make_a_multicast_mac<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
+    let mut d = make(full_config());
+    d.set_features(F_MAC | STATUS).unwrap();
+    assert!(d.write_config(0, &[0x3b]).is_err());
+    assert!(d.write_config(0, &[0; 6]).is_err(), "all-zero MAC");
+    assert_eq!(d.read_config(0, 6).unwrap(), MAC.to_vec());
+    let blob = d.save();
+    assert!(make(full_config()).load(&blob).is_ok());
+}
+
+/// Found by the `device_sequence` fuzz target (sandbox mode): a refused
+/// renegotiation after FEATURES_OK marked the features refused while
+/// FEATURES_OK stayed set, a state `load` rejects.
+fn refused_renegotiation_after_features_ok_keeps_a_loadable_state<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
+    let mut d = negotiated(&make);
+    assert!(d.set_features(VERSION_1).is_err());
+    let (status, _) = d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_ne!(status & FEATURES_OK, 0, "the accepted negotiation stands");
+    let blob = d.save();
+    let mut fresh = make(full_config());
+    fresh.load(&blob).expect("the state loads");
+    assert_eq!(fresh.save(), blob);
+}
+
 // ---- control queue ---------------------------------------------------------
 
 fn rx_mode_commands<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
@@ -758,6 +784,8 @@ on_native_and_differential!(
     config_space_is_readable_before_features_ok,
     generation_bumps_on_every_change,
     read_only_fields_refuse_writes,
+    legacy_mac_write_cannot_make_a_multicast_mac,
+    refused_renegotiation_after_features_ok_keeps_a_loadable_state,
     rx_mode_commands,
     mac_table_set,
     mac_addr_set,

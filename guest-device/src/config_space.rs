@@ -70,7 +70,14 @@ pub fn write(mac: &mut Mac, mac_writable: bool, offset: u32, data: &[u8]) -> Res
     if !mac_writable {
         return Err("mac is read-only once VERSION_1 or CTRL_MAC_ADDR is negotiated".into());
     }
-    mac[offset as usize..end as usize].copy_from_slice(data);
+    let mut new = *mac;
+    new[offset as usize..end as usize].copy_from_slice(data);
+    // Same rule as MAC_ADDR_SET: the device's address stays a unicast one
+    // (and a saved state with anything else would not load).
+    if !crate::types::is_valid_unicast(&new) {
+        return Err(format!("mac {} is not a unicast address", crate::types::format_mac(&new)));
+    }
+    *mac = new;
     Ok(())
 }
 
@@ -119,6 +126,8 @@ mod tests {
         assert!(write(&mut mac, true, 0, &[]).is_err());
         assert_eq!(mac, [0x52, 0x54, 0, 1, 2, 3]);
         write(&mut mac, true, 3, &[7, 8, 9]).unwrap();
+        assert_eq!(mac, [0x52, 0x54, 0, 7, 8, 9]);
+        assert!(write(&mut mac, true, 0, &[0x3b]).is_err(), "multicast");
         assert_eq!(mac, [0x52, 0x54, 0, 7, 8, 9]);
     }
 }

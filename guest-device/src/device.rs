@@ -116,7 +116,11 @@ impl NetDevice {
 
     pub fn set_features(&mut self, acked: u64) -> Result<Vec<Effect>, String> {
         if let Err(why) = self.check_features(acked) {
-            self.state.features_refused = true;
+            // A refused renegotiation after FEATURES_OK leaves the accepted
+            // features (and FEATURES_OK) as they were.
+            if self.state.status & status::FEATURES_OK == 0 {
+                self.state.features_refused = true;
+            }
             log(Level::Warn, &format!("refusing features {acked:#x}: {why}"));
             return Err(why);
         }

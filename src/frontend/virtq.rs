@@ -167,6 +167,12 @@ impl Virtq {
             .collect()
     }
 
+    /// Writes `idx` into the available ring's index as a broken or hostile
+    /// driver might (bad-input tests).
+    pub fn corrupt_avail_idx(&mut self, idx: u16) {
+        self.u16_at(self.avail_ptr, 2).store(idx, Ordering::Release);
+    }
+
     fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
         self.u16_at(self.avail_ptr, 4 + 2 * slot)

@@ -41,7 +41,7 @@ impl NetBackend {
                 let _ = ring.queue.add_used(mem, head, used);
                 served += 1;
             }
-            if !matches!(ring.queue.enable_notification(mem), Ok(true)) {
+            if !ring.enable_and_recheck(mem) {
                 break;
             }
         }

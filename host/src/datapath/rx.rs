@@ -132,6 +132,7 @@ pub fn process_rx(
     for _ in 0..budget {
         used_any |= return_bad_chains(ring, pending, ctx.mem, &mut batch);
         if !gather(ring, pending, ctx) {
+            used_any |= return_bad_chains(ring, pending, ctx.mem, &mut batch);
             outcome = RxOutcome::NeedBuffers;
             break;
         }
@@ -212,10 +213,10 @@ fn gather(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>) -> boo
             if chains > 0 && pending.len() >= usize::from(ring.queue.size()) {
                 return true;
             }
-            match ring.queue.enable_notification(ctx.mem) {
-                Ok(true) => continue,
-                _ => return false,
+            if ring.enable_and_recheck(ctx.mem) {
+                continue;
             }
+            return false;
         }
         let _ = ring.queue.disable_notification(ctx.mem);
     }

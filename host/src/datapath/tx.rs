@@ -63,9 +63,8 @@ pub fn process_tx(
         }
         // Re-enable notifications, then look again: a chain added in
         // between would otherwise wait for the next kick.
-        match ring.queue.enable_notification(ctx.mem) {
-            Ok(true) => continue,
-            _ => break,
+        if !ring.enable_and_recheck(ctx.mem) {
+            break;
         }
     }
     if done > 0 {

@@ -135,6 +135,25 @@ impl Vring {
         }
     }
 
+    /// Re-enables notifications, then says whether the driver published new
+    /// entries meanwhile (so the caller looks again instead of sleeping).
+    ///
+    /// Only a *valid* backlog counts: an available index more than a ring's
+    /// worth ahead is corrupt, `pop` refuses it, and answering "more" here
+    /// would send the caller round forever.
+    pub fn enable_and_recheck(&mut self, mem: &GuestMemoryMmap) -> bool {
+        if !matches!(self.queue.enable_notification(mem), Ok(true)) {
+            return false;
+        }
+        match self.queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(avail) => {
+                let backlog = avail.0.wrapping_sub(self.queue.next_avail());
+                backlog > 0 && backlog <= self.queue.size()
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The next chain, or none when the ring is empty or its available
     /// index is corrupt (more entries than the ring holds).
     pub fn pop<'m>(

@@ -1,0 +1,28 @@
+//! The handover stream parser: whatever a (possibly hostile or broken)
+//! source sends, the destination decodes and validates it without panicking.
+
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use sandnic_host::handover::state::{self, Offer, Reply};
+use sandnic_host::handover::stream;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() > 1 << 16 {
+        return;
+    }
+    let (mut tx, rx) = UnixStream::pair().expect("socketpair");
+    tx.write_all(data).expect("write");
+    drop(tx);
+    if let Ok(offer) = stream::recv::<Offer>(&rx, Duration::from_millis(50)) {
+        let _ = state::validate(&offer, false);
+        let _ = state::validate(&offer, true);
+        let _ = stream::recv_fds(&rx, offer.fds.len().min(8), Duration::from_millis(10));
+    }
+    let (mut tx, rx) = UnixStream::pair().expect("socketpair");
+    tx.write_all(data).expect("write");
+    drop(tx);
+    let _ = stream::recv::<Reply>(&rx, Duration::from_millis(50));
+});
