@@ -293,6 +293,21 @@ fn refused_renegotiation_after_features_ok_keeps_a_loadable_state<D: Dut>(make: 
     assert_eq!(fresh.save(), blob);
 }
 
+/// Found by the `device_sequence` fuzz target: renegotiating without
+/// GUEST_ANNOUNCE (or MQ) left an announce pending (or several queue pairs
+/// active), a state `load` rejects.
+fn renegotiation_resets_feature_dependent_state<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
+    let mut d = make(full_config());
+    d.set_features(LINUX_ACKS).unwrap();
+    assert_eq!(d.ctrl(&CtrlCommand::MqPairsSet(2).encode()).0, ACK_OK);
+    assert_eq!(d.announce(), vec![Effect::ConfigChanged]);
+    let effects = d.set_features(VERSION_1).unwrap();
+    assert!(effects.contains(&Effect::EnableQueuePairs(1)));
+    assert_eq!(d.read_config(6, 2).unwrap(), vec![1, 0], "no announce pending");
+    let blob = d.save();
+    make(full_config()).load(&blob).expect("the state loads");
+}
+
 // ---- control queue ---------------------------------------------------------
 
 fn rx_mode_commands<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
@@ -786,6 +801,7 @@ on_native_and_differential!(
     read_only_fields_refuse_writes,
     legacy_mac_write_cannot_make_a_multicast_mac,
     refused_renegotiation_after_features_ok_keeps_a_loadable_state,
+    renegotiation_resets_feature_dependent_state,
     rx_mode_commands,
     mac_table_set,
     mac_addr_set,

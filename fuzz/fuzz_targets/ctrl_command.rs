@@ -4,16 +4,17 @@
 
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sandnic_fuzz::{config, Dut};
+use sandnic_fuzz::{config, with_device, Slot};
 
 fuzz_target!(|data: &[u8]| {
     let Some((features, command)) = data.split_first_chunk::<8>() else { return };
-    let mut dut = Dut::new(config(2, Some(1500), 0x1f)).expect("valid config");
-    let wanted = u64::from_le_bytes(*features);
-    // A refused set leaves the device unnegotiated; commands must still be
-    // answered (with ERR).
-    let offered = dut.features();
-    let _ = dut.set_features(wanted & offered);
-    dut.ctrl(command);
-    dut.check_round_trip();
+    with_device(&config(2, Some(1500), 0x1f), Slot::Main, |dut| {
+        let wanted = u64::from_le_bytes(*features);
+        // A refused set leaves the device unnegotiated; commands must still
+        // be answered (with ERR).
+        let offered = dut.features();
+        let _ = dut.set_features(wanted & offered);
+        dut.ctrl(command);
+        dut.check_round_trip();
+    });
 });

@@ -5,18 +5,19 @@
 
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sandnic_fuzz::{config, Dut};
+use sandnic_fuzz::{config, with_device, Slot};
 
 fuzz_target!(|data: &[u8]| {
     // The fixtures' device: two pairs, MTU 1500, every offload.
-    let mut dut = Dut::new(config(2, Some(1500), 0x1f)).expect("valid config");
-    let before = dut.save();
-    match dut.load(data) {
-        Ok(_) => dut.check_round_trip(),
-        Err(why) => {
-            assert!(!why.is_empty());
-            assert_eq!(dut.save(), before, "a refused load changed the state");
+    with_device(&config(2, Some(1500), 0x1f), Slot::Main, |dut| {
+        let before = dut.save();
+        match dut.load(data) {
+            Ok(_) => dut.check_round_trip(),
+            Err(why) => {
+                assert!(!why.is_empty());
+                assert_eq!(dut.save(), before, "a refused load changed the state");
+            }
         }
-    }
+    });
     let _ = sandnic_device::state::describe(data);
 });

@@ -195,11 +195,62 @@ impl Dut {
         reply.ack
     }
 
-    /// save → load into a fresh device → save gives the same bytes.
+    /// save → load into another device → save gives the same bytes.
     pub fn check_round_trip(&mut self) {
         let blob = self.save();
-        let mut fresh = Dut::new(self.config.clone()).expect("same config");
-        fresh.load(&blob).expect("a saved state loads");
-        assert_eq!(fresh.save(), blob, "save/load/save round trip");
+        with_device(&self.config, Slot::Scratch, |other| {
+            other.load(&blob).expect("a saved state loads");
+            assert_eq!(other.save(), blob, "save/load/save round trip");
+        });
     }
+}
+
+/// Which cached device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Main,
+    Scratch,
+}
+
+struct Cached {
+    config: DeviceConfig,
+    slot: Slot,
+    dut: Dut,
+    fresh: Vec<u8>,
+}
+
+thread_local! {
+    static DEVICES: std::cell::RefCell<Vec<Cached>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a device in its initial state for `config` (None if the
+/// configuration is invalid). Devices are cached per configuration and put
+/// back in their initial state by loading it, because instantiating a
+/// sandboxed component for every input would cost more than the input.
+pub fn with_device<R>(config: &DeviceConfig, slot: Slot, f: impl FnOnce(&mut Dut) -> R) -> Option<R> {
+    let taken = DEVICES.with(|d| {
+        let mut d = d.borrow_mut();
+        let at = d.iter().position(|c| c.config == *config && c.slot == slot)?;
+        Some(d.swap_remove(at))
+    });
+    let mut cached = match taken {
+        Some(mut c) => {
+            let fresh = c.fresh.clone();
+            c.dut.load(&fresh).expect("the initial state loads");
+            c
+        }
+        None => {
+            let mut dut = Dut::new(config.clone())?;
+            let fresh = dut.save();
+            Cached { config: config.clone(), slot, dut, fresh }
+        }
+    };
+    let result = f(&mut cached.dut);
+    DEVICES.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.len() < 64 {
+            d.push(cached);
+        }
+    });
+    Some(result)
 }

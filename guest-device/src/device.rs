@@ -127,10 +127,15 @@ impl NetDevice {
         self.state.features_refused = false;
         self.state.acked = acked;
         self.state.accepted = Some(acked);
+        // Everything that depends on a feature follows the new set (a driver
+        // may renegotiate before FEATURES_OK).
         self.state.guest_offloads = acked & features::GUEST_OFFLOADS;
         if features::control_queue_in_frontend(acked) {
             self.state.queue_pairs = self.config.max_queue_pairs;
+        } else if acked & features::MQ == 0 {
+            self.state.queue_pairs = 1;
         }
+        self.state.announce_pending &= acked & features::GUEST_ANNOUNCE != 0;
         Ok(self.datapath_effects())
     }
 
