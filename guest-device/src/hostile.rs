@@ -54,7 +54,7 @@ pub fn ctrl(bytes: &[u8]) -> Option<CtrlReply> {
             None
         }
         UNSUPPORTED_OFFLOADS => ok(vec![Effect::SetTapOffloads(Offloads::all())]),
-        EFFECT_FLOOD => ok(vec![Effect::ConfigChanged; 100_000]),
+        EFFECT_FLOOD => ok(vec![Effect::ConfigChanged; 1_000]),
         _ => None,
     }
 }
