@@ -123,6 +123,37 @@ impl WithFeatures for NicConfig {
     }
 }
 
+// ---- CPU placement ---------------------------------------------------------
+
+/// The datapath work of every variant (sandnic's worker, the raw TAP
+/// writer/reader, testpmd's forwarding core) runs on this CPU; the test
+/// frontend, the injector and everything else on the other. Without this
+/// the scheduler sometimes stacks both on one core and a run measures that.
+const DATAPATH_CPU: usize = 1;
+const DRIVER_CPU: usize = 0;
+
+fn pin(tid: nix::unistd::Pid, cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(tid, &set);
+    }
+}
+
+fn pin_self(cpu: usize) {
+    pin(nix::unistd::Pid::from_raw(0), cpu);
+}
+
+/// Pins every thread of process `pid`.
+fn pin_process(pid: u32, cpu: usize) {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+                pin(nix::unistd::Pid::from_raw(tid), cpu);
+            }
+        }
+    }
+}
+
 // ---- TX --------------------------------------------------------------------
 
 /// Sends `n` frames through a vhost-user backend and waits until it has
@@ -134,7 +165,7 @@ fn tx_through(nic: &mut TestNic, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Durati
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {
-        let want = (n - sent).min(64) as usize;
+        let want = (n - sent).min(RING as u64) as usize;
         let k = nic.send_prepared(0, want, len);
         sent += k as u64;
         if k == 0 {
@@ -152,6 +183,7 @@ fn tx_through(nic: &mut TestNic, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Durati
 /// the same amount of memory per frame.
 fn tx_raw(tap: &OwnedFd, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
     let buffers: Vec<Vec<u8>> = (0..RING).map(|_| [&hdr[..], frame].concat()).collect();
+    pin_self(DATAPATH_CPU);
     let start = Instant::now();
     for i in 0..n {
         let buf = &buffers[i as usize % buffers.len()];
@@ -163,7 +195,9 @@ fn tx_raw(tap: &OwnedFd, n: u64, frame: &[u8], hdr: &[u8; 12]) -> Duration {
         let r = unsafe { libc::writev(tap.as_raw_fd(), &iov, 1) };
         assert!(r > 0, "raw TAP write: {}", std::io::Error::last_os_error());
     }
-    start.elapsed()
+    let elapsed = start.elapsed();
+    pin_self(DRIVER_CPU);
+    elapsed
 }
 
 // ---- RX --------------------------------------------------------------------
@@ -299,6 +333,7 @@ impl RawReader {
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (count.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
+            pin_self(DATAPATH_CPU);
             let mut buf = vec![0u8; 70_000];
             while !s.load(Ordering::Relaxed) {
                 // SAFETY: `buf` is a live buffer of the given length.
@@ -440,6 +475,7 @@ fn bench(c: &mut Criterion) {
         eprintln!("\n*** SKIPPED datapath benches: {why} ***\n");
         return;
     }
+    pin_self(DRIVER_CPU);
     for case in CASES {
         let ns = NetNs::new().unwrap();
         let dir = ScratchDir::new().unwrap();
@@ -448,6 +484,7 @@ fn bench(c: &mut Criterion) {
         let _ = ns.ip(&["link", "set", "tap0", "txqueuelen", "10000"]);
         let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
         let mut nic = TestNic::connect(&sandnic.socket, &nic_config(case, true)).unwrap();
+        pin_process(sandnic.child.id(), DATAPATH_CPU);
         let raw = Arc::new(raw_tap(&ns, "rawtap", case));
         let (tx_frame, tx_hdr) = frame(case, FOREIGN_MAC);
         let (rx_frame, rx_hdr) = frame(case, GUEST_MAC);
