@@ -274,9 +274,15 @@ fn a_corrupt_available_index_does_not_hang_the_backend() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
-    let status = rig.sandnic.api(serde_json::json!({"cmd": "status"})).unwrap();
+    let status = rig
+        .sandnic
+        .api(serde_json::json!({"cmd": "status"}))
+        .unwrap();
     assert_eq!(status["ok"], true);
-    assert!(started.elapsed() < Duration::from_secs(1), "control thread stalled");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "control thread stalled"
+    );
     assert_pair0_works(&mut rig, &sock, 5);
 }
 

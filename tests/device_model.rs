@@ -282,7 +282,9 @@ fn legacy_mac_write_cannot_make_a_multicast_mac<D: Dut>(make: impl Fn(DeviceConf
 /// Found by the `device_sequence` fuzz target (sandbox mode): a refused
 /// renegotiation after FEATURES_OK marked the features refused while
 /// FEATURES_OK stayed set, a state `load` rejects.
-fn refused_renegotiation_after_features_ok_keeps_a_loadable_state<D: Dut>(make: impl Fn(DeviceConfig) -> D) {
+fn refused_renegotiation_after_features_ok_keeps_a_loadable_state<D: Dut>(
+    make: impl Fn(DeviceConfig) -> D,
+) {
     let mut d = negotiated(&make);
     assert!(d.set_features(VERSION_1).is_err());
     let (status, _) = d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
@@ -303,7 +305,11 @@ fn renegotiation_resets_feature_dependent_state<D: Dut>(make: impl Fn(DeviceConf
     assert_eq!(d.announce(), vec![Effect::ConfigChanged]);
     let effects = d.set_features(VERSION_1).unwrap();
     assert!(effects.contains(&Effect::EnableQueuePairs(1)));
-    assert_eq!(d.read_config(6, 2).unwrap(), vec![1, 0], "no announce pending");
+    assert_eq!(
+        d.read_config(6, 2).unwrap(),
+        vec![1, 0],
+        "no announce pending"
+    );
     let blob = d.save();
     make(full_config()).load(&blob).expect("the state loads");
 }

@@ -11,7 +11,9 @@ use sandnic_device::NetDevice;
 use std::path::PathBuf;
 
 fn corpus(target: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -22,23 +24,53 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 
 fn commands() -> Vec<(&'static str, CtrlCommand)> {
     vec![
-        ("promisc", CtrlCommand::Rx { switch: RxSwitch::Promisc, on: false }),
-        ("allmulti", CtrlCommand::Rx { switch: RxSwitch::AllMulti, on: true }),
-        ("nobcast", CtrlCommand::Rx { switch: RxSwitch::NoBcast, on: true }),
-        ("mac-table", CtrlCommand::MacTableSet { unicast: vec![[2, 0, 0, 0, 0, 1]], multicast: vec![[1, 0, 0x5e, 0, 0, 1]; 3] }),
+        (
+            "promisc",
+            CtrlCommand::Rx {
+                switch: RxSwitch::Promisc,
+                on: false,
+            },
+        ),
+        (
+            "allmulti",
+            CtrlCommand::Rx {
+                switch: RxSwitch::AllMulti,
+                on: true,
+            },
+        ),
+        (
+            "nobcast",
+            CtrlCommand::Rx {
+                switch: RxSwitch::NoBcast,
+                on: true,
+            },
+        ),
+        (
+            "mac-table",
+            CtrlCommand::MacTableSet {
+                unicast: vec![[2, 0, 0, 0, 0, 1]],
+                multicast: vec![[1, 0, 0x5e, 0, 0, 1]; 3],
+            },
+        ),
         ("mac-addr", CtrlCommand::MacAddrSet([2, 0, 0, 0, 0, 9])),
         ("vlan-add", CtrlCommand::VlanAdd(100)),
         ("vlan-del", CtrlCommand::VlanDel(100)),
         ("announce-ack", CtrlCommand::AnnounceAck),
         ("mq", CtrlCommand::MqPairsSet(2)),
-        ("offloads", CtrlCommand::GuestOffloadsSet(sandnic_device::features::GUEST_CSUM)),
+        (
+            "offloads",
+            CtrlCommand::GuestOffloadsSet(sandnic_device::features::GUEST_CSUM),
+        ),
     ]
 }
 
 #[test]
 #[ignore = "writes fuzz/corpus; run with SANDNIC_WRITE_FUZZ_SEEDS=1"]
 fn write_fuzz_seeds() {
-    assert_eq!(std::env::var("SANDNIC_WRITE_FUZZ_SEEDS").as_deref(), Ok("1"));
+    assert_eq!(
+        std::env::var("SANDNIC_WRITE_FUZZ_SEEDS").as_deref(),
+        Ok("1")
+    );
     let offered = NetDevice::new(full_config()).unwrap().device_features();
     for (name, command) in commands() {
         let mut input = offered.to_le_bytes().to_vec();
@@ -48,9 +80,17 @@ fn write_fuzz_seeds() {
     // Saved states: fresh, negotiated and busy, in both versions.
     for (version, build) in [("v1", Build::V1), ("v2", Build::V2)] {
         let mut d = sandboxed(build, full_config());
-        write("state_load", &format!("{version}-fresh"), &Dut::save(&mut d));
+        write(
+            "state_load",
+            &format!("{version}-fresh"),
+            &Dut::save(&mut d),
+        );
         d.set_features(offered).unwrap();
-        write("state_load", &format!("{version}-negotiated"), &Dut::save(&mut d));
+        write(
+            "state_load",
+            &format!("{version}-negotiated"),
+            &Dut::save(&mut d),
+        );
         for (_, command) in commands() {
             d.ctrl(&command.encode());
         }
@@ -78,14 +118,31 @@ fn offer_frame() -> Vec<u8> {
         host: HostState {
             config: full_config(),
             protocol: Default::default(),
-            vrings: vec![VringState { num: 256, addrs: None, base: 0, enabled: true, started: false }; 5],
+            vrings: vec![
+                VringState {
+                    num: 256,
+                    addrs: None,
+                    base: 0,
+                    enabled: true,
+                    started: false
+                };
+                5
+            ],
             regions: vec![],
-            tap: TapState { name: "tap0".into(), queues: 2 },
+            tap: TapState {
+                name: "tap0".into(),
+                queues: 2,
+            },
             link_up: true,
             socket_paths: vec![],
         },
         device_state: NetDevice::new(full_config()).unwrap().save(),
-        fds: vec![FdRole::Connection, FdRole::Kick(0), FdRole::TapQueue(0), FdRole::TapQueue(1)],
+        fds: vec![
+            FdRole::Connection,
+            FdRole::Kick(0),
+            FdRole::TapQueue(0),
+            FdRole::TapQueue(1),
+        ],
     };
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     sandnic_host::handover::stream::send(&a, &offer).unwrap();

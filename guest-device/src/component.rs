@@ -128,7 +128,11 @@ impl GuestNetDevice for Device {
 }
 
 fn effects(list: Vec<native::Effect>) -> Vec<wit::Effect> {
-    list.into_iter().map(effect).collect()
+    // A fresh vector: an in-place collect would reuse `list`'s allocation
+    // for the differently sized WIT effects and then `realloc` it.
+    let mut out = Vec::with_capacity(list.len());
+    out.extend(list.into_iter().map(effect));
+    out
 }
 
 fn effect(effect: native::Effect) -> wit::Effect {

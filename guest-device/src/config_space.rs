@@ -75,7 +75,10 @@ pub fn write(mac: &mut Mac, mac_writable: bool, offset: u32, data: &[u8]) -> Res
     // Same rule as MAC_ADDR_SET: the device's address stays a unicast one
     // (and a saved state with anything else would not load).
     if !crate::types::is_valid_unicast(&new) {
-        return Err(format!("mac {} is not a unicast address", crate::types::format_mac(&new)));
+        return Err(format!(
+            "mac {} is not a unicast address",
+            crate::types::format_mac(&new)
+        ));
     }
     *mac = new;
     Ok(())

@@ -13,7 +13,9 @@
 //! - `rx_filter.rs` — RX mode, MAC/VLAN tables, the reference `accepts`
 //! - `device.rs` — the device: status rules, command semantics, effects
 //! - `state.rs` — save/load format, versions, validation, describe
+//! - `allocator.rs` — the component's allocator (free lists per size class)
 
+pub mod allocator;
 pub mod config_space;
 pub mod ctrl;
 pub mod device;

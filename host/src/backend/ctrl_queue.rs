@@ -38,7 +38,7 @@ impl NetBackend {
             while let Some(chain) = ring.pop(mem) {
                 let head = chain.head_index();
                 let used = self.serve_command(chain, mem);
-                let _ = ring.queue.add_used(mem, head, used);
+                ring.push_used(mem, head, used);
                 served += 1;
             }
             if !ring.enable_and_recheck(mem) {

@@ -187,7 +187,7 @@ fn return_bad_chains(
     while pending.chains.front().is_some_and(|c| c.bad) {
         let head = pending.chains[0].head;
         pending.consume(1);
-        let _ = ring.queue.add_used(mem, head, 0);
+        ring.push_used(mem, head, 0);
         batch.bad_chains += 1;
         any = true;
     }
@@ -246,7 +246,7 @@ fn deliver(
     let mut left = n;
     for c in pending.chains.iter().take(count) {
         let len = c.capacity.min(left);
-        let _ = ring.queue.add_used(ctx.mem, c.head, len as u32);
+        ring.push_used(ctx.mem, c.head, len as u32);
         left -= len;
     }
     pending.consume(count);

@@ -51,10 +51,8 @@ pub fn process_tx(
                 } else {
                     batch.bad_chains += 1;
                 }
-                // A TX buffer is only read: the used length is 0. add_used
-                // only fails for a head past the ring, which the ring never
-                // returns.
-                let _ = ring.queue.add_used(ctx.mem, head, 0);
+                // A TX buffer is only read: the used length is 0.
+                ring.push_used(ctx.mem, head, 0);
             }
             done += gathered;
         }

@@ -9,11 +9,17 @@
 
 use super::guest_memory::{translate, GuestMemory, IoVec};
 use super::notify;
+use std::num::Wrapping;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Split-ring layout (virtio 1.2 §2.7): flags and idx before the entries.
+const AVAIL_RING_HEADER: u64 = 4;
+const USED_RING_HEADER: u64 = 4;
+const USED_ELEMENT_SIZE: u64 = 8;
 
 /// Largest queue a split ring may have.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -63,11 +69,23 @@ pub enum VringError {
 }
 
 /// A started virtqueue.
+///
+/// Used-ring entries go through [`Vring::push_used`] and become visible to
+/// the driver at the next [`Vring::notify`], which stores the used index
+/// once for the whole batch. `virtio_queue`'s `add_used` stores it after
+/// every entry; the driver polls that cache line, so each store cost a
+/// cross-core transfer per frame.
 pub struct Vring {
     pub index: u16,
     pub queue: Queue,
     pub kick: Arc<OwnedFd>,
     pub call: Option<Arc<OwnedFd>>,
+    /// Entries written to the used ring but not yet published.
+    unpublished: u16,
+    /// The used index when the driver was last considered for a
+    /// notification (EVENT_IDX: it wants one when `used_event` was passed
+    /// since).
+    last_checked_used: Wrapping<u16>,
 }
 
 impl Vring {
@@ -121,17 +139,78 @@ impl Vring {
             queue,
             kick,
             call: setup.call.clone(),
+            unpublished: 0,
+            last_checked_used: used_idx,
         })
     }
 
-    /// Signals the driver if the ring's notification rules ask for it.
+    /// Returns chain `head` to the driver with `len` bytes written, once the
+    /// next [`Vring::notify`] publishes it. Heads come from this ring's own
+    /// iterator, so they are within the ring; anything else is ignored.
+    pub fn push_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) {
+        let size = self.queue.size();
+        if head >= size || self.unpublished >= size {
+            return;
+        }
+        let slot = self.queue.next_used().wrapping_add(self.unpublished) % size;
+        let element = u64::from(head) | (u64::from(len) << 32);
+        let addr = GuestAddress(self.queue.used_ring())
+            .checked_add(USED_RING_HEADER + u64::from(slot) * USED_ELEMENT_SIZE);
+        // The used ring was checked to lie in guest memory when the ring
+        // started; a failed write would mean it no longer does, and the
+        // entry is then lost like any write to a broken ring.
+        if let Some(addr) = addr {
+            let _ = mem.write_obj(element.to_le(), addr);
+        }
+        self.unpublished += 1;
+    }
+
+    /// Makes the pushed entries visible: one release store of the used
+    /// index after all their elements.
+    fn publish_used(&mut self, mem: &GuestMemoryMmap) {
+        if self.unpublished == 0 {
+            return;
+        }
+        let next = self.queue.next_used().wrapping_add(self.unpublished);
+        self.unpublished = 0;
+        self.queue.set_next_used(next);
+        if let Some(addr) = GuestAddress(self.queue.used_ring()).checked_add(2) {
+            let _ = mem.store(next.to_le(), addr, Ordering::Release);
+        }
+    }
+
+    /// Publishes pushed entries and signals the driver if its notification
+    /// rules ask for it.
     pub fn notify(&mut self, mem: &GuestMemoryMmap) {
-        // An unreadable used_event means a broken ring: notify anyway, the
-        // driver will find out.
-        if self.queue.needs_notification(mem).unwrap_or(true) {
+        self.publish_used(mem);
+        if self.needs_notification(mem) {
             if let Some(call) = &self.call {
                 notify::signal(call.as_fd());
             }
+        }
+    }
+
+    /// Without EVENT_IDX always (as `virtio_queue` does; the NO_INTERRUPT
+    /// hint is optional). With it, when the driver's `used_event` lies in
+    /// the entries published since the last check (virtio 1.2 §2.7.10, the
+    /// same inequality Linux uses). An unreadable `used_event` means a
+    /// broken ring: notify anyway, the driver will find out.
+    fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> bool {
+        let new = Wrapping(self.queue.next_used());
+        let old = std::mem::replace(&mut self.last_checked_used, new);
+        if !self.queue.event_idx_enabled() {
+            return true;
+        }
+        // The used index store must be visible before used_event is read,
+        // or a driver re-arming in between would be missed.
+        fence(Ordering::SeqCst);
+        let event_offset = AVAIL_RING_HEADER + 2 * u64::from(self.queue.size());
+        let Some(addr) = GuestAddress(self.queue.avail_ring()).checked_add(event_offset) else {
+            return true;
+        };
+        match mem.load::<u16>(addr, Ordering::Relaxed) {
+            Ok(event) => new - Wrapping(u16::from_le(event)) - Wrapping(1) < new - old,
+            Err(_) => true,
         }
     }
 

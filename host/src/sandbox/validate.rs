@@ -38,7 +38,13 @@ pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, S
             bounds.max_effects
         ));
     }
-    list.into_iter().map(|e| effect(e, bounds)).collect()
+    // Collected into a fresh vector: an in-place collect would reuse the
+    // lifted list's allocation and then shrink it with a `realloc`.
+    let mut effects = Vec::with_capacity(list.len());
+    for e in list {
+        effects.push(effect(e, bounds)?);
+    }
+    Ok(effects)
 }
 
 fn effect(effect: wit::Effect, bounds: &Bounds) -> Result<Effect, String> {
@@ -125,7 +131,9 @@ fn mac_list(bytes: &[u8], which: &str) -> Result<Vec<Mac>, String> {
     if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
         return Err(format!("{which} address list of {} bytes", bytes.len()));
     }
-    Ok(bytes.chunks_exact(6).filter_map(mac).collect())
+    let (macs, rest) = bytes.as_chunks::<6>();
+    debug_assert!(rest.is_empty());
+    Ok(macs.to_vec())
 }
 
 pub fn ack(ack: u8) -> Result<u8, String> {
