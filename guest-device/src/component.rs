@@ -45,9 +45,9 @@ impl Guest for Component {
 
 impl GuestNetDevice for Device {
     fn new(config: wit::DeviceConfig) -> Self {
-        let mac = <[u8; 6]>::try_from(config.mac.as_slice()).unwrap_or([0; 6]);
+        let (a, b, c, d, e, f) = config.mac;
         let config = native::DeviceConfig {
-            mac,
+            mac: [a, b, c, d, e, f],
             max_queue_pairs: config.max_queue_pairs,
             mtu: config.mtu,
             backend_offloads: native::Offloads::from_bits_truncate(config.backend_offloads.bits()),
@@ -137,21 +137,7 @@ fn effects(list: Vec<native::Effect>) -> Vec<wit::Effect> {
 
 fn effect(effect: native::Effect) -> wit::Effect {
     match effect {
-        native::Effect::SetRxFilter(f) => wit::Effect::SetRxFilter(wit::RxFilter {
-            promisc: f.promisc,
-            all_multi: f.all_multi,
-            all_uni: f.all_uni,
-            no_multi: f.no_multi,
-            no_uni: f.no_uni,
-            no_bcast: f.no_bcast,
-            mac: f.mac.to_vec(),
-            unicast: f.unicast.into_flattened(),
-            multicast: f.multicast.into_flattened(),
-            unicast_overflow: f.unicast_overflow,
-            multicast_overflow: f.multicast_overflow,
-            vlan_filtering: f.vlan_filtering,
-            vlans: f.vlans,
-        }),
+        native::Effect::SetRxFilter(f) => wit::Effect::SetRxFilter(rx_filter(f)),
         native::Effect::SetTapOffloads(o) => {
             wit::Effect::SetTapOffloads(wit::Offloads::from_bits_retain(o.bits()))
         }
@@ -159,6 +145,32 @@ fn effect(effect: native::Effect) -> wit::Effect {
         native::Effect::EnableQueuePairs(n) => wit::Effect::EnableQueuePairs(n),
         native::Effect::ConfigChanged => wit::Effect::ConfigChanged,
         native::Effect::NeedsReset => wit::Effect::NeedsReset,
+    }
+}
+
+fn rx_filter(f: native::RxFilter) -> wit::RxFilter {
+    use wit::RxSwitches as S;
+    let switches = [
+        (f.promisc, S::PROMISC),
+        (f.all_multi, S::ALL_MULTI),
+        (f.all_uni, S::ALL_UNI),
+        (f.no_multi, S::NO_MULTI),
+        (f.no_uni, S::NO_UNI),
+        (f.no_bcast, S::NO_BCAST),
+        (f.unicast_overflow, S::UNICAST_OVERFLOW),
+        (f.multicast_overflow, S::MULTICAST_OVERFLOW),
+        (f.vlan_filtering, S::VLAN_FILTERING),
+    ]
+    .into_iter()
+    .filter(|&(on, _)| on)
+    .fold(S::empty(), |all, (_, switch)| all | switch);
+    let [a, b, c, d, e, g] = f.mac;
+    wit::RxFilter {
+        switches,
+        mac: (a, b, c, d, e, g),
+        unicast: f.unicast.into_flattened(),
+        multicast: f.multicast.into_flattened(),
+        vlans: f.vlans,
     }
 }
 

@@ -40,6 +40,14 @@ impl From<sandnic_device::Offloads> for wit::Offloads {
     }
 }
 
+pub fn mac_to_wit([a, b, c, d, e, f]: sandnic_device::Mac) -> wit::MacAddress {
+    (a, b, c, d, e, f)
+}
+
+pub fn mac_from_wit((a, b, c, d, e, f): wit::MacAddress) -> sandnic_device::Mac {
+    [a, b, c, d, e, f]
+}
+
 impl sandnic::device::host_log::Host for InstanceData {
     /// Component log lines go to `tracing`, cut to the text limit: the
     /// component chooses their length.

@@ -112,7 +112,7 @@ pub struct SandboxedDevice {
 
 pub(crate) fn wit_config(config: &DeviceConfig) -> wit::DeviceConfig {
     wit::DeviceConfig {
-        mac: config.mac.to_vec(),
+        mac: super::bindings::mac_to_wit(config.mac),
         max_queue_pairs: config.max_queue_pairs,
         mtu: config.mtu,
         backend_offloads: config.backend_offloads.into(),

@@ -165,7 +165,7 @@ impl Instance {
             bindings
                 .sandnic_device_device()
                 .net_device()
-                .call_constructor(s, config)
+                .call_constructor(s, *config)
         })
         .map_err(instantiate)?;
         Ok(Self {

@@ -91,7 +91,7 @@ fn tap_offloads(offloads: wit::Offloads, backend: Offloads) -> Result<Offloads, 
 }
 
 fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
-    let mac = mac(&filter.mac).ok_or("rx filter MAC is not 6 bytes")?;
+    let mac = super::bindings::mac_from_wit(filter.mac);
     let unicast = mac_list(&filter.unicast, "unicast")?;
     let multicast = mac_list(&filter.multicast, "multicast")?;
     if unicast.len() + multicast.len() > MAC_TABLE_ENTRIES {
@@ -106,34 +106,31 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
             filter.vlans.len()
         ));
     }
+    let on = |switch| filter.switches.contains(switch);
+    use wit::RxSwitches as S;
     Ok(RxFilter {
-        promisc: filter.promisc,
-        all_multi: filter.all_multi,
-        all_uni: filter.all_uni,
-        no_multi: filter.no_multi,
-        no_uni: filter.no_uni,
-        no_bcast: filter.no_bcast,
+        promisc: on(S::PROMISC),
+        all_multi: on(S::ALL_MULTI),
+        all_uni: on(S::ALL_UNI),
+        no_multi: on(S::NO_MULTI),
+        no_uni: on(S::NO_UNI),
+        no_bcast: on(S::NO_BCAST),
         mac,
         unicast,
         multicast,
-        unicast_overflow: filter.unicast_overflow,
-        multicast_overflow: filter.multicast_overflow,
-        vlan_filtering: filter.vlan_filtering,
+        unicast_overflow: on(S::UNICAST_OVERFLOW),
+        multicast_overflow: on(S::MULTICAST_OVERFLOW),
+        vlan_filtering: on(S::VLAN_FILTERING),
         vlans: filter.vlans,
     })
 }
 
-fn mac(bytes: &[u8]) -> Option<Mac> {
-    bytes.try_into().ok()
-}
-
+/// Concatenated 6-byte addresses as a list of addresses.
 fn mac_list(bytes: &[u8], which: &str) -> Result<Vec<Mac>, String> {
     if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
         return Err(format!("{which} address list of {} bytes", bytes.len()));
     }
-    let (macs, rest) = bytes.as_chunks::<6>();
-    debug_assert!(rest.is_empty());
-    Ok(macs.to_vec())
+    Ok(bytes.as_chunks::<6>().0.to_vec())
 }
 
 pub fn ack(ack: u8) -> Result<u8, String> {
@@ -260,18 +257,10 @@ mod tests {
 
     fn wit_filter() -> wit::RxFilter {
         wit::RxFilter {
-            promisc: false,
-            all_multi: false,
-            all_uni: false,
-            no_multi: false,
-            no_uni: false,
-            no_bcast: false,
-            mac: vec![0x52, 0x54, 0, 0, 0, 1],
+            switches: wit::RxSwitches::VLAN_FILTERING,
+            mac: (0x52, 0x54, 0, 0, 0, 1),
             unicast: vec![],
             multicast: vec![],
-            unicast_overflow: false,
-            multicast_overflow: false,
-            vlan_filtering: true,
             vlans: vec![0; VLAN_WORDS],
         }
     }
@@ -303,10 +292,6 @@ mod tests {
             wit::Effect::SetTapOffloads(wit::Offloads::TSO6 | wit::Offloads::CSUM),
             wit::Effect::SetTapOffloads(wit::Offloads::TSO4),
             wit::Effect::SetRxFilter(wit::RxFilter {
-                mac: vec![1, 2, 3],
-                ..wit_filter()
-            }),
-            wit::Effect::SetRxFilter(wit::RxFilter {
                 unicast: vec![2; 7],
                 ..wit_filter()
             }),
@@ -323,6 +308,19 @@ mod tests {
             assert!(effects(vec![e.clone()], &b).is_err(), "{e:?} accepted");
         }
         assert!(effects(vec![wit::Effect::ConfigChanged; 5], &b).is_err());
+    }
+
+    #[test]
+    fn address_lists_keep_their_addresses() {
+        let bytes: Vec<u8> = (0..18).collect();
+        let expected = vec![
+            [0, 1, 2, 3, 4, 5],
+            [6, 7, 8, 9, 10, 11],
+            [12, 13, 14, 15, 16, 17],
+        ];
+        assert_eq!(mac_list(&bytes, "t"), Ok(expected));
+        assert_eq!(mac_list(&[], "t"), Ok(Vec::new()));
+        assert!(mac_list(&[0; 7], "t").is_err());
     }
 
     #[test]
