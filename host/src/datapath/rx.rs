@@ -249,5 +249,8 @@ fn deliver(
         ring.push_used(ctx.mem, c.head, len as u32);
         left -= len;
     }
+    // Published frame by frame, unlike TX: the driver can take each frame
+    // while the next is read, instead of waiting for the whole batch.
+    ring.publish_used(ctx.mem);
     pending.consume(count);
 }

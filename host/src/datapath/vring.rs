@@ -167,7 +167,7 @@ impl Vring {
 
     /// Makes the pushed entries visible: one release store of the used
     /// index after all their elements.
-    fn publish_used(&mut self, mem: &GuestMemoryMmap) {
+    pub fn publish_used(&mut self, mem: &GuestMemoryMmap) {
         if self.unpublished == 0 {
             return;
         }
