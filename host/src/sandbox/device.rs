@@ -18,6 +18,7 @@ use super::engine::{ComponentInfo, DeviceComponent, Runtime};
 use super::instance::{Instance, SandboxError};
 use super::validate::{self, Bounds};
 use sandnic_device::{DeviceConfig, Effect};
+use std::ops::Range;
 use std::sync::Arc;
 use tracing::{error, warn};
 
@@ -32,20 +33,22 @@ pub enum DeviceError {
     Sandbox(#[from] SandboxError),
 }
 
-/// A call that changes device state, kept for replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Mutation {
+/// A call that changes device state. `B` is how its byte argument is held:
+/// borrowed (`&[u8]`) when the call is made, a range of the replay log's
+/// byte buffer once logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mutation<B> {
     SetFeatures(u64),
-    WriteConfig(u32, Vec<u8>),
+    WriteConfig(u32, B),
     SetStatus(u8),
     Reset,
     QueueEnabled(u16, bool),
-    Ctrl(Vec<u8>),
+    Ctrl(B),
     LinkChanged(bool),
     Announce,
 }
 
-impl Mutation {
+impl<B> Mutation<B> {
     fn name(&self) -> &'static str {
         match self {
             Self::SetFeatures(_) => "set-features",
@@ -57,6 +60,56 @@ impl Mutation {
             Self::LinkChanged(_) => "link-changed",
             Self::Announce => "announce",
         }
+    }
+
+    /// The same call with its byte argument converted by `f`.
+    fn map_bytes<C>(self, f: impl FnOnce(B) -> C) -> Mutation<C> {
+        match self {
+            Self::SetFeatures(acked) => Mutation::SetFeatures(acked),
+            Self::WriteConfig(offset, data) => Mutation::WriteConfig(offset, f(data)),
+            Self::SetStatus(status) => Mutation::SetStatus(status),
+            Self::Reset => Mutation::Reset,
+            Self::QueueEnabled(index, on) => Mutation::QueueEnabled(index, on),
+            Self::Ctrl(command) => Mutation::Ctrl(f(command)),
+            Self::LinkChanged(up) => Mutation::LinkChanged(up),
+            Self::Announce => Mutation::Announce,
+        }
+    }
+}
+
+/// Mutating calls that succeeded since the checkpoint. Their byte
+/// arguments live in one buffer that keeps its capacity across folds, so
+/// logging a control command allocates nothing once the log is warm.
+#[derive(Debug, Clone, Default)]
+struct ReplayLog {
+    calls: Vec<Mutation<Range<usize>>>,
+    bytes: Vec<u8>,
+}
+
+impl ReplayLog {
+    fn record(&mut self, mutation: Mutation<&[u8]>) {
+        let bytes = &mut self.bytes;
+        let logged = mutation.map_bytes(|data| {
+            let start = bytes.len();
+            bytes.extend_from_slice(data);
+            start..bytes.len()
+        });
+        self.calls.push(logged);
+    }
+
+    fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    fn clear(&mut self) {
+        self.calls.clear();
+        self.bytes.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Mutation<&[u8]>> {
+        self.calls
+            .iter()
+            .map(|call| call.clone().map_bytes(|range| &self.bytes[range]))
     }
 }
 
@@ -93,7 +146,15 @@ struct Checkpoint {
     /// A saved state, or none for the freshly constructed device.
     blob: Option<Vec<u8>>,
     /// Mutating calls that succeeded after `blob`.
-    replay: Vec<Mutation>,
+    replay: ReplayLog,
+}
+
+impl Checkpoint {
+    /// `blob` becomes the checkpoint, with an empty log.
+    fn restart_at(&mut self, blob: Vec<u8>) {
+        self.blob = Some(blob);
+        self.replay.clear();
+    }
 }
 
 pub struct SandboxedDevice {
@@ -235,7 +296,7 @@ impl SandboxedDevice {
     }
 
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<Vec<Effect>, DeviceError> {
-        self.mutate(Mutation::WriteConfig(offset, data.to_vec()))?
+        self.mutate(Mutation::WriteConfig(offset, data))?
             .effects
             .map_err(DeviceError::Refused)
     }
@@ -268,7 +329,7 @@ impl SandboxedDevice {
     /// One control command. A failure inside the sandbox answers ERR and
     /// leaves the device as it was before the command.
     pub fn handle_ctrl(&mut self, command: &[u8]) -> CtrlOutcome {
-        match self.mutate(Mutation::Ctrl(command.to_vec())) {
+        match self.mutate(Mutation::Ctrl(command)) {
             Ok(Reply {
                 value: Some(ack),
                 effects: Ok(effects),
@@ -314,17 +375,14 @@ impl SandboxedDevice {
         let bounds = self.bounds;
         let result = self.guard("load", |i| load_into(i, blob, &bounds))?;
         let effects = result.map_err(|e| self.refusal(e))?;
-        self.checkpoint = Checkpoint {
-            blob: Some(blob.to_vec()),
-            replay: Vec::new(),
-        };
+        self.checkpoint.restart_at(blob.to_vec());
         Ok(effects)
     }
 
-    fn mutate(&mut self, mutation: Mutation) -> Result<Reply, DeviceError> {
+    fn mutate(&mut self, mutation: Mutation<&[u8]>) -> Result<Reply, DeviceError> {
         let bounds = self.bounds;
-        let reply = self.guard(mutation.name(), |i| perform(i, &mutation, &bounds))?;
-        self.checkpoint.replay.push(mutation);
+        let reply = self.guard(mutation.name(), |i| perform(i, mutation, &bounds))?;
+        self.checkpoint.replay.record(mutation);
         if self.checkpoint.replay.len() >= self.runtime.limits.replay_log_len {
             self.fold_checkpoint();
         }
@@ -342,10 +400,7 @@ impl SandboxedDevice {
                 .map_err(|why| SandboxError::InvalidOutput { call: "save", why })
         });
         if let Ok(blob) = saved {
-            self.checkpoint = Checkpoint {
-                blob: Some(blob),
-                replay: Vec::new(),
-            };
+            self.checkpoint.restart_at(blob);
             self.stats.checkpoints += 1;
         }
     }
@@ -424,10 +479,7 @@ impl SandboxedDevice {
     ) {
         self.component = component;
         self.instance = instance;
-        self.checkpoint = Checkpoint {
-            blob: Some(blob),
-            replay: Vec::new(),
-        };
+        self.checkpoint.restart_at(blob);
     }
 
     pub(crate) fn instantiate(
@@ -445,7 +497,7 @@ impl SandboxedDevice {
 /// Performs one mutating call and validates what comes back.
 fn perform(
     instance: &mut Instance,
-    mutation: &Mutation,
+    mutation: Mutation<&[u8]>,
     bounds: &Bounds,
 ) -> Result<Reply, SandboxError> {
     let call = mutation.name();
@@ -453,23 +505,23 @@ fn perform(
     let (value, effects) = match mutation {
         Mutation::SetFeatures(acked) => (
             None,
-            instance.call(call, |d, s, r| d.call_set_features(s, r, *acked))?,
+            instance.call(call, |d, s, r| d.call_set_features(s, r, acked))?,
         ),
         Mutation::WriteConfig(offset, data) => (
             None,
-            instance.call(call, |d, s, r| d.call_write_config(s, r, *offset, data))?,
+            instance.call(call, |d, s, r| d.call_write_config(s, r, offset, data))?,
         ),
         Mutation::SetStatus(requested) => {
-            let reply = instance.call(call, |d, s, r| d.call_set_status(s, r, *requested))?;
+            let reply = instance.call(call, |d, s, r| d.call_set_status(s, r, requested))?;
             (
-                Some(validate::status(*requested, reply.status).map_err(invalid)?),
+                Some(validate::status(requested, reply.status).map_err(invalid)?),
                 Ok(reply.effects),
             )
         }
         Mutation::Reset => (None, Ok(instance.call(call, |d, s, r| d.call_reset(s, r))?)),
         Mutation::QueueEnabled(index, on) => (
             None,
-            Ok(instance.call(call, |d, s, r| d.call_queue_enabled(s, r, *index, *on))?),
+            Ok(instance.call(call, |d, s, r| d.call_queue_enabled(s, r, index, on))?),
         ),
         Mutation::Ctrl(bytes) => {
             let reply = instance.call(call, |d, s, r| d.call_handle_ctrl(s, r, bytes))?;
@@ -480,7 +532,7 @@ fn perform(
         }
         Mutation::LinkChanged(up) => (
             None,
-            Ok(instance.call(call, |d, s, r| d.call_link_changed(s, r, *up))?),
+            Ok(instance.call(call, |d, s, r| d.call_link_changed(s, r, up))?),
         ),
         Mutation::Announce => (
             None,
@@ -519,9 +571,35 @@ fn rebuild(
     if let Some(blob) = &checkpoint.blob {
         load_into(&mut instance, blob, bounds).map_err(|e| e.to_string())??;
     }
-    for mutation in &checkpoint.replay {
+    for mutation in checkpoint.replay.iter() {
         perform(&mut instance, mutation, bounds)
             .map_err(|e| format!("replaying {}: {e}", mutation.name()))?;
     }
     Ok(instance)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_log_gives_back_what_it_recorded() {
+        let calls: [Mutation<&[u8]>; 5] = [
+            Mutation::Ctrl(&[0, 0, 1]),
+            Mutation::SetFeatures(7),
+            Mutation::WriteConfig(4, &[1, 2, 3, 4, 5, 6]),
+            Mutation::Ctrl(&[]),
+            Mutation::Announce,
+        ];
+        let mut log = ReplayLog::default();
+        for call in calls {
+            log.record(call);
+        }
+        assert_eq!(log.len(), calls.len());
+        assert!(log.iter().eq(calls));
+        log.clear();
+        assert_eq!(log.iter().count(), 0);
+        log.record(Mutation::Ctrl(&[9]));
+        assert!(log.iter().eq([Mutation::Ctrl(&[9][..])]));
+    }
 }

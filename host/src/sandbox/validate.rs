@@ -92,8 +92,8 @@ fn tap_offloads(offloads: wit::Offloads, backend: Offloads) -> Result<Offloads, 
 
 fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
     let mac = super::bindings::mac_from_wit(filter.mac);
-    let unicast = mac_list(&filter.unicast, "unicast")?;
-    let multicast = mac_list(&filter.multicast, "multicast")?;
+    let unicast = mac_list(filter.unicast, "unicast")?;
+    let multicast = mac_list(filter.multicast, "multicast")?;
     if unicast.len() + multicast.len() > MAC_TABLE_ENTRIES {
         return Err(format!(
             "rx filter has {} addresses, at most {MAC_TABLE_ENTRIES}",
@@ -125,12 +125,23 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
     })
 }
 
-/// Concatenated 6-byte addresses as a list of addresses.
-fn mac_list(bytes: &[u8], which: &str) -> Result<Vec<Mac>, String> {
+/// Concatenated 6-byte addresses as a list of addresses, in the lifted
+/// buffer itself when its capacity allows (wasmtime allocates lists with
+/// exactly their length): no second allocation and copy per list.
+fn mac_list(bytes: Vec<u8>, which: &str) -> Result<Vec<Mac>, String> {
     if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
         return Err(format!("{which} address list of {} bytes", bytes.len()));
     }
-    Ok(bytes.as_chunks::<6>().0.to_vec())
+    if bytes.capacity() % 6 != 0 {
+        return Ok(bytes.as_chunks::<6>().0.to_vec());
+    }
+    let mut bytes = std::mem::ManuallyDrop::new(bytes);
+    let (ptr, len, capacity) = (bytes.as_mut_ptr(), bytes.len(), bytes.capacity());
+    // SAFETY: `[u8; 6]` has size 6 and alignment 1, so `capacity / 6` of
+    // them occupy exactly the `capacity` bytes with alignment 1 that the
+    // buffer was allocated with; its first `len / 6` elements are
+    // initialised. The original vector is never used or dropped again.
+    Ok(unsafe { Vec::from_raw_parts(ptr.cast::<Mac>(), len / 6, capacity / 6) })
 }
 
 pub fn ack(ack: u8) -> Result<u8, String> {
@@ -318,9 +329,12 @@ mod tests {
             [6, 7, 8, 9, 10, 11],
             [12, 13, 14, 15, 16, 17],
         ];
-        assert_eq!(mac_list(&bytes, "t"), Ok(expected));
-        assert_eq!(mac_list(&[], "t"), Ok(Vec::new()));
-        assert!(mac_list(&[0; 7], "t").is_err());
+        assert_eq!(mac_list(bytes.clone(), "t"), Ok(expected.clone()));
+        let mut odd_capacity = Vec::with_capacity(19);
+        odd_capacity.extend_from_slice(&bytes);
+        assert_eq!(mac_list(odd_capacity, "t"), Ok(expected));
+        assert_eq!(mac_list(Vec::new(), "t"), Ok(Vec::new()));
+        assert!(mac_list(vec![0; 7], "t").is_err());
     }
 
     #[test]
