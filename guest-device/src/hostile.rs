@@ -94,18 +94,10 @@ fn huge_filter() -> RxFilter {
         })
         .collect();
     RxFilter {
-        promisc: false,
-        all_multi: false,
-        all_uni: false,
-        no_multi: false,
-        no_uni: false,
-        no_bcast: false,
         mac: [2, 0, 0, 0, 0, 1],
         unicast: many.clone(),
         multicast: many,
-        unicast_overflow: false,
-        multicast_overflow: false,
-        vlan_filtering: false,
         vlans: vec![0; 4096],
+        ..RxFilter::default()
     }
 }

@@ -182,19 +182,8 @@ mod tests {
 
     fn filter() -> RxFilter {
         RxFilter {
-            promisc: false,
-            all_multi: false,
-            all_uni: false,
-            no_multi: false,
-            no_uni: false,
-            no_bcast: false,
             mac: OWN,
-            unicast: vec![],
-            multicast: vec![],
-            unicast_overflow: false,
-            multicast_overflow: false,
-            vlan_filtering: false,
-            vlans: vec![0; VLAN_WORDS],
+            ..RxFilter::default()
         }
     }
 

@@ -168,6 +168,29 @@ pub struct RxFilter {
     pub vlans: Vec<u32>,
 }
 
+impl Default for RxFilter {
+    /// Every switch off, no addresses (the zero MAC), an empty VLAN table of
+    /// the full [`VLAN_WORDS`] size: the base a filter is built on field by
+    /// field. Not what a device starts with (that is promiscuous).
+    fn default() -> Self {
+        Self {
+            promisc: false,
+            all_multi: false,
+            all_uni: false,
+            no_multi: false,
+            no_uni: false,
+            no_bcast: false,
+            mac: [0; 6],
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+            unicast_overflow: false,
+            multicast_overflow: false,
+            vlan_filtering: false,
+            vlans: vec![0; VLAN_WORDS],
+        }
+    }
+}
+
 /// Something the host must do for the device (see the WIT `effect`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {

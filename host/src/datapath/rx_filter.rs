@@ -28,18 +28,7 @@ impl Default for NativeFilter {
     fn default() -> Self {
         Self::from(&RxFilter {
             promisc: true,
-            all_multi: false,
-            all_uni: false,
-            no_multi: false,
-            no_uni: false,
-            no_bcast: false,
-            mac: [0; 6],
-            unicast: Vec::new(),
-            multicast: Vec::new(),
-            unicast_overflow: false,
-            multicast_overflow: false,
-            vlan_filtering: false,
-            vlans: vec![0; 128],
+            ..RxFilter::default()
         })
     }
 }
