@@ -45,9 +45,8 @@ impl Guest for Component {
 
 impl GuestNetDevice for Device {
     fn new(config: wit::DeviceConfig) -> Self {
-        let (a, b, c, d, e, f) = config.mac;
         let config = native::DeviceConfig {
-            mac: [a, b, c, d, e, f],
+            mac: mac_from_wit(config.mac),
             max_queue_pairs: config.max_queue_pairs,
             mtu: config.mtu,
             backend_offloads: native::Offloads::from_bits_truncate(config.backend_offloads.bits()),
@@ -164,14 +163,21 @@ fn rx_filter(f: native::RxFilter) -> wit::RxFilter {
     .into_iter()
     .filter(|&(on, _)| on)
     .fold(S::empty(), |all, (_, switch)| all | switch);
-    let [a, b, c, d, e, g] = f.mac;
     wit::RxFilter {
         switches,
-        mac: (a, b, c, d, e, g),
+        mac: mac_to_wit(f.mac),
         unicast: f.unicast.into_flattened(),
         multicast: f.multicast.into_flattened(),
         vlans: f.vlans,
     }
+}
+
+fn mac_to_wit([a, b, c, d, e, f]: native::Mac) -> wit::MacAddress {
+    (a, b, c, d, e, f)
+}
+
+fn mac_from_wit((a, b, c, d, e, f): wit::MacAddress) -> native::Mac {
+    [a, b, c, d, e, f]
 }
 
 export!(Component);
