@@ -158,6 +158,23 @@ impl NetNs {
         Ok(())
     }
 
+    /// A permanent neighbour entry on `dev`: frames to `ip` go out without
+    /// ARP, so no ARP traffic blurs what a test counts.
+    pub fn add_static_neighbour(&self, ip: &str, mac: &str, dev: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "neigh",
+            "add",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
     /// The MAC address of interface `name` in this namespace.
     pub fn mac_of(&self, name: &str) -> anyhow::Result<crate::frames::Mac> {
         let out = self.ip(&["-o", "link", "show", name])?;
@@ -427,17 +444,7 @@ impl Rig {
     pub fn new(serve_args: &[&str], config: crate::frontend::NicConfig) -> anyhow::Result<Self> {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.77.0.1/24")?;
-        ns.ip(&[
-            "neigh",
-            "add",
-            "10.77.0.2",
-            "lladdr",
-            "52:54:00:12:34:56",
-            "dev",
-            "tap0",
-            "nud",
-            "permanent",
-        ])?;
+        ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")?;
         let dir = ScratchDir::new()?;
         let mut args = vec!["--tap", "tap0"];
         args.extend_from_slice(serve_args);

@@ -106,18 +106,8 @@ fn linux_virtio_net_driver_in_uml() {
     } = rig;
     // A fixed neighbour: no ARP traffic towards the guest to blur the
     // frame counts below.
-    ns.ip(&[
-        "neigh",
-        "add",
-        "10.88.0.2",
-        "lladdr",
-        "52:54:00:12:34:56",
-        "dev",
-        "tap0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    ns.add_static_neighbour("10.88.0.2", "52:54:00:12:34:56", "tap0")
+        .unwrap();
     let fail = |what: &str| -> ! {
         panic!(
             "{what}\n--- guest ---\n{}\n--- sandnic ---\n{}",
