@@ -289,7 +289,15 @@ pub fn sandnic_binary() -> PathBuf {
 
 /// `sandnic serve` in `ns`, logging to `log`, with the test component cache.
 fn serve_command(ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
-    let mut cmd = ns.command(sandnic_binary().to_str().expect("utf-8 path"));
+    let binary = sandnic_binary();
+    if !binary.exists() {
+        // `cargo bench` builds only the root package's targets.
+        bail!(
+            "{} is not built: run `cargo build --release -p sandnic-host` (scripts/bench does)",
+            binary.display()
+        );
+    }
+    let mut cmd = ns.command(binary.to_str().expect("utf-8 path"));
     cmd.arg("serve")
         .env(
             "SANDNIC_LOG",
