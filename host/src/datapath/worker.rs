@@ -25,6 +25,8 @@ pub const BATCH: usize = 256;
 /// in epoll: under traffic the next chain usually comes within microseconds,
 /// and a sleep/wake-up round trip costs more than the frames it waits for.
 const BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+/// How long to sleep, in ms, when the TAP cannot be put in the epoll set.
+const RETRY_NAP_MS: u8 = 1;
 
 const WAKE: u64 = 0;
 const TX_KICK: u64 = 1;
@@ -75,12 +77,16 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         let r = reg.as_mut().expect("registered above");
         let polling = last_work.elapsed() < BUSY_POLL;
         let sleeping = !(busy || polling);
-        let timeout = if sleeping {
+        let watching = r.watch_tap(tap_fd, want_tap && sleeping, shared.index);
+        let timeout = if !sleeping {
+            EpollTimeout::ZERO
+        } else if watching {
             EpollTimeout::NONE
         } else {
-            EpollTimeout::ZERO
+            // The TAP could not join the set: nap instead of sleeping, so
+            // frames on it are still picked up.
+            EpollTimeout::from(RETRY_NAP_MS)
         };
-        r.watch_tap(tap_fd, want_tap && sleeping, shared.index);
         let n = match r.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -126,9 +132,11 @@ impl Registration {
     /// (~12 % at 1500 bytes); the two `epoll_ctl` calls per sleep cost far
     /// less than the wake-up they come with. Level-triggered, so frames that
     /// arrived before the add still wake the thread.
-    fn watch_tap(&mut self, tap_fd: std::os::fd::BorrowedFd<'_>, watch: bool, pair: u16) {
+    ///
+    /// False when the TAP should be watched but could not be added.
+    fn watch_tap(&mut self, tap_fd: std::os::fd::BorrowedFd<'_>, watch: bool, pair: u16) -> bool {
         if watch == self.tap_watched {
-            return;
+            return true;
         }
         let result = if watch {
             self.epoll
@@ -140,6 +148,7 @@ impl Registration {
             Ok(()) => self.tap_watched = watch,
             Err(e) => warn!(pair, "epoll TAP (watch {watch}): {e}"),
         }
+        !watch || self.tap_watched
     }
 }
 
