@@ -291,9 +291,10 @@ pub fn sandnic_binary() -> PathBuf {
 fn serve_command(ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
     let binary = sandnic_binary();
     if !binary.exists() {
-        // `cargo bench` builds only the root package's targets.
+        // `cargo bench` builds only the root package's targets (`cargo test
+        // --workspace` builds every binary).
         bail!(
-            "{} is not built: run `cargo build --release -p sandnic-host` (scripts/bench does)",
+            "{} is not built: for benches run scripts/bench, which builds it",
             binary.display()
         );
     }

@@ -12,6 +12,7 @@ use super::stats::Batch;
 use super::tx::{process_tx, TxContext};
 use super::{PairShared, PairState};
 use crate::tap::Tap;
+use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -41,6 +42,20 @@ struct Registration {
     /// Kick fds with their tokens (held open while registered).
     kicks: Vec<(u64, Arc<OwnedFd>)>,
     tap_watched: bool,
+    /// The last `epoll_ctl` on the TAP failed (logged once, not per retry).
+    tap_ctl_failed: bool,
+}
+
+/// What one pass over the pair's rings found.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pass {
+    /// A budget ran out: more may be waiting right now.
+    more: bool,
+    /// RX could take frames (buffers given, link up): the TAP is worth
+    /// waiting for.
+    want_tap: bool,
+    /// Anything moved.
+    worked: bool,
 }
 
 pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
@@ -51,8 +66,7 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
     let mut iov = Vec::with_capacity(64);
     let mut reg: Option<Registration> = None;
     let mut events = [EpollEvent::empty(); 8];
-    let mut busy = false;
-    let mut want_tap = false;
+    let mut last = Pass::default();
     let mut last_work = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         let generation = shared
@@ -66,7 +80,7 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
                     reg = Some(r);
                     // The wake that announced this change may already be
                     // consumed: look at the rings once before sleeping.
-                    busy = true;
+                    last.more = true;
                 }
                 Err(e) => {
                     error!(pair = shared.index, "epoll setup failed: {e}");
@@ -75,21 +89,11 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
             }
         }
         let r = reg.as_mut().expect("registered above");
-        let polling = last_work.elapsed() < BUSY_POLL;
-        let sleeping = !(busy || polling);
-        let watching = r.watch_tap(tap_fd, want_tap && sleeping, shared.index);
-        let timeout = if !sleeping {
-            EpollTimeout::ZERO
-        } else if watching {
-            EpollTimeout::NONE
-        } else {
-            // The TAP could not join the set: nap instead of sleeping, so
-            // frames on it are still picked up.
-            EpollTimeout::from(RETRY_NAP_MS)
-        };
-        let n = match r.epoll.wait(&mut events, timeout) {
+        let sleeping = !(last.more || last_work.elapsed() < BUSY_POLL);
+        let watching = r.watch_tap(tap_fd, last.want_tap && sleeping, shared.index);
+        let n = match r.epoll.wait(&mut events, wait_timeout(sleeping, watching)) {
             Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
+            Err(Errno::EINTR) => continue,
             Err(e) => {
                 error!(pair = shared.index, "epoll_wait: {e}");
                 return;
@@ -112,13 +116,23 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         if st.generation != r.generation {
             continue;
         }
-        let (more, tap_wanted, worked) = one_batch(&shared, &mut st, tap_fd, &mut iov);
+        last = one_batch(&shared, &mut st, tap_fd, &mut iov);
         drop(st);
-        busy = more;
-        want_tap = tap_wanted;
-        if worked {
+        if last.worked {
             last_work = std::time::Instant::now();
         }
+    }
+}
+
+/// Poll while busy; sleep until an fd fires otherwise — but only nap if the
+/// TAP should be watched and could not be, so frames on it are still read.
+fn wait_timeout(sleeping: bool, tap_as_wanted: bool) -> EpollTimeout {
+    if !sleeping {
+        EpollTimeout::ZERO
+    } else if tap_as_wanted {
+        EpollTimeout::NONE
+    } else {
+        EpollTimeout::from(RETRY_NAP_MS)
     }
 }
 
@@ -133,7 +147,8 @@ impl Registration {
     /// less than the wake-up they come with. Level-triggered, so frames that
     /// arrived before the add still wake the thread.
     ///
-    /// False when the TAP should be watched but could not be added.
+    /// False while the set does not match `watch` (an `epoll_ctl` failed;
+    /// retried on the next pass, logged once).
     fn watch_tap(&mut self, tap_fd: std::os::fd::BorrowedFd<'_>, watch: bool, pair: u16) -> bool {
         if watch == self.tap_watched {
             return true;
@@ -145,10 +160,19 @@ impl Registration {
             self.epoll.delete(tap_fd)
         };
         match result {
-            Ok(()) => self.tap_watched = watch,
-            Err(e) => warn!(pair, "epoll TAP (watch {watch}): {e}"),
+            // Already (not) there is what was asked for.
+            Ok(()) | Err(Errno::EEXIST) | Err(Errno::ENOENT) => {
+                self.tap_watched = watch;
+                self.tap_ctl_failed = false;
+            }
+            Err(e) => {
+                if !self.tap_ctl_failed {
+                    warn!(pair, "epoll TAP (watch {watch}): {e}; retrying");
+                }
+                self.tap_ctl_failed = true;
+            }
         }
-        !watch || self.tap_watched
+        self.tap_watched == watch
     }
 }
 
@@ -176,22 +200,22 @@ fn register(shared: &PairShared, generation: u64) -> nix::Result<Registration> {
         generation,
         kicks,
         tap_watched: false,
+        tap_ctl_failed: false,
     })
 }
 
-/// One TX batch and one RX batch. Returns whether more work is waiting,
-/// whether the TAP should be polled, and whether anything moved.
+/// One TX batch and one RX batch.
 fn one_batch(
     shared: &PairShared,
     st: &mut PairState,
     tap_fd: std::os::fd::BorrowedFd<'_>,
     iov: &mut Vec<libc::iovec>,
-) -> (bool, bool, bool) {
+) -> Pass {
     if st.paused {
-        return (false, false, false);
+        return Pass::default();
     }
     let Some(mem) = st.memory.clone() else {
-        return (false, false, false);
+        return Pass::default();
     };
     let mem = mem.mmap();
     let settings = st.settings.clone();
@@ -234,6 +258,9 @@ fn one_batch(
             RxOutcome::TapEmpty => st.rx_starved = false,
         }
     }
-    let want_tap = st.rx.is_some() && st.active && settings.link_up && !st.rx_starved;
-    (more, want_tap, worked)
+    Pass {
+        more,
+        want_tap: st.rx.is_some() && rx_ready && !st.rx_starved,
+        worked,
+    }
 }
