@@ -99,19 +99,7 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
                 return;
             }
         };
-        for event in &events[..n] {
-            match event.data() {
-                WAKE => notify::drain(shared.wake.as_fd()),
-                token @ (TX_KICK | RX_KICK) => {
-                    // Drain only the fd that fired: draining the other could
-                    // swallow a kick that epoll has not reported yet.
-                    if let Some((_, kick)) = r.kicks.iter().find(|(t, _)| *t == token) {
-                        notify::drain(kick.as_fd());
-                    }
-                }
-                _ => {}
-            }
-        }
+        r.drain_fired(&events[..n], &shared);
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.generation != r.generation {
             continue;
@@ -137,6 +125,23 @@ fn wait_timeout(sleeping: bool, tap_as_wanted: bool) -> EpollTimeout {
 }
 
 impl Registration {
+    /// Consumes the notifications epoll reported. Only the fds that fired
+    /// are drained: draining another could swallow a kick that epoll has
+    /// not reported yet.
+    fn drain_fired(&self, events: &[EpollEvent], shared: &PairShared) {
+        for event in events {
+            match event.data() {
+                WAKE => notify::drain(shared.wake.as_fd()),
+                token @ (TX_KICK | RX_KICK) => {
+                    if let Some((_, kick)) = self.kicks.iter().find(|(t, _)| *t == token) {
+                        notify::drain(kick.as_fd());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Keeps the TAP in the epoll set only while the thread sleeps with
     /// buffers to fill. While it polls it reads the TAP on every pass
     /// anyway, and a TAP in an epoll set makes the kernel run epoll's
