@@ -465,7 +465,8 @@ const PAIRED_ROUNDS: usize = 10;
 /// Runs raw TAP and sandnic back to back, `PAIRED_ROUNDS` times (the order
 /// alternating, after one unrecorded round that warms both up), and records
 /// each round's throughput ratio in
-/// `target/criterion/paired/<dir>-<case>.json` for `scripts/bench-report`.
+/// `target/criterion/paired/<dir>-<case>.json`; `scripts/bench-report`
+/// prints their median and range.
 ///
 /// Why besides criterion: this machine's speed drifts by tens of percent
 /// over seconds (the raw RX baseline alone moved between 5.5 and 8.7 Gbit/s
@@ -495,14 +496,8 @@ fn paired(
         };
         ratios.push(raw_time.as_secs_f64() / sandnic_time.as_secs_f64());
     }
-    ratios.sort_by(f64::total_cmp);
-    let median = (ratios[(PAIRED_ROUNDS - 1) / 2] + ratios[PAIRED_ROUNDS / 2]) / 2.0;
+    // In round order; `scripts/bench-report` computes median and range.
     let name = format!("{dir}-{}", case.name);
-    eprintln!(
-        "{name}: sandnic / raw TAP over {PAIRED_ROUNDS} paired rounds: median {median:.3}, range {:.3}-{:.3}",
-        ratios[0],
-        ratios[PAIRED_ROUNDS - 1]
-    );
     let dir_path = std::path::Path::new("target/criterion/paired");
     let json = serde_json::json!({ "frames_per_round": frames, "ratios": ratios }).to_string();
     if let Err(e) = std::fs::create_dir_all(dir_path)

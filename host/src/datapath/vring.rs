@@ -19,6 +19,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 /// Split-ring layout (virtio 1.2 §2.7): flags and idx before the entries.
 const AVAIL_RING_HEADER: u64 = 4;
 const USED_RING_HEADER: u64 = 4;
+/// Where the used ring's `idx` field sits (after `flags`).
+const USED_IDX_OFFSET: u64 = 2;
 const USED_ELEMENT_SIZE: u64 = 8;
 
 /// Largest queue a split ring may have.
@@ -174,7 +176,7 @@ impl Vring {
         let next = self.queue.next_used().wrapping_add(self.unpublished);
         self.unpublished = 0;
         self.queue.set_next_used(next);
-        if let Some(addr) = GuestAddress(self.queue.used_ring()).checked_add(2) {
+        if let Some(addr) = GuestAddress(self.queue.used_ring()).checked_add(USED_IDX_OFFSET) {
             let _ = mem.store(next.to_le(), addr, Ordering::Release);
         }
     }
