@@ -96,6 +96,28 @@ pub struct Guest {
     console: PathBuf,
 }
 
+/// QEMU settings beyond the defaults (a guest on a vhost-user NIC with
+/// its RAM in a memfd): what migration tests need.
+#[derive(Debug, Clone, Default)]
+pub struct QemuOptions {
+    /// A QMP socket to create.
+    pub qmp: Option<PathBuf>,
+    /// Guest RAM in this file (two QEMUs of a local migration share it)
+    /// instead of a private memfd.
+    pub ram_file: Option<PathBuf>,
+    /// Wait for a migration (`-incoming URI`) instead of booting.
+    pub incoming: Option<String>,
+    /// Queue pairs of the NIC (more than one: multiqueue).
+    pub queues: u16,
+    /// The NIC's MAC (QEMU's default otherwise).
+    pub mac: Option<String>,
+    /// Extra `virtio-net-device` properties, like `guest_announce=off`.
+    pub device_props: Vec<String>,
+    /// A TAP netdev on this interface instead of vhost-user (to compare
+    /// with QEMU's own datapath).
+    pub tap: Option<String>,
+}
+
 pub struct GuestOptions<'a> {
     pub kind: Kind,
     /// The vhost-user socket of the backend.
@@ -106,6 +128,8 @@ pub struct GuestOptions<'a> {
     pub hostdir: Option<&'a Path>,
     /// Where the console output goes.
     pub console: PathBuf,
+    /// QEMU only.
+    pub qemu: QemuOptions,
 }
 
 impl Guest {
@@ -126,14 +150,62 @@ impl Guest {
                 c
             }
             Kind::Qemu => {
+                let q = &opts.qemu;
                 let mut c = Command::new("qemu-system-x86_64");
-                c.args(["-M", "microvm,acpi=on", "-accel", "tcg", "-m", "256", "-nodefaults", "-no-user-config"])
-                    .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
-                    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"])
-                    .arg("-chardev")
-                    .arg(format!("socket,id=c0,path={}", opts.socket.display()))
-                    .args(["-netdev", "vhost-user,id=n0,chardev=c0", "-device", "virtio-net-device,netdev=n0"])
-                    .arg("-kernel")
+                c.args([
+                    "-M",
+                    "microvm,acpi=on",
+                    "-accel",
+                    "tcg",
+                    "-m",
+                    "256",
+                    "-nodefaults",
+                    "-no-user-config",
+                ])
+                .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
+                .arg("-object")
+                .arg(match &q.ram_file {
+                    Some(file) => format!(
+                        "memory-backend-file,id=mem,size=256M,share=on,mem-path={}",
+                        file.display()
+                    ),
+                    None => "memory-backend-memfd,id=mem,size=256M,share=on".into(),
+                })
+                .args(["-numa", "node,memdev=mem"]);
+                let queues = q.queues.max(1);
+                let mut device = String::from("virtio-net-device,netdev=n0");
+                match &q.tap {
+                    Some(ifname) => {
+                        c.arg("-netdev").arg(format!(
+                            "tap,id=n0,ifname={ifname},script=no,downscript=no,vhost=off,queues={queues}"
+                        ));
+                    }
+                    None => {
+                        c.arg("-chardev")
+                            .arg(format!("socket,id=c0,path={}", opts.socket.display()))
+                            .arg("-netdev")
+                            .arg(format!("vhost-user,id=n0,chardev=c0,queues={queues}"));
+                    }
+                }
+                if queues > 1 {
+                    device.push_str(",mq=on");
+                }
+                if let Some(mac) = &q.mac {
+                    device.push_str(&format!(",mac={mac}"));
+                }
+                for prop in &q.device_props {
+                    device.push(',');
+                    device.push_str(prop);
+                }
+                c.arg("-device").arg(device);
+                if let Some(qmp) = &q.qmp {
+                    c.arg("-qmp")
+                        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+                }
+                if let Some(uri) = &q.incoming {
+                    c.arg("-incoming").arg(uri);
+                }
+                c.arg("-kernel")
                     .arg(&kernel)
                     .arg("-initrd")
                     .arg(&initrd)
@@ -282,6 +354,7 @@ impl GuestRig {
             script: &script,
             hostdir: (kind == Kind::Uml).then_some(hostdir.0.as_path()),
             console: dir.path("console.log"),
+            qemu: QemuOptions::default(),
         })?;
         Ok(Self {
             guest,

@@ -8,4 +8,5 @@ pub mod frontend;
 pub mod guest;
 pub mod harness;
 pub mod ping;
+pub mod qmp;
 pub mod traffic;

@@ -1,5 +1,6 @@
-//! Flood ping from a namespace (`ping -i 0 -D`, as QEMU's TAP fd migration
-//! test does) and what its output says: reply times, gaps, losses.
+//! Flood ping from a namespace (`ping -i 0 -O -D`, as QEMU's TAP fd
+//! migration test does) and what its output says: reply times, gaps,
+//! losses and when the lost probes went out.
 
 use crate::harness::{spawn, NetNs};
 use std::path::{Path, PathBuf};
@@ -17,12 +18,22 @@ pub struct PingReport {
     pub received: u64,
     /// Reply timestamps (seconds, from `-D`).
     pub times: Vec<f64>,
+    /// Sequence numbers of the replies, in the same order.
+    pub reply_seqs: Vec<u64>,
+    /// `-O`'s "no answer yet" reports: (sequence, when the next probe went
+    /// out).
+    pub no_answer: Vec<(u64, f64)>,
 }
 
 impl FloodPing {
     pub fn start(ns: &NetNs, target: &str, log: &Path) -> anyhow::Result<Self> {
+        Self::every(ns, target, "0", log)
+    }
+
+    /// Pings every `interval` seconds (`"0"`: as fast as replies come).
+    pub fn every(ns: &NetNs, target: &str, interval: &str, log: &Path) -> anyhow::Result<Self> {
         let mut cmd = ns.command("ping");
-        cmd.args(["-i", "0", "-D", "-W", "1", target])
+        cmd.args(["-i", interval, "-O", "-D", "-W", "1", target])
             .stdout(std::fs::File::create(log)?)
             .stderr(Stdio::null());
         let child = spawn(cmd)?;
@@ -41,11 +52,29 @@ impl FloodPing {
     }
 }
 
+fn timestamp(line: &str) -> Option<f64> {
+    line.strip_prefix('[')?.split(']').next()?.parse().ok()
+}
+
+fn icmp_seq(line: &str) -> Option<u64> {
+    line.split("icmp_seq=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 pub fn parse(output: &str) -> PingReport {
-    let times = output
+    let replies: Vec<(u64, f64)> = output
         .lines()
         .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .filter_map(|l| Some((icmp_seq(l)?, timestamp(l)?)))
+        .collect();
+    let no_answer = output
+        .lines()
+        .filter(|l| l.contains("no answer yet"))
+        .filter_map(|l| Some((icmp_seq(l)?, timestamp(l)?)))
         .collect();
     let summary = output
         .lines()
@@ -61,11 +90,37 @@ pub fn parse(output: &str) -> PingReport {
     PingReport {
         transmitted: number_before("transmitted"),
         received: number_before("received"),
-        times,
+        times: replies.iter().map(|r| r.1).collect(),
+        reply_seqs: replies.iter().map(|r| r.0).collect(),
+        no_answer,
     }
 }
 
 impl PingReport {
+    /// Probes that never got a reply, with when they were reported missing
+    /// (the next probe's send time); the last probe, whose reply may still
+    /// have been on its way when ping stopped, is left out.
+    pub fn lost(&self) -> Vec<(u64, f64)> {
+        let answered: std::collections::HashSet<u64> = self.reply_seqs.iter().copied().collect();
+        let mut lost: Vec<(u64, f64)> = self
+            .no_answer
+            .iter()
+            .filter(|(seq, _)| !answered.contains(seq))
+            .copied()
+            .collect();
+        lost.sort_by_key(|l| l.0);
+        lost.dedup_by_key(|l| l.0);
+        lost
+    }
+
+    /// Lost probes outside `[from, to]` (wall-clock seconds).
+    pub fn lost_outside(&self, from: f64, to: f64) -> Vec<(u64, f64)> {
+        self.lost()
+            .into_iter()
+            .filter(|&(_, t)| t < from || t > to)
+            .collect()
+    }
+
     /// The largest time between two consecutive replies, in seconds.
     pub fn largest_gap(&self) -> f64 {
         self.times
@@ -98,12 +153,22 @@ mod tests {
         let out = "PING 10.88.0.2 (10.88.0.2) 56(84) bytes of data.\n\
             [1700000000.100000] 64 bytes from 10.88.0.2: icmp_seq=1 ttl=64 time=0.1 ms\n\
             [1700000000.150000] 64 bytes from 10.88.0.2: icmp_seq=2 ttl=64 time=0.1 ms\n\
-            [1700000000.450000] 64 bytes from 10.88.0.2: icmp_seq=3 ttl=64 time=0.1 ms\n\n\
+            [1700000000.300000] no answer yet for icmp_seq=3\n\
+            [1700000000.450000] 64 bytes from 10.88.0.2: icmp_seq=3 ttl=64 time=0.1 ms\n\
+            [1700000000.500000] no answer yet for icmp_seq=4\n\n\
             --- 10.88.0.2 ping statistics ---\n\
             4 packets transmitted, 3 received, 25% packet loss, time 5ms\n";
         let r = super::parse(out);
         assert_eq!((r.transmitted, r.received, r.times.len()), (4, 3, 3));
         assert!((r.largest_gap() - 0.3).abs() < 1e-6);
         assert!((r.top_gaps(1)[0].1 - 0.05).abs() < 1e-6);
+        assert_eq!(r.reply_seqs, vec![1, 2, 3]);
+        assert_eq!(
+            r.lost(),
+            vec![(4, 1700000000.5)],
+            "seq 3 came late, not lost"
+        );
+        assert!(r.lost_outside(1700000000.4, 1700000000.6).is_empty());
+        assert_eq!(r.lost_outside(1700000000.0, 1700000000.4).len(), 1);
     }
 }

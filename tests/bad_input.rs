@@ -234,6 +234,148 @@ fn malformed_rx_chains_are_returned_unused() {
     assert_pair0_works(&mut rig, &sock, 3);
 }
 
+/// A bad chain popped while no good chain was pending used to hide every
+/// good chain popped behind it: the worker then waited for buffers while
+/// holding all of them, and frames stayed in the TAP for good. Here the
+/// guest publishes the bad chain and good buffers behind it with one kick,
+/// while the worker sleeps starved, and frames arrive one at a time so the
+/// worker sleeps between them.
+#[test]
+fn a_bad_rx_chain_ahead_of_good_ones_does_not_stall_rx() {
+    require_network!("a_bad_rx_chain_ahead_of_good_ones_does_not_stall_rx");
+    // No busy polling: the worker sleeps right after each pass, as a
+    // preempted worker on a loaded machine does after its poll window.
+    let mut rig = Rig::new(
+        &["--queues", "2", "--busy-poll-us", "0"],
+        NicConfig {
+            pairs: 2,
+            rx_posted: Some(0),
+            ..NicConfig::default()
+        },
+    )
+    .unwrap();
+    let sock = host_udp(&rig, 6100);
+    // Let the worker find the ring empty and go to sleep waiting for a kick.
+    std::thread::sleep(Duration::from_millis(100));
+    let buf = rig.nic.scratch(4096).0;
+    let slots = rig.nic.reserve(QueueId::Rx(0), 1);
+    let bad = RawDesc {
+        addr: buf,
+        len: 2048,
+        flags: 0, // device-readable: wrong direction for RX
+        next: 0,
+    };
+    rig.nic
+        .queue(QueueId::Rx(0))
+        .vq
+        .add_raw(&[bad], &slots, slots[0]);
+    rig.nic.set_rx_posted(Some(16));
+    assert!(rig.nic.post_rx(0));
+    let _ = rig.nic.queue(QueueId::Rx(0)).kick.write(1);
+    wait_bad_chains(&rig, 0, 1);
+    let mut got = Vec::new();
+    for i in 0..8u8 {
+        std::thread::sleep(Duration::from_millis(20));
+        sock.send_to(&[i; 40], "10.77.0.2:5000").unwrap();
+        // Skip whatever else the host's stack sends (neighbour discovery).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Some(frame) = rig
+            .nic
+            .recv(0, deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(payload) = frames::udp_payload(&frame) {
+                got.push(payload[0]);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        got,
+        (0..8u8).collect::<Vec<_>>(),
+        "frames behind the bad chain: {}",
+        rig.sandnic.stats().unwrap()
+    );
+    assert_eq!(rig.stat(0, "bad_chains"), 1);
+}
+
+/// RX chains made of many tiny buffers (indirect tables of 2-byte
+/// descriptors): enough of them to hold one frame add up to more segments
+/// than one `readv` takes (IOV_MAX). Uncapped, `readv` failed with EINVAL,
+/// which read as "TAP empty": the worker spun on the readable TAP and no
+/// frame was ever delivered.
+#[test]
+fn rx_chains_of_many_tiny_buffers_do_not_stall_rx() {
+    require_network!("rx_chains_of_many_tiny_buffers_do_not_stall_rx");
+    use vm_memory::Bytes;
+    const PIECES: u64 = 512;
+    const PIECE: u64 = 2;
+    let mut rig = Rig::new(
+        &["--queues", "2"],
+        NicConfig {
+            pairs: 2,
+            rx_posted: Some(0),
+            ..NicConfig::default()
+        },
+    )
+    .unwrap();
+    let sock = host_udp(&rig, 6100);
+    let mut buffers = std::collections::HashMap::new();
+    for _ in 0..16 {
+        let table = rig.nic.scratch(PIECES * 16);
+        let buf = rig.nic.scratch(PIECES * PIECE);
+        for j in 0..PIECES {
+            let last = j + 1 == PIECES;
+            let mut desc = [0u8; 16];
+            desc[..8].copy_from_slice(&(buf.0 + j * PIECE).to_le_bytes());
+            desc[8..12].copy_from_slice(&(PIECE as u32).to_le_bytes());
+            let flags = if last { F_WRITE } else { F_WRITE | F_NEXT };
+            desc[12..14].copy_from_slice(&flags.to_le_bytes());
+            desc[14..16].copy_from_slice(&((j + 1) as u16).to_le_bytes());
+            rig.nic
+                .ram
+                .mem()
+                .write_slice(&desc, vm_memory::GuestAddress(table.0 + j * 16))
+                .unwrap();
+        }
+        let slots = rig.nic.reserve(QueueId::Rx(0), 1);
+        buffers.insert(slots[0], buf);
+        let head = RawDesc {
+            addr: table.0,
+            len: (PIECES * 16) as u32,
+            flags: F_INDIRECT,
+            next: 0,
+        };
+        rig.nic.raw_chain(QueueId::Rx(0), &[head], &slots, slots[0]);
+    }
+    let mut got = Vec::new();
+    for i in 0..4u8 {
+        sock.send_to(&[i; 40], "10.77.0.2:5000").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        'frame: while Instant::now() < deadline {
+            while let Some((head, len)) = rig.nic.queue(QueueId::Rx(0)).vq.pop_used() {
+                let mut frame = vec![0u8; len as usize];
+                rig.nic
+                    .ram
+                    .mem()
+                    .read_slice(&mut frame, buffers[&head])
+                    .unwrap();
+                if let Some(payload) = frames::udp_payload(&frame[12..]) {
+                    got.push(payload[0]);
+                    break 'frame;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![0, 1, 2, 3],
+        "frames into many-segment chains: {}",
+        rig.sandnic.stats().unwrap()
+    );
+    assert_eq!(rig.stat(0, "rx_errors"), 0);
+}
+
 /// Found by the `vring` fuzz target: an available index far beyond the
 /// ring made the worker spin forever (holding its pair's lock, so the
 /// control thread hung too).
@@ -383,6 +525,52 @@ fn unknown_and_malformed_requests_are_refused() {
     assert!(rig.control_stat("bad_requests") >= 5);
     assert_eq!(rig.control_stat("unsupported_requests"), 1);
     assert_pair0_works(&mut rig, &sock, 9);
+}
+
+/// Requests whose answer is a body must get one even when they fail: the
+/// frontend blocks until it arrives (QEMU and UML wait forever).
+#[test]
+fn failed_requests_that_return_a_body_are_answered() {
+    require_network!("failed_requests_that_return_a_body_are_answered");
+    let mut rig = rig();
+    let sock = host_udp(&rig, 6100);
+    // SAFETY: as in `unknown_and_malformed_requests_are_refused`.
+    let fd = unsafe { BorrowedFd::borrow_raw(rig.nic.socket_fd()) };
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(3, 0),
+    )
+    .unwrap();
+    const GET_FEATURES: u32 = 1;
+    const GET_VRING_BASE: u32 = 11;
+    const GET_CONFIG: u32 = 24;
+    let mut ring_99 = [0u8; 8];
+    ring_99[..4].copy_from_slice(&99u32.to_ne_bytes());
+    assert_eq!(
+        raw_request(fd, GET_VRING_BASE, &ring_99),
+        ring_99,
+        "GET_VRING_BASE of a ring that does not exist: ring 99, base 0"
+    );
+    assert_eq!(
+        raw_request(fd, GET_VRING_BASE, &[1, 2]),
+        [0u8; 8],
+        "GET_VRING_BASE with a short payload"
+    );
+    assert!(
+        raw_request(fd, GET_CONFIG, &[0, 0, 0]).is_empty(),
+        "GET_CONFIG with a short payload: the spec's empty error reply"
+    );
+    let mut past_the_end = vec![0u8; 12 + 8];
+    past_the_end[..4].copy_from_slice(&4000u32.to_ne_bytes());
+    past_the_end[4..8].copy_from_slice(&8u32.to_ne_bytes());
+    assert!(
+        raw_request(fd, GET_CONFIG, &past_the_end).is_empty(),
+        "GET_CONFIG past the end of the config space"
+    );
+    assert_eq!(raw_request(fd, GET_FEATURES, &[]).len(), 8);
+    assert!(rig.control_stat("bad_requests") >= 4);
+    assert_pair0_works(&mut rig, &sock, 5);
 }
 
 #[test]

@@ -33,14 +33,12 @@ fn ring(index: u16, num: u16, memory: &GuestMemory, at: u64, event_idx: bool) ->
     let setup = VringSetup {
         num,
         addrs: Some(RingAddrs { desc: at, avail: at + 16 * n, used: (at + 16 * n + 6 + 2 * n).next_multiple_of(4) }),
-        base: 0,
         enabled: true,
         started: true,
         kick: Some(Arc::new(kick)),
-        call: None,
-        err: None,
+        ..VringSetup::default()
     };
-    Vring::start(index, &setup, memory, event_idx).ok()
+    Vring::start(index, &setup, memory, event_idx, None).ok()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -72,6 +70,7 @@ fuzz_target!(|data: &[u8]| {
             frame_room: 1600,
             filter: &filter,
             link_up: true,
+            dirty_log: None,
         };
         let mut pending = RxPending::default();
         let _ = process_rx(&mut rx, &mut pending, &ctx, 16);

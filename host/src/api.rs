@@ -128,6 +128,10 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
     let b = &*ctx.backend;
     let info = b.device().info();
     let config = b.device().config();
+    // The driving frontend first; during a local migration, a standby too.
+    let sessions = b.session_reports();
+    let transport_bits = crate::vhost_user::F_PROTOCOL_FEATURES | crate::vhost_user::F_LOG_ALL;
+    let primary = sessions.first();
     json!({
         "ok": true,
         "component": { "name": info.name, "version": info.version, "state_version": info.state_version, "origin": b.device().component().origin },
@@ -136,8 +140,9 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
         "tap": b.datapath().tap().name(),
         "queue_pairs": { "max": config.max_queue_pairs, "active": b.active_pairs() },
         "link_up": b.link_up(),
-        "features_acked": b.protocol().acked_features.map(|f| sandnic_device::features::names(f & !crate::vhost_user::F_PROTOCOL_FEATURES)),
-        "protocol_features": b.protocol().protocol_features,
+        "features_acked": primary.and_then(|s| s.acked_features).map(|f| sandnic_device::features::names(f & !transport_bits)),
+        "protocol_features": primary.map_or(0, |s| s.protocol_features),
+        "sessions": sessions,
         "sandbox": b.device().stats(),
         "needs_reset": b.device().needs_reset(),
         "pairs": b.datapath().pair_states(),

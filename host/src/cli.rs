@@ -1,5 +1,6 @@
 //! The `sandnic` command line.
 
+use crate::datapath::DatapathOptions;
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::serve::{serve, ServeError, ServeOptions, TapSource};
 use clap::{Parser, Subcommand};
@@ -59,6 +60,10 @@ pub enum Command {
         /// source's TAP fds (for comparison with fd passing).
         #[arg(long, requires = "incoming")]
         new_tap: bool,
+        /// Microseconds a datapath thread keeps polling after traffic
+        /// before it sleeps (0: sleep at once, least CPU).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        busy_poll_us: u64,
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
@@ -142,6 +147,7 @@ pub fn main() -> ExitCode {
             api,
             incoming,
             new_tap,
+            busy_poll_us,
         } => {
             let tap = match (tap, tap_fd.is_empty()) {
                 (Some(name), _) => Some(TapSource::Name(name)),
@@ -158,6 +164,9 @@ pub fn main() -> ExitCode {
                 api,
                 incoming,
                 new_tap,
+                datapath: DatapathOptions {
+                    busy_poll: std::time::Duration::from_micros(busy_poll_us),
+                },
             };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,8 @@
 //! the datapath threads move packets.
 
 use crate::api::{self, ApiClient, ApiContext};
-use crate::backend::{NetBackend, Outcome};
+use crate::backend::{NetBackend, Outcome, SessionId};
+use crate::datapath::DatapathOptions;
 use crate::handover::{destination, source};
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::tap::Tap;
@@ -39,6 +40,7 @@ pub struct ServeOptions {
     pub incoming: Option<PathBuf>,
     /// Incoming: open the TAP by name instead of taking the source's fds.
     pub new_tap: bool,
+    pub datapath: DatapathOptions,
 }
 
 /// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.
@@ -54,11 +56,19 @@ pub enum ServeError {
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const LISTENER: u64 = 1;
-const CONNECTION: u64 = 2;
 const CTRL_KICK: u64 = 3;
 const API_LISTENER: u64 = 4;
 const SIGNALS: u64 = 5;
 const API_CLIENT: u64 = 100;
+/// Frontend connections: this plus their session id.
+const FRONTEND: u64 = 1 << 32;
+
+/// A connected frontend (at most two: a running VMM and, during a local
+/// migration, its successor).
+struct Frontend {
+    session: SessionId,
+    stream: UnixStream,
+}
 
 /// Removes the listening sockets when serving ends, whatever the reason.
 struct SocketFiles(Vec<PathBuf>);
@@ -82,8 +92,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
     let mut server = match &opts.incoming {
         Some(path) => {
-            let mut incoming = destination::receive(path, runtime.clone(), component, opts.new_tap)
-                .map_err(|e| ServeError::Runtime(e.into()))?;
+            let mut incoming = destination::receive(
+                path,
+                runtime.clone(),
+                component,
+                opts.new_tap,
+                opts.datapath,
+            )
+            .map_err(|e| ServeError::Runtime(e.into()))?;
             incoming.resume();
             let api_listener = match (incoming.api_listener.take(), &opts.api) {
                 (Some(l), _) => Some(l),
@@ -150,7 +166,8 @@ fn fresh(
         }
         None => None,
     };
-    let backend = NetBackend::new(device, tap.clone()).map_err(ServeError::Runtime)?;
+    let backend =
+        NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
     info!(
         socket = %socket.display(),
         tap = tap.name(),
@@ -223,7 +240,7 @@ struct Server {
     listener: Option<UnixListener>,
     api_listener: Option<UnixListener>,
     signals: SignalFd,
-    conn: Option<UnixStream>,
+    frontends: Vec<Frontend>,
     api_clients: Vec<Option<ApiClient>>,
     /// The control queue's kick fd as registered in epoll.
     ctrl_kick: Option<Arc<OwnedFd>>,
@@ -242,13 +259,23 @@ impl Server {
         conn: Option<UnixStream>,
         socket_files: SocketFiles,
     ) -> Self {
+        let mut backend = backend;
+        let frontends = conn
+            .and_then(|stream| {
+                Some(Frontend {
+                    session: backend.connect()?,
+                    stream,
+                })
+            })
+            .into_iter()
+            .collect();
         Self {
             backend,
             runtime,
             listener,
             api_listener,
             signals,
-            conn,
+            frontends,
             api_clients: Vec::new(),
             ctrl_kick: None,
             socket_files,
@@ -264,10 +291,10 @@ impl Server {
                 EpollEvent::new(EpollFlags::EPOLLIN, LISTENER),
             )?;
         }
-        if let Some(conn) = &self.conn {
+        for f in &self.frontends {
             epoll.add(
-                conn.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION),
+                f.stream.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, FRONTEND + f.session),
             )?;
         }
         epoll.add(
@@ -294,7 +321,7 @@ impl Server {
                         return Ok(Exit::Signal);
                     }
                     LISTENER => self.accept_frontend(&epoll)?,
-                    CONNECTION => self.serve_message(&epoll),
+                    token if token >= FRONTEND => self.serve_message(token - FRONTEND, &epoll),
                     CTRL_KICK => self.backend.process_ctrl_queue(),
                     API_LISTENER => self.accept_api(&epoll),
                     token if token >= API_CLIENT => {
@@ -320,7 +347,7 @@ impl Server {
             return false;
         };
         let sockets = source::Sockets {
-            connection: self.conn.as_ref().map(|c| c.as_raw_fd()),
+            connection: self.frontends.first().map(|f| f.stream.as_raw_fd()),
             listener: listener.as_raw_fd(),
             api_listener: self.api_listener.as_ref().map(|l| l.as_raw_fd()),
             paths: self.socket_files.0.clone(),
@@ -357,47 +384,76 @@ impl Server {
                 return Ok(());
             }
         };
-        if self.conn.is_some() {
-            warn!("a frontend is already connected; refusing another");
+        let Some(session) = self.backend.connect() else {
+            warn!("two frontends are connected already; refusing a third");
             return Ok(());
-        }
+        };
         stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
-        epoll.add(
+        if let Err(e) = epoll.add(
             stream.as_fd(),
-            EpollEvent::new(EpollFlags::EPOLLIN, CONNECTION),
-        )?;
-        info!("frontend connected");
-        self.conn = Some(stream);
+            EpollEvent::new(EpollFlags::EPOLLIN, FRONTEND + session),
+        ) {
+            self.backend.disconnected(session);
+            return Err(e.into());
+        }
+        let role = if self.frontends.is_empty() {
+            "frontend"
+        } else {
+            "second frontend (standby until the first stops its rings or leaves)"
+        };
+        info!(session, "{role} connected");
+        self.frontends.push(Frontend { session, stream });
         Ok(())
     }
 
-    fn serve_message(&mut self, epoll: &Epoll) {
-        let Some(conn) = &self.conn else { return };
-        let sock = conn.as_fd();
+    /// Closes frontend `session`'s connection and forgets its session.
+    fn close_frontend(&mut self, session: SessionId, epoll: &Epoll) {
+        if let Some(at) = self.frontends.iter().position(|f| f.session == session) {
+            let f = self.frontends.remove(at);
+            let _ = epoll.delete(f.stream.as_fd());
+            self.backend.disconnected(session);
+        }
+    }
+
+    fn serve_message(&mut self, session: SessionId, epoll: &Epoll) {
+        let Some(f) = self.frontends.iter().find(|f| f.session == session) else {
+            return;
+        };
+        let sock = f.stream.as_fd();
         let msg = match wire::recv(sock) {
             Ok(msg) => msg,
             Err(e) => {
                 match e {
-                    wire::WireError::Closed => info!("frontend disconnected"),
-                    other => warn!("dropping the frontend connection: {other}"),
+                    wire::WireError::Closed => info!(session, "frontend disconnected"),
+                    other => warn!(session, "dropping the frontend connection: {other}"),
                 }
-                let _ = epoll.delete(sock);
-                self.conn = None;
-                self.backend.disconnected();
+                self.close_frontend(session, epoll);
                 return;
             }
         };
         let header = msg.header;
+        let ring = msg
+            .payload
+            .get(..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
         let outcome = match request::parse(msg) {
-            Ok(req) => self.backend.handle(req),
+            Ok(req) => self.backend.handle(session, req),
             Err(e) => {
                 self.backend.counters.bad_requests += 1;
-                warn!("malformed request: {e}");
+                warn!(session, "malformed request: {e}");
                 Outcome::Failed(e.to_string())
             }
         };
-        if let Err(e) = answer(sock, header, outcome, self.backend.protocol().reply_ack()) {
-            warn!("replying to request {}: {e}", header.request);
+        if let Outcome::Disconnect(_) = outcome {
+            self.close_frontend(session, epoll);
+            return;
+        }
+        let reply_ack = self
+            .backend
+            .protocol(session)
+            .is_some_and(|p| p.reply_ack());
+        if let Err(e) = answer(sock, header, ring, outcome, reply_ack) {
+            warn!(session, "replying to request {}: {e}", header.request);
         }
     }
 
@@ -476,7 +532,7 @@ impl Server {
             let mut ctx = ApiContext {
                 backend: &mut self.backend,
                 runtime: &self.runtime,
-                connected: self.conn.is_some(),
+                connected: !self.frontends.is_empty(),
                 handover: None,
             };
             let reply = api::handle_line(&line, &mut ctx);
@@ -497,16 +553,22 @@ impl Server {
     }
 }
 
-/// Replies as the protocol asks: a body for GET requests; otherwise an ack
-/// (0 ok, 1 failed) only when REPLY_ACK was negotiated and requested.
+/// Replies as the protocol asks: a body for GET requests, also when they
+/// failed (`request::failure_body`); otherwise an ack (0 ok, 1 failed) only
+/// when REPLY_ACK was negotiated and requested.
 fn answer(
     sock: BorrowedFd<'_>,
     header: wire::Header,
+    ring: Option<u32>,
     outcome: Outcome,
     reply_ack: bool,
 ) -> Result<(), wire::WireError> {
+    let failure_body = || request::failure_body(header.request, ring);
     match outcome {
         Outcome::Reply(body) => wire::reply(sock, header.request, &body),
+        Outcome::Failed(_) if failure_body().is_some() => {
+            wire::reply(sock, header.request, &failure_body().unwrap_or_default())
+        }
         Outcome::Ok if header.needs_reply() && reply_ack => {
             wire::reply(sock, header.request, &0u64.to_ne_bytes())
         }

@@ -256,8 +256,17 @@ impl TestNic {
         })
     }
 
-    /// Posts every free RX descriptor as a buffer.
+    /// Posts every free RX descriptor as a buffer (up to the `rx_posted`
+    /// limit) and kicks if the device asks for it.
     pub fn fill_rx(&mut self, pair: usize) {
+        if self.post_rx(pair) && self.rx[pair].vq.needs_kick() {
+            let _ = self.rx[pair].kick.write(1);
+        }
+    }
+
+    /// Posts RX buffers like `fill_rx` but does not kick: the device sees
+    /// them at its next look at the ring. True if any were posted.
+    pub fn post_rx(&mut self, pair: usize) -> bool {
         let limit = self.rx_posted.unwrap_or(usize::MAX);
         let q = &mut self.rx[pair];
         let mut added = false;
@@ -277,9 +286,12 @@ impl TestNic {
             }
             added = true;
         }
-        if added && q.vq.needs_kick() {
-            let _ = q.kick.write(1);
-        }
+        added
+    }
+
+    /// How many RX buffers `fill_rx` keeps posted (`None`: the whole ring).
+    pub fn set_rx_posted(&mut self, limit: Option<usize>) {
+        self.rx_posted = limit;
     }
 
     /// Queues frames on TX (header zeroed: no offloads) and kicks once.

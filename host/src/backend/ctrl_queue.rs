@@ -27,7 +27,8 @@ enum BadChain {
 impl NetBackend {
     /// Serves every command waiting on the control queue.
     pub fn process_ctrl_queue(&mut self) {
-        let (Some(mut ring), Some(memory)) = (self.ctrl.take(), self.memory.clone()) else {
+        self.focus_driver();
+        let (Some(mut ring), Some(memory)) = (self.ctrl.take(), self.session.memory.clone()) else {
             return;
         };
         notify::drain(ring.kick.as_fd());
@@ -63,7 +64,11 @@ impl NetBackend {
             Err((why, ack_at)) => {
                 self.counters.ctrl_bad_chains += 1;
                 warn!("malformed control chain: {why:?}");
-                return ack_at.map_or(0, |at| u32::from(mem.write_obj(ACK_ERR, at).is_ok()));
+                let written = ack_at.filter(|&at| mem.write_obj(ACK_ERR, at).is_ok());
+                if let (Some(at), Some(log)) = (written, &self.settings.dirty_log) {
+                    log.mark(at.0, 1);
+                }
+                return u32::from(written.is_some());
             }
         };
         let outcome = self.device.handle_ctrl(&command);
@@ -75,7 +80,11 @@ impl NetBackend {
             self.counters.ctrl_errors += 1;
         }
         self.apply(outcome.effects);
-        u32::from(mem.write_obj(outcome.ack, ack_at).is_ok())
+        let written = mem.write_obj(outcome.ack, ack_at).is_ok();
+        if let (true, Some(log)) = (written, &self.settings.dirty_log) {
+            log.mark(ack_at.0, 1);
+        }
+        u32::from(written)
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::NetBackend;
 use crate::datapath::guest_memory::GuestMemory;
+use crate::datapath::DatapathOptions;
 use crate::handover::state::{FdRole, HostState, TapState, VringState};
 use crate::sandbox::SandboxedDevice;
 use crate::tap::Tap;
@@ -15,9 +16,23 @@ impl NetBackend {
     /// Stops every ring at a batch boundary. Each ring's base becomes the
     /// next available index to process; RX buffers taken ahead go back.
     pub fn stop_datapath(&mut self) {
-        for index in 0..self.vrings.len() {
-            self.stop_ring(index);
+        self.stop_all_rings();
+    }
+
+    /// Why this device cannot be handed over now, if it cannot: a VM
+    /// migration is under way (a second frontend is connected, or the
+    /// frontend logs dirty pages). Its state (the standby's connection, the
+    /// log) does not travel in a handover, and the migration would break.
+    pub fn handover_blocker(&self) -> Option<String> {
+        if self.other.is_some() {
+            return Some("a second frontend is connected (a VM migration is under way)".into());
         }
+        if self.session.dirty_log().is_some() {
+            return Some(
+                "the frontend is logging dirty pages (a VM migration is under way)".into(),
+            );
+        }
+        None
     }
 
     /// Starts every ring that should run (after a failed handover, or in the
@@ -30,6 +45,7 @@ impl NetBackend {
     /// stopped). TAP fds are left out for the new-TAP path.
     pub fn export(&self, with_tap: bool) -> (HostState, Vec<(FdRole, RawFd)>) {
         let vrings = self
+            .session
             .vrings
             .iter()
             .map(|v| VringState {
@@ -43,9 +59,10 @@ impl NetBackend {
         let tap = self.datapath.tap();
         let host = HostState {
             config: self.device.config().clone(),
-            protocol: self.proto.clone(),
+            protocol: self.session.proto.clone(),
             vrings,
             regions: self
+                .session
                 .memory
                 .as_ref()
                 .map(|m| m.regions().to_vec())
@@ -58,12 +75,12 @@ impl NetBackend {
             socket_paths: Vec::new(),
         };
         let mut fds = Vec::new();
-        if let Some(memory) = &self.memory {
+        if let Some(memory) = &self.session.memory {
             for (i, fd) in memory.region_fds().into_iter().enumerate() {
                 fds.push((FdRole::MemoryRegion(i as u32), fd.as_raw_fd()));
             }
         }
-        for (i, v) in self.vrings.iter().enumerate() {
+        for (i, v) in self.session.vrings.iter().enumerate() {
             let q = i as u16;
             if let Some(fd) = &v.kick {
                 fds.push((FdRole::Kick(q), fd.as_raw_fd()));
@@ -75,7 +92,7 @@ impl NetBackend {
                 fds.push((FdRole::Err(q), fd.as_raw_fd()));
             }
         }
-        if let Some(fd) = &self.backend_channel {
+        if let Some(fd) = &self.session.backend_channel {
             fds.push((FdRole::BackendChannel, fd.as_raw_fd()));
         }
         if with_tap {
@@ -95,12 +112,13 @@ impl NetBackend {
         host: &HostState,
         fds: &mut HashMap<FdRole, OwnedFd>,
         load_effects: Vec<Effect>,
+        options: DatapathOptions,
     ) -> anyhow::Result<Self> {
-        let mut b = Self::new(device, tap)?;
-        b.proto = host.protocol.clone();
+        let mut b = Self::new(device, tap, options)?;
+        b.session.proto = host.protocol.clone();
         for (i, v) in host.vrings.iter().enumerate() {
             let q = i as u16;
-            let setup = &mut b.vrings[i];
+            let setup = &mut b.session.vrings[i];
             setup.num = v.num;
             setup.addrs = v.addrs;
             setup.base = v.base;
@@ -118,11 +136,10 @@ impl NetBackend {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let memory = Arc::new(GuestMemory::map(host.regions.clone(), region_fds)?);
-            b.memory = Some(memory.clone());
-            b.datapath.set_memory(Some(memory));
+            b.session.memory = Some(memory);
         }
-        b.backend_channel = fds.remove(&FdRole::BackendChannel);
-        b.settings.mergeable = b.proto.device_features() & features::MRG_RXBUF != 0;
+        b.session.backend_channel = fds.remove(&FdRole::BackendChannel);
+        b.settings.mergeable = b.session.proto.device_features() & features::MRG_RXBUF != 0;
         b.settings.link_up = host.link_up;
         b.apply(load_effects);
         Ok(b)

@@ -7,12 +7,14 @@
 mod ctrl_queue;
 mod effects;
 mod handover;
+mod migration;
 mod requests;
 mod rings;
+mod session;
 
 use crate::datapath::guest_memory::GuestMemory;
-use crate::datapath::vring::{Vring, VringSetup};
-use crate::datapath::{Datapath, Settings};
+use crate::datapath::vring::Vring;
+use crate::datapath::{Datapath, DatapathOptions, Settings};
 use crate::sandbox::{DeviceComponent, SandboxedDevice, SwapError, SwapReport};
 use crate::tap::Tap;
 use crate::vhost_user::ProtocolState;
@@ -21,6 +23,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub use requests::Outcome;
+pub use session::{Session, SessionId, SessionReport};
 
 /// Things that went wrong on the control path, counted for `stats`.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -34,19 +37,28 @@ pub struct ControlCounters {
     pub config_notifications: u64,
     pub disconnects: u64,
     pub sandbox_failures: u64,
+    /// Requests of a standby session refused because the other session
+    /// drives the device.
+    pub standby_refusals: u64,
+    /// SET_LOG_BASE that could not be honoured (the connection is closed so
+    /// the migration fails instead of completing with pages unlogged).
+    pub log_failures: u64,
+    /// RARP announcements sent out of the TAP (SEND_RARP).
+    pub rarps_sent: u64,
 }
 
 pub struct NetBackend {
     device: SandboxedDevice,
     datapath: Datapath,
-    proto: ProtocolState,
-    /// One per virtqueue: `2 * max_queue_pairs` data queues and the control
-    /// queue.
-    vrings: Vec<VringSetup>,
-    memory: Option<Arc<GuestMemory>>,
+    /// The session the current request came from (see `focus`).
+    session: Session,
+    /// The other connected session, if two frontends are connected.
+    other: Option<Session>,
+    next_session: SessionId,
+    /// The memory the datapath's pairs work on (the driving session's).
+    installed_memory: Option<Arc<GuestMemory>>,
     /// The control queue, served on the control thread.
     ctrl: Option<Vring>,
-    backend_channel: Option<OwnedFd>,
     settings: Settings,
     /// Device features offered (cached: asked once per component).
     offered: u64,
@@ -55,24 +67,33 @@ pub struct NetBackend {
 }
 
 impl NetBackend {
-    pub fn new(device: SandboxedDevice, tap: Arc<Tap>) -> anyhow::Result<Self> {
+    pub fn new(
+        device: SandboxedDevice,
+        tap: Arc<Tap>,
+        options: DatapathOptions,
+    ) -> anyhow::Result<Self> {
         let mut device = device;
         let offered = device.device_features()?;
-        let queues = 2 * usize::from(device.config().max_queue_pairs) + 1;
-        let datapath = Datapath::start(tap)?;
+        let datapath = Datapath::start(tap, options)?;
+        let queues = Self::queue_count(&device);
         Ok(Self {
             device,
             datapath,
-            proto: ProtocolState::default(),
-            vrings: (0..queues).map(|_| VringSetup::default()).collect(),
-            memory: None,
+            session: Session::new(0, queues),
+            other: None,
+            next_session: 1,
+            installed_memory: None,
             ctrl: None,
-            backend_channel: None,
             settings: Settings::default(),
             offered,
             active_pairs: 1,
             counters: ControlCounters::default(),
         })
+    }
+
+    /// Virtqueues: `2 * max_queue_pairs` data queues and the control queue.
+    fn queue_count(device: &SandboxedDevice) -> usize {
+        2 * usize::from(device.config().max_queue_pairs) + 1
     }
 
     pub fn device(&self) -> &SandboxedDevice {
@@ -87,8 +108,29 @@ impl NetBackend {
         &self.datapath
     }
 
-    pub fn protocol(&self) -> &ProtocolState {
-        &self.proto
+    /// The protocol state of session `id` (for REPLY_ACK, `status`).
+    pub fn protocol(&self, id: SessionId) -> Option<&ProtocolState> {
+        self.sessions().find(|s| s.id == id).map(|s| &s.proto)
+    }
+
+    fn sessions(&self) -> impl Iterator<Item = &Session> {
+        std::iter::once(&self.session).chain(self.other.as_ref())
+    }
+
+    /// Every connected session, the driving one first.
+    pub fn session_reports(&self) -> Vec<SessionReport> {
+        let mut reports: Vec<_> = self
+            .sessions()
+            .filter(|s| s.connected)
+            .map(Session::report)
+            .collect();
+        reports.sort_by_key(|r| !r.drives);
+        reports
+    }
+
+    /// The session that drives the device, if any.
+    pub fn driving_session(&self) -> Option<&Session> {
+        self.sessions().find(|s| s.drives())
     }
 
     pub fn link_up(&self) -> bool {
@@ -114,20 +156,74 @@ impl NetBackend {
         Ok(report)
     }
 
-    /// The frontend went away: stop everything, forget the connection's
-    /// state, and reset the device so the next frontend starts clean.
-    pub fn disconnected(&mut self) {
-        self.counters.disconnects += 1;
-        for index in 0..self.vrings.len() {
-            self.stop_ring(index);
+    /// A frontend connected: it gets a session of its own, or `None` when
+    /// two are connected already (a third has no role in a migration).
+    pub fn connect(&mut self) -> Option<SessionId> {
+        if !self.session.connected && self.other.is_none() {
+            self.session.connected = true;
+            return Some(self.session.id);
         }
-        self.vrings
-            .iter_mut()
-            .for_each(|v| *v = VringSetup::default());
+        if self.other.is_some() {
+            return None;
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let mut standby = Session::new(id, Self::queue_count(&self.device));
+        standby.connected = true;
+        self.other = Some(standby);
+        Some(id)
+    }
+
+    /// Makes session `id` the one requests work on. False if it does not
+    /// exist.
+    fn focus(&mut self, id: SessionId) -> bool {
+        if self.session.id == id {
+            return true;
+        }
+        match &mut self.other {
+            Some(other) if other.id == id => {
+                std::mem::swap(&mut self.session, other);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Focuses the driving session, if one drives.
+    fn focus_driver(&mut self) {
+        if let Some(id) = self.driving_session().map(|s| s.id) {
+            self.focus(id);
+        }
+    }
+
+    /// The other session drives the device: this one must not touch it.
+    fn other_drives(&self) -> bool {
+        self.other.as_ref().is_some_and(Session::drives)
+    }
+
+    /// Frontend `id` went away: stop its rings and forget its session. The
+    /// device is reset only when no frontend is left, so a migration's
+    /// other side keeps it as it is.
+    pub fn disconnected(&mut self, id: SessionId) {
+        if !self.focus(id) {
+            return;
+        }
+        self.counters.disconnects += 1;
+        self.stop_all_rings();
+        match self.other.take() {
+            Some(other) => self.session = other,
+            None => self.reset_sessions(),
+        }
+    }
+
+    /// No frontend left: a fresh session, no memory, the device reset so
+    /// the next frontend starts clean.
+    fn reset_sessions(&mut self) {
+        let id = self.next_session;
+        self.next_session += 1;
+        self.session = Session::new(id, Self::queue_count(&self.device));
         self.datapath.set_memory(None);
-        self.memory = None;
-        self.backend_channel = None;
-        self.proto = ProtocolState::default();
+        self.installed_memory = None;
         match self.device.reset() {
             Ok(effects) => self.apply(effects),
             Err(e) => tracing::warn!("device reset after disconnect: {e}"),

@@ -1,14 +1,17 @@
 //! Starting and stopping rings as the frontend's requests come in.
 //!
 //! A ring runs when it was started (kick fd), is enabled, and its size,
-//! addresses and guest memory are known. Any change to those stops the ring
-//! (remembering where it was) and starts it again, so the datapath always
-//! works on a consistent ring.
+//! addresses and guest memory are known — and the other session, if any,
+//! drives nothing. Any change to those stops the ring (remembering where it
+//! was) and starts it again, so the datapath always works on a consistent
+//! ring.
 
 use super::NetBackend;
+use crate::datapath::guest_memory::GuestMemory;
 use crate::datapath::vring::Vring;
 use crate::datapath::Direction;
 use sandnic_device::features;
+use std::sync::Arc;
 use tracing::warn;
 
 /// Where a virtqueue index lives.
@@ -18,11 +21,24 @@ pub(super) enum Slot {
     Ctrl,
 }
 
+/// A ring that should run was not started: the other session drives the
+/// device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OtherSessionDrives;
+
+impl std::fmt::Display for OtherSessionDrives {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "another frontend drives this device; it must stop its rings (GET_VRING_BASE) or leave first",
+        )
+    }
+}
+
 impl NetBackend {
     /// The control queue follows the data queues: index 2 without MQ,
     /// `2 * max_queue_pairs` with it.
     fn ctrl_index(&self) -> usize {
-        let pairs = if self.proto.device_features() & features::MQ != 0 {
+        let pairs = if self.session.proto.device_features() & features::MQ != 0 {
             usize::from(self.device.config().max_queue_pairs)
         } else {
             1
@@ -49,18 +65,22 @@ impl NetBackend {
     }
 
     fn wants_running(&self, index: usize) -> bool {
-        let v = &self.vrings[index];
+        let v = &self.session.vrings[index];
         v.started
             && v.enabled
             && v.num > 0
             && v.addrs.is_some()
             && v.kick.is_some()
-            && self.memory.is_some()
+            && self.session.memory.is_some()
     }
 
-    /// Stops ring `index` if it runs; returns (and remembers) where the
-    /// driver should continue.
+    /// Stops ring `index` of the focused session if it runs; returns (and
+    /// remembers) where the driver should continue.
     pub(super) fn stop_ring(&mut self, index: usize) -> Option<u16> {
+        if !self.session.vrings.get(index)?.running {
+            return None;
+        }
+        self.session.vrings[index].running = false;
         let next = match self.slot(index)? {
             Slot::Ctrl => self.ctrl.take().map(|ring| {
                 use virtio_queue::QueueT;
@@ -68,36 +88,91 @@ impl NetBackend {
             }),
             Slot::Data { pair, dir } => self.datapath.stop_ring(pair, dir),
         }?;
-        self.vrings[index].base = next;
+        self.session.vrings[index].base = next;
         Some(next)
     }
 
+    /// Stops every ring of the focused session (each base recorded, RX
+    /// buffers taken ahead given back).
+    pub(super) fn stop_all_rings(&mut self) {
+        for index in 0..self.session.vrings.len() {
+            self.stop_ring(index);
+        }
+    }
+
     /// Brings ring `index` in line with its configuration: restarts it if
-    /// it should run, leaves it stopped otherwise.
-    pub(super) fn refresh_ring(&mut self, index: usize) {
+    /// it should run, leaves it stopped otherwise. Refused while the other
+    /// session drives the device.
+    pub(super) fn refresh_ring(&mut self, index: usize) -> Result<(), OtherSessionDrives> {
         self.stop_ring(index);
         if !self.wants_running(index) {
-            return;
+            return Ok(());
         }
-        let (Some(slot), Some(memory)) = (self.slot(index), self.memory.clone()) else {
-            return;
+        if self.other_drives() {
+            self.counters.standby_refusals += 1;
+            warn!(
+                ring = index,
+                "standby frontend tried to start a ring: {OtherSessionDrives}"
+            );
+            return Err(OtherSessionDrives);
+        }
+        let (Some(slot), Some(memory)) = (self.slot(index), self.session.memory.clone()) else {
+            return Ok(());
         };
-        let event_idx = self.proto.device_features() & features::EVENT_IDX != 0;
-        match Vring::start(index as u16, &self.vrings[index], &memory, event_idx) {
-            Ok(ring) => match slot {
-                Slot::Ctrl => self.ctrl = Some(ring),
-                Slot::Data { pair, dir } => self.datapath.install_ring(pair, dir, ring),
-            },
+        self.install_memory(&memory);
+        self.sync_dirty_log();
+        let event_idx = self.session.proto.device_features() & features::EVENT_IDX != 0;
+        let log = self.settings.dirty_log.clone();
+        let setup = &self.session.vrings[index];
+        match Vring::start(index as u16, setup, &memory, event_idx, log.as_ref()) {
+            Ok(ring) => {
+                match slot {
+                    Slot::Ctrl => self.ctrl = Some(ring),
+                    Slot::Data { pair, dir } => self.datapath.install_ring(pair, dir, ring),
+                }
+                self.session.vrings[index].running = true;
+            }
             Err(e) => {
                 self.counters.bad_requests += 1;
                 warn!("cannot start ring: {e}");
             }
         }
+        Ok(())
     }
 
+    /// Refreshes every ring; a refusal (the other session drives) is
+    /// counted in `refresh_ring` and changes nothing.
     pub(super) fn refresh_all_rings(&mut self) {
-        for index in 0..self.vrings.len() {
-            self.refresh_ring(index);
+        for index in 0..self.session.vrings.len() {
+            let _ = self.refresh_ring(index);
+        }
+    }
+
+    /// Points the datapath at `memory` (the focused session's, about to
+    /// drive) unless it already works on it.
+    fn install_memory(&mut self, memory: &Arc<GuestMemory>) {
+        let installed = self
+            .installed_memory
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, memory));
+        if !installed {
+            self.datapath.set_memory(Some(memory.clone()));
+            self.installed_memory = Some(memory.clone());
+        }
+    }
+
+    /// Gives the datapath the focused session's dirty log (or none) if it
+    /// does not have it yet.
+    fn sync_dirty_log(&mut self) {
+        let wanted = self.session.dirty_log().cloned();
+        let same = match (&self.settings.dirty_log, &wanted) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.settings.dirty_log = wanted;
+            self.datapath.set_settings(&self.settings);
         }
     }
 }

@@ -90,6 +90,16 @@ impl GuestMemory {
         &self.mem
     }
 
+    /// The first guest address above every region (what a dirty log must
+    /// cover).
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.guest_phys_addr + r.memory_size)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn regions(&self) -> &[RegionInfo] {
         &self.regions
     }
@@ -143,4 +153,16 @@ pub fn translate(
         addr = addr.checked_add(take).ok_or(addr)?;
     }
     Ok(())
+}
+
+/// The guest address behind host address `ptr`, if it lies in guest memory.
+/// The datapath keeps guest buffers as host ranges; the dirty log wants
+/// guest pages.
+pub fn host_to_gpa(mem: &GuestMemoryMmap, ptr: *const u8) -> Option<GuestAddress> {
+    let addr = ptr as usize;
+    mem.iter().find_map(|region| {
+        let start = region.as_ptr() as usize;
+        let offset = addr.checked_sub(start)?;
+        (offset < region.len() as usize).then(|| region.start_addr().unchecked_add(offset as u64))
+    })
 }

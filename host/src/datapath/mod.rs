@@ -3,6 +3,7 @@
 //! allocation per packet.
 //!
 //! - `guest_memory.rs` — mapping SET_MEM_TABLE regions, address translation
+//! - `dirty_log.rs` — the migration's dirty-page bitmap
 //! - `vring.rs` — ring setup and start, defensive chain walking
 //! - `tx.rs` / `rx.rs` — the two directions
 //! - `rx_filter.rs` — the native receive filter
@@ -10,6 +11,7 @@
 //! - `notify.rs` — kick/call fds
 //! - `stats.rs` — counters
 
+pub mod dirty_log;
 pub mod guest_memory;
 pub mod notify;
 pub mod rx;
@@ -20,6 +22,7 @@ pub mod vring;
 mod worker;
 
 use crate::tap::Tap;
+use dirty_log::DirtyLog;
 use guest_memory::GuestMemory;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rx::RxPending;
@@ -32,6 +35,24 @@ use std::thread::JoinHandle;
 use virtio_queue::QueueT;
 use vring::Vring;
 
+/// How the datapath threads run (`sandnic serve` options).
+#[derive(Debug, Clone, Copy)]
+pub struct DatapathOptions {
+    /// After moving packets a thread keeps polling this long before it
+    /// sleeps in epoll: under traffic the next chain usually comes within
+    /// microseconds, and a sleep/wake-up round trip costs more than the
+    /// frames it waits for. Zero never polls (least CPU).
+    pub busy_poll: std::time::Duration,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            busy_poll: std::time::Duration::from_micros(50),
+        }
+    }
+}
+
 /// What every pair needs to know about the negotiated device.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -40,6 +61,9 @@ pub struct Settings {
     pub frame_room: u64,
     pub filter: Arc<NativeFilter>,
     pub link_up: bool,
+    /// Set while a migration logs dirty pages (LOG_ALL acked, a log base
+    /// given): RX marks the pages it writes.
+    pub dirty_log: Option<Arc<DirtyLog>>,
 }
 
 impl Default for Settings {
@@ -50,6 +74,7 @@ impl Default for Settings {
             frame_room: rx::MAX_FRAME,
             filter: Arc::default(),
             link_up: true,
+            dirty_log: None,
         }
     }
 }
@@ -75,6 +100,7 @@ pub struct PairShared {
     pub index: u16,
     pub state: Mutex<PairState>,
     pub stats: QueueStats,
+    busy_poll: std::time::Duration,
     wake: EventFd,
     stop: AtomicBool,
 }
@@ -118,7 +144,7 @@ pub enum Direction {
 impl Datapath {
     /// Starts one thread per TAP queue. Only pair 0 is active until the
     /// device model enables more.
-    pub fn start(tap: Arc<Tap>) -> std::io::Result<Self> {
+    pub fn start(tap: Arc<Tap>, options: DatapathOptions) -> std::io::Result<Self> {
         let mut pairs = Vec::new();
         let mut threads = Vec::new();
         for index in 0..tap.queue_count() {
@@ -136,6 +162,7 @@ impl Datapath {
                     generation: 0,
                 }),
                 stats: QueueStats::default(),
+                busy_poll: options.busy_poll,
                 wake: EventFd::from_value_and_flags(
                     0,
                     EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -236,11 +263,6 @@ impl Datapath {
             let _ = self.tap.set_queue_attached(pair, active);
             self.with_pair(pair, |st| st.active = active);
         }
-    }
-
-    /// Holds every pair at a batch boundary until the guard is dropped.
-    pub fn pause(&self) -> Vec<MutexGuard<'_, PairState>> {
-        self.pairs.iter().map(|p| p.lock()).collect()
     }
 
     /// What each pair is doing, for `status` (takes each pair's lock briefly).

@@ -9,10 +9,12 @@
 //! one. Pending chains are rewound (given back to the available ring) when
 //! the ring stops, so the guest loses no buffers.
 
+use super::dirty_log::DirtyLog;
 use super::guest_memory::IoVec;
 use super::rx_filter::NativeFilter;
 use super::stats::Batch;
-use super::vring::{chain_iovecs, read_iov, write_iov, Vring};
+use super::vring::{chain_iovecs, log_iov_write, read_iov, write_iov, Vring};
+use nix::errno::Errno;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use virtio_queue::QueueT;
@@ -22,6 +24,11 @@ use vm_memory::GuestMemoryMmap;
 pub const MAX_GSO_FRAME: u64 = 65_550;
 /// Room needed for any frame without them (a 9000-byte MTU, VLAN tagged).
 pub const MAX_FRAME: u64 = 9_022;
+/// Most segments handed to one `readv`: the kernel's IOV_MAX. The guest
+/// chooses how small its buffers are; offered more segments than this,
+/// `readv` fails with EINVAL without reading, and the frame never leaves
+/// the TAP.
+pub const MAX_READ_SEGMENTS: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -62,14 +69,23 @@ impl RxPending {
         self.iov.clear();
     }
 
-    /// Room, chains and segments of the good chains at the front.
-    fn usable(&self) -> (u64, usize, usize) {
-        self.chains
-            .iter()
-            .take_while(|c| !c.bad)
-            .fold((0, 0, 0), |(cap, n, s), c| {
-                (cap + c.capacity, n + 1, s + c.segments)
-            })
+    /// The good chains at the front that one `readv` can fill.
+    fn usable(&self) -> Usable {
+        let mut usable = Usable::default();
+        for c in &self.chains {
+            if c.bad {
+                usable.blocked = true;
+                break;
+            }
+            if usable.segments + c.segments > MAX_READ_SEGMENTS {
+                usable.capped = true;
+                break;
+            }
+            usable.room += c.capacity;
+            usable.chains += 1;
+            usable.segments += c.segments;
+        }
+        usable
     }
 
     fn consume(&mut self, chains: usize) {
@@ -98,6 +114,19 @@ impl RxPending {
     }
 }
 
+/// What the next read can use: the good chains at the front of the pending
+/// list, up to the first bad one or the segment cap.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usable {
+    room: u64,
+    chains: usize,
+    segments: usize,
+    /// A bad chain follows: popping more cannot add room to this read.
+    blocked: bool,
+    /// The next good chain would pass MAX_READ_SEGMENTS.
+    capped: bool,
+}
+
 pub struct RxContext<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub tap: BorrowedFd<'a>,
@@ -107,6 +136,9 @@ pub struct RxContext<'a> {
     pub frame_room: u64,
     pub filter: &'a NativeFilter,
     pub link_up: bool,
+    /// While a migration logs dirty pages: where delivered frames are
+    /// marked.
+    pub dirty_log: Option<&'a DirtyLog>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +149,9 @@ pub enum RxOutcome {
     NeedBuffers,
     /// The budget ran out with the TAP maybe still readable.
     Budget,
+    /// Reading the TAP failed, and so did discarding a frame from it: try
+    /// again later rather than at once (the TAP may stay readable).
+    TapError,
 }
 
 /// Moves up to `budget` frames from the TAP into the guest.
@@ -127,32 +162,31 @@ pub fn process_rx(
     budget: usize,
 ) -> (Batch, RxOutcome) {
     let mut batch = Batch::default();
-    let mut used_any = false;
     let mut outcome = RxOutcome::Budget;
     for _ in 0..budget {
-        used_any |= return_bad_chains(ring, pending, ctx.mem, &mut batch);
-        if !gather(ring, pending, ctx) {
-            used_any |= return_bad_chains(ring, pending, ctx.mem, &mut batch);
+        if !gather(ring, pending, ctx, &mut batch) {
             outcome = RxOutcome::NeedBuffers;
             break;
         }
-        let (room, chains, segments) = pending.usable();
-        // SAFETY: the iovecs point into guest buffers the guest handed to
-        // the device (device-writable, inside `ctx.mem`, which stays mapped
-        // for the call). The kernel writes at most `room` bytes into them.
-        let n = unsafe {
-            libc::readv(
-                ctx.tap.as_raw_fd(),
-                pending.iov.as_ptr(),
-                segments as libc::c_int,
-            )
+        let usable = pending.usable();
+        let n = match read_frame(ctx.tap, &pending.iov[..usable.segments]) {
+            Ok(n) => n as u64,
+            Err(Errno::EAGAIN) => {
+                outcome = RxOutcome::TapEmpty;
+                break;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(_) => {
+                batch.errors += 1;
+                match discard_frame(ctx.tap) {
+                    Ok(()) => continue,
+                    Err(Errno::EAGAIN) => outcome = RxOutcome::TapEmpty,
+                    Err(_) => outcome = RxOutcome::TapError,
+                }
+                break;
+            }
         };
-        if n < 0 {
-            outcome = RxOutcome::TapEmpty;
-            break;
-        }
-        let n = n as u64;
-        if n >= room || n <= ctx.hdr_len as u64 || !ctx.link_up {
+        if n >= usable.room || n <= ctx.hdr_len as u64 || !ctx.link_up {
             batch.drops += 1;
             continue;
         }
@@ -165,15 +199,41 @@ pub fn process_rx(
             batch.filtered += 1;
             continue;
         }
-        deliver(ring, pending, ctx, n, chains);
-        used_any = true;
+        deliver(ring, pending, ctx, n, usable.chains);
         batch.packets += 1;
         batch.bytes += n - ctx.hdr_len as u64;
     }
-    if used_any {
+    if batch.packets > 0 || batch.bad_chains > 0 {
         ring.notify(ctx.mem);
     }
     (batch, outcome)
+}
+
+/// One `readv` from the TAP into `iov` (at most MAX_READ_SEGMENTS long).
+fn read_frame(tap: BorrowedFd<'_>, iov: &[IoVec]) -> Result<usize, Errno> {
+    // SAFETY: the iovecs point into guest buffers the guest handed to the
+    // device (device-writable, inside the guest memory the caller keeps
+    // mapped for the call); the kernel writes at most their total length.
+    let n = unsafe { libc::readv(tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Takes one frame off the TAP and drops it, so a read that keeps failing
+/// for this frame cannot keep the TAP readable forever. A TAP read consumes
+/// the frame even when the buffer is too short for it.
+fn discard_frame(tap: BorrowedFd<'_>) -> Result<(), Errno> {
+    let mut scratch = [0u8; 64];
+    nix::unistd::read(tap.as_raw_fd(), &mut scratch)
+        .map(drop)
+        .or_else(|e| match e {
+            // Too short for the vnet header: consumed all the same.
+            Errno::EINVAL => Ok(()),
+            e => Err(e),
+        })
 }
 
 /// Malformed chains at the front are returned to the guest unused.
@@ -182,35 +242,42 @@ fn return_bad_chains(
     pending: &mut RxPending,
     mem: &GuestMemoryMmap,
     batch: &mut Batch,
-) -> bool {
-    let mut any = false;
+) {
     while pending.chains.front().is_some_and(|c| c.bad) {
         let head = pending.chains[0].head;
         pending.consume(1);
         ring.push_used(mem, head, 0);
         batch.bad_chains += 1;
-        any = true;
     }
-    any
 }
 
 /// Pops chains until there is room for the largest frame (mergeable) or one
-/// chain (not mergeable). False when the guest must give more buffers first.
-fn gather(ring: &mut Vring, pending: &mut RxPending, ctx: &RxContext<'_>) -> bool {
+/// chain (not mergeable), returning malformed chains to the guest as they
+/// reach the front. False when the guest must give more buffers first.
+///
+/// A bad chain popped onto an empty list must go back at once: left at the
+/// front, it would hide every good chain popped behind it, and the worker
+/// would wait for buffers while holding them all.
+fn gather(
+    ring: &mut Vring,
+    pending: &mut RxPending,
+    ctx: &RxContext<'_>,
+    batch: &mut Batch,
+) -> bool {
     loop {
-        let (room, chains, _) = pending.usable();
+        return_bad_chains(ring, pending, ctx.mem, batch);
+        let usable = pending.usable();
         let enough = if ctx.mergeable {
-            room > ctx.frame_room
+            usable.room > ctx.frame_room
         } else {
-            chains > 0
+            usable.chains > 0
         };
-        let blocked = pending.chains.iter().any(|c| c.bad);
-        if enough || (blocked && chains > 0) {
+        if enough || (usable.chains > 0 && (usable.blocked || usable.capped)) {
             return true;
         }
         if !pending.pop_into(ring, ctx.mem) {
             // Every buffer of the ring is pending: use what there is.
-            if chains > 0 && pending.len() >= usize::from(ring.queue.size()) {
+            if usable.chains > 0 && pending.len() >= usize::from(ring.queue.size()) {
                 return true;
             }
             if ring.enable_and_recheck(ctx.mem) {
@@ -242,6 +309,11 @@ fn deliver(
     if ctx.hdr_len >= 12 {
         // num_buffers must be in place before the used ring says so.
         write_iov(&pending.iov, 10, &(count as u16).to_le_bytes());
+    }
+    if let Some(log) = ctx.dirty_log {
+        // The frame and its header (num_buffers included) lie in the first
+        // n bytes.
+        log_iov_write(log, ctx.mem, &pending.iov, n as usize);
     }
     let mut left = n;
     for c in pending.chains.iter().take(count) {

@@ -12,6 +12,9 @@ pub struct QueueStats {
     pub rx_drops: AtomicU64,
     /// Frames the rx filter rejected.
     pub rx_filtered: AtomicU64,
+    /// TAP reads that failed with anything but "empty" (the frame is then
+    /// discarded so the TAP cannot stay readable forever).
+    pub rx_errors: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     /// Frames the TAP refused, or sent while the link was down.
@@ -29,6 +32,7 @@ pub struct Batch {
     pub drops: u64,
     pub filtered: u64,
     pub bad_chains: u64,
+    pub errors: u64,
 }
 
 impl QueueStats {
@@ -37,6 +41,7 @@ impl QueueStats {
         self.rx_bytes.fetch_add(b.bytes, Relaxed);
         self.rx_drops.fetch_add(b.drops, Relaxed);
         self.rx_filtered.fetch_add(b.filtered, Relaxed);
+        self.rx_errors.fetch_add(b.errors, Relaxed);
         self.bad_chains.fetch_add(b.bad_chains, Relaxed);
     }
 
@@ -53,6 +58,7 @@ impl QueueStats {
             rx_bytes: self.rx_bytes.load(Relaxed),
             rx_drops: self.rx_drops.load(Relaxed),
             rx_filtered: self.rx_filtered.load(Relaxed),
+            rx_errors: self.rx_errors.load(Relaxed),
             tx_packets: self.tx_packets.load(Relaxed),
             tx_bytes: self.tx_bytes.load(Relaxed),
             tx_drops: self.tx_drops.load(Relaxed),
@@ -67,6 +73,7 @@ pub struct StatsSnapshot {
     pub rx_bytes: u64,
     pub rx_drops: u64,
     pub rx_filtered: u64,
+    pub rx_errors: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_drops: u64,

@@ -7,7 +7,8 @@
 //! the total length and segment count are bounded, and a chain the walker
 //! had to cut short (a loop, an index past the table) is rejected.
 
-use super::guest_memory::{translate, GuestMemory, IoVec};
+use super::dirty_log::DirtyLog;
+use super::guest_memory::{host_to_gpa, translate, GuestMemory, IoVec};
 use super::notify;
 use std::num::Wrapping;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,12 +43,17 @@ pub struct RingAddrs {
 pub struct VringSetup {
     pub num: u16,
     pub addrs: Option<RingAddrs>,
+    /// Where the used ring's writes go in the dirty log (SET_VRING_ADDR's
+    /// `log_guest_addr`, when its VHOST_VRING_F_LOG flag is set).
+    pub log_addr: Option<u64>,
     /// Next available index to process (SET_VRING_BASE; updated when the
     /// ring stops).
     pub base: u16,
     pub enabled: bool,
     /// A kick fd arrived and no GET_VRING_BASE stopped the ring since.
     pub started: bool,
+    /// The ring is running in the datapath (or as the control queue).
+    pub running: bool,
     pub kick: Option<Arc<OwnedFd>>,
     pub call: Option<Arc<OwnedFd>>,
     pub err: Option<OwnedFd>,
@@ -88,15 +94,22 @@ pub struct Vring {
     /// notification (EVENT_IDX: it wants one when `used_event` was passed
     /// since).
     last_checked_used: Wrapping<u16>,
+    /// While a migration logs dirty pages: the log and the guest address
+    /// the used ring's writes are logged at.
+    used_log: Option<(Arc<DirtyLog>, u64)>,
 }
 
 impl Vring {
     /// Starts ring `index` as configured in `setup`, at `setup.base`.
+    /// With `log`, every used-ring write is marked in it (at the ring's
+    /// `log_addr`, or where the used ring lies in guest memory when the
+    /// frontend gave none).
     pub fn start(
         index: u16,
         setup: &VringSetup,
         memory: &GuestMemory,
         event_idx: bool,
+        log: Option<&Arc<DirtyLog>>,
     ) -> Result<Self, VringError> {
         let (Some(addrs), Some(kick)) = (setup.addrs, setup.kick.clone()) else {
             return Err(VringError::NotConfigured(index));
@@ -136,6 +149,7 @@ impl Vring {
             .map_err(|_| bad("used", addrs.used))?;
         queue.set_next_used(used_idx.0);
         queue.set_ready(true);
+        let used_log = log.map(|log| (log.clone(), setup.log_addr.unwrap_or(used.0)));
         Ok(Self {
             index,
             queue,
@@ -143,6 +157,7 @@ impl Vring {
             call: setup.call.clone(),
             unpublished: 0,
             last_checked_used: used_idx,
+            used_log,
         })
     }
 
@@ -164,6 +179,7 @@ impl Vring {
         if let Some(addr) = addr {
             let _ = mem.write_obj(element.to_le(), addr);
         }
+        self.log_used_write(USED_RING_HEADER + u64::from(slot) * USED_ELEMENT_SIZE, 8);
         self.unpublished += 1;
     }
 
@@ -178,6 +194,14 @@ impl Vring {
         self.queue.set_next_used(next);
         if let Some(addr) = GuestAddress(self.queue.used_ring()).checked_add(USED_IDX_OFFSET) {
             let _ = mem.store(next.to_le(), addr, Ordering::Release);
+        }
+        self.log_used_write(USED_IDX_OFFSET, 2);
+    }
+
+    /// Marks `len` bytes at `offset` into the used ring dirty, if logging.
+    fn log_used_write(&self, offset: u64, len: u64) {
+        if let Some((log, used_gpa)) = &self.used_log {
+            log.mark(used_gpa.wrapping_add(offset), len);
         }
     }
 
@@ -309,6 +333,21 @@ fn collect(
         return Err(ChainError::Empty);
     }
     Ok(total)
+}
+
+/// Marks the guest pages behind the first `len` bytes of `iov` dirty.
+pub fn log_iov_write(log: &DirtyLog, mem: &GuestMemoryMmap, iov: &[IoVec], len: usize) {
+    let mut left = len;
+    for v in iov {
+        if left == 0 {
+            break;
+        }
+        let n = v.iov_len.min(left);
+        if let Some(gpa) = host_to_gpa(mem, v.iov_base.cast::<u8>()) {
+            log.mark(gpa.0, n as u64);
+        }
+        left -= n;
+    }
 }
 
 /// Copies bytes at `offset` of the buffers in `iov` into `out` (as many as

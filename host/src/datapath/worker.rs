@@ -22,10 +22,6 @@ use tracing::{error, warn};
 /// Chains or frames per batch: bounds how long the lock is held and keeps
 /// notifications coalesced.
 pub const BATCH: usize = 256;
-/// After moving packets the thread keeps polling this long before it sleeps
-/// in epoll: under traffic the next chain usually comes within microseconds,
-/// and a sleep/wake-up round trip costs more than the frames it waits for.
-const BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 /// How long to sleep, in ms, when the TAP cannot be put in the epoll set.
 const RETRY_NAP_MS: u8 = 1;
 
@@ -56,6 +52,9 @@ struct Pass {
     want_tap: bool,
     /// Anything moved.
     worked: bool,
+    /// The TAP failed in a way that may persist: nap instead of sleeping
+    /// on it (it may stay readable) or polling it (that would spin).
+    tap_failing: bool,
 }
 
 pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
@@ -89,8 +88,10 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
             }
         }
         let r = reg.as_mut().expect("registered above");
-        let sleeping = !(last.more || last_work.elapsed() < BUSY_POLL);
-        let watching = r.watch_tap(tap_fd, last.want_tap && sleeping, shared.index);
+        let busy = last.more || last_work.elapsed() < shared.busy_poll;
+        let sleeping = last.tap_failing || !busy;
+        let watch = last.want_tap && sleeping && !last.tap_failing;
+        let watching = r.watch_tap(tap_fd, watch, shared.index) && !last.tap_failing;
         let n = match r.epoll.wait(&mut events, wait_timeout(sleeping, watching)) {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
@@ -113,7 +114,8 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
 }
 
 /// Poll while busy; sleep until an fd fires otherwise — but only nap if the
-/// TAP should be watched and could not be, so frames on it are still read.
+/// TAP should be watched and could not be (or is failing), so frames on it
+/// are still read.
 fn wait_timeout(sleeping: bool, tap_as_wanted: bool) -> EpollTimeout {
     if !sleeping {
         EpollTimeout::ZERO
@@ -226,6 +228,7 @@ fn one_batch(
     let settings = st.settings.clone();
     let mut more = false;
     let mut worked = false;
+    let mut tap_failing = false;
     if let Some(tx) = st.tx.as_mut() {
         let ctx = TxContext {
             mem,
@@ -250,6 +253,7 @@ fn one_batch(
             frame_room: settings.frame_room,
             filter: &settings.filter,
             link_up: settings.link_up,
+            dirty_log: settings.dirty_log.as_deref(),
         };
         let (batch, outcome) = process_rx(rx, &mut st.rx_pending, &ctx, BATCH);
         worked |= batch != Batch::default();
@@ -261,11 +265,16 @@ fn one_batch(
             }
             RxOutcome::NeedBuffers => st.rx_starved = true,
             RxOutcome::TapEmpty => st.rx_starved = false,
+            RxOutcome::TapError => {
+                st.rx_starved = false;
+                tap_failing = true;
+            }
         }
     }
     Pass {
-        more,
+        more: more && !tap_failing,
         want_tap: st.rx.is_some() && rx_ready && !st.rx_starved,
         worked,
+        tap_failing,
     }
 }

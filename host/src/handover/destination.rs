@@ -10,6 +10,7 @@ use super::monotonic_ns;
 use super::state::{self, FdRole, Offer, Reply};
 use super::stream::{self, StreamError};
 use crate::backend::NetBackend;
+use crate::datapath::DatapathOptions;
 use crate::sandbox::{DeviceComponent, Runtime, SandboxedDevice};
 use crate::tap::Tap;
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ pub fn receive(
     runtime: Arc<Runtime>,
     component: Arc<DeviceComponent>,
     new_tap: bool,
+    options: DatapathOptions,
 ) -> Result<Incoming, IncomingError> {
     let listener = crate::api::bind_unix(path).map_err(|error| IncomingError::Listen {
         path: path.into(),
@@ -79,7 +81,7 @@ pub fn receive(
     }
     let received = stream::recv_fds(&sock, offer.fds.len(), FRAME_TIMEOUT)?;
     let mut fds: HashMap<FdRole, OwnedFd> = offer.fds.iter().copied().zip(received).collect();
-    match take_over(&offer, &mut fds, runtime, component, new_tap) {
+    match take_over(&offer, &mut fds, runtime, component, new_tap, options) {
         Ok(backend) => {
             stream::send(&sock, &Reply::Ready)?;
             let unix = |fd: Option<OwnedFd>| fd.map(UnixStream::from);
@@ -105,6 +107,7 @@ fn take_over(
     runtime: Arc<Runtime>,
     component: Arc<DeviceComponent>,
     new_tap: bool,
+    options: DatapathOptions,
 ) -> Result<NetBackend, String> {
     let host = &offer.host;
     let mut device = SandboxedDevice::new(runtime, component, host.config.clone())
@@ -129,7 +132,8 @@ fn take_over(
             host.config.max_queue_pairs
         ));
     }
-    NetBackend::import(device, Arc::new(tap), host, fds, effects).map_err(|e| format!("{e:#}"))
+    NetBackend::import(device, Arc::new(tap), host, fds, effects, options)
+        .map_err(|e| format!("{e:#}"))
 }
 
 impl Incoming {

@@ -31,6 +31,9 @@ pub enum HandoverError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// A VM migration is under way; nothing was stopped or sent.
+    #[error("cannot hand over now: {0}")]
+    Busy(String),
     /// The device model could not save its state; the device resumed.
     #[error("saving the device state failed: {0}")]
     Save(DeviceError),
@@ -58,6 +61,9 @@ pub fn hand_over(
     destination: &Path,
     new_tap: bool,
 ) -> Result<HandoverReport, HandoverError> {
+    if let Some(why) = backend.handover_blocker() {
+        return Err(HandoverError::Busy(why));
+    }
     let sock = UnixStream::connect(destination).map_err(|error| HandoverError::Connect {
         path: destination.to_path_buf(),
         error,

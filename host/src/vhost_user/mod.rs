@@ -17,10 +17,14 @@ pub const F_LOG_ALL: u64 = 1 << 26;
 /// Protocol features sandnic implements.
 pub mod protocol {
     pub const MQ: u64 = 1 << 0;
+    /// Dirty logging into shared memory (SET_LOG_BASE carries an fd).
+    pub const LOG_SHMFD: u64 = 1 << 1;
+    /// SEND_RARP: the backend announces the guest after a migration.
+    pub const RARP: u64 = 1 << 2;
     pub const REPLY_ACK: u64 = 1 << 3;
     pub const BACKEND_REQ: u64 = 1 << 5;
     pub const CONFIG: u64 = 1 << 9;
-    pub const OFFERED: u64 = MQ | REPLY_ACK | BACKEND_REQ | CONFIG;
+    pub const OFFERED: u64 = MQ | LOG_SHMFD | RARP | REPLY_ACK | BACKEND_REQ | CONFIG;
 }
 
 /// What the frontend negotiated on this connection.
@@ -46,11 +50,5 @@ impl ProtocolState {
     /// vhost-user transport bits.
     pub fn device_features(&self) -> u64 {
         self.acked_features.unwrap_or(0) & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
-    }
-
-    /// Rings start disabled only when protocol features were negotiated.
-    pub fn rings_start_enabled(&self) -> bool {
-        self.acked_features
-            .is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
     }
 }

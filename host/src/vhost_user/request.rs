@@ -6,8 +6,8 @@ use super::wire::Message;
 use crate::datapath::guest_memory::RegionInfo;
 use std::os::fd::OwnedFd;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserVringAddr,
-    VhostUserVringState,
+    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserVringAddr, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 
@@ -33,6 +33,9 @@ pub enum Request {
         desc: u64,
         used: u64,
         avail: u64,
+        /// Guest address of the used ring for the dirty log, when the
+        /// VHOST_VRING_F_LOG flag is set.
+        log: Option<u64>,
     },
     SetVringBase {
         index: u32,
@@ -71,21 +74,40 @@ pub enum Request {
         data: Vec<u8>,
     },
     SetBackendReqFd(OwnedFd),
+    /// The dirty-page log: `size` bytes of the fd at `offset`.
+    SetLogBase {
+        size: u64,
+        offset: u64,
+        fd: OwnedFd,
+    },
+    SetLogFd(OwnedFd),
+    /// Announce this MAC from the backend (a RARP frame out of the TAP).
+    SendRarp([u8; 6]),
     /// A request sandnic does not implement (answered with a NACK).
     Unsupported(u32),
 }
 
-impl Request {
-    /// Requests whose answer is a reply body rather than an ack.
-    pub fn has_reply_body(&self) -> bool {
-        matches!(
-            self,
-            Self::GetFeatures
-                | Self::GetProtocolFeatures
-                | Self::GetVringBase { .. }
-                | Self::GetQueueNum
-                | Self::GetConfig { .. }
-        )
+/// The body sent back when request `code` fails but its answer is a body,
+/// not an ack: the frontend blocks until that body arrives whatever
+/// happened, and closing the connection would take the guest's NIC down.
+/// `ring` is the ring index the payload started with, if any.
+///
+/// GET_CONFIG answers with an empty payload, the spec's error reply; the
+/// others with a well-formed body holding zeros. `None` for requests that
+/// are answered with an ack (only when the frontend asks for one).
+pub fn failure_body(code: u32, ring: Option<u32>) -> Option<Vec<u8>> {
+    let zero = || Some(0u64.to_ne_bytes().to_vec());
+    match FrontendReq::try_from(code).ok()? {
+        FrontendReq::GET_FEATURES
+        | FrontendReq::GET_PROTOCOL_FEATURES
+        | FrontendReq::GET_QUEUE_NUM
+        | FrontendReq::GET_MAX_MEM_SLOTS => zero(),
+        FrontendReq::GET_VRING_BASE => {
+            let state = VhostUserVringState::new(ring.unwrap_or(0), 0);
+            Some(state.as_slice().to_vec())
+        }
+        FrontendReq::GET_CONFIG => Some(Vec::new()),
+        _ => None,
     }
 }
 
@@ -152,11 +174,20 @@ pub fn parse(msg: Message) -> Result<Request, RequestError> {
         }
         FrontendReq::SET_VRING_ADDR => {
             let a: VhostUserVringAddr = p.exact()?;
+            let flags = a.flags;
+            if flags & !VhostUserVringAddrFlags::all().bits() != 0 {
+                return Err(RequestError::Invalid {
+                    request: code,
+                    why: format!("unknown ring address flags {flags:#x}"),
+                });
+            }
+            let logged = flags & VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits() != 0;
             Request::SetVringAddr {
                 index: a.index,
                 desc: a.descriptor,
                 used: a.used,
                 avail: a.available,
+                log: logged.then_some(a.log),
             }
         }
         FrontendReq::SET_VRING_BASE => {
@@ -224,6 +255,23 @@ pub fn parse(msg: Message) -> Result<Request, RequestError> {
         FrontendReq::SET_BACKEND_REQ_FD => {
             expect_fds(1, &fds)?;
             Request::SetBackendReqFd(fds.into_iter().next().expect("one fd"))
+        }
+        FrontendReq::SET_LOG_BASE => {
+            let log: VhostUserLog = p.exact()?;
+            expect_fds(1, &fds)?;
+            Request::SetLogBase {
+                size: log.mmap_size,
+                offset: log.mmap_offset,
+                fd: fds.into_iter().next().expect("one fd"),
+            }
+        }
+        FrontendReq::SET_LOG_FD => {
+            expect_fds(1, &fds)?;
+            Request::SetLogFd(fds.into_iter().next().expect("one fd"))
+        }
+        FrontendReq::SEND_RARP => {
+            let bytes = p.u64()?.to_ne_bytes();
+            Request::SendRarp([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5]])
         }
         _ => Request::Unsupported(code),
     };
