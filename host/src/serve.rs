@@ -439,9 +439,8 @@ impl Server {
         let outcome = match request::parse(msg) {
             Ok(req) => self.backend.handle(session, req),
             Err(e) => {
-                self.backend.counters.bad_requests += 1;
                 warn!(session, "malformed request: {e}");
-                Outcome::Failed(e.to_string())
+                self.backend.malformed(header.request, e.to_string())
             }
         };
         if let Outcome::Disconnect(_) = outcome {

@@ -21,6 +21,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: log dirty pages (acked while a migration runs).
+pub const LOG_ALL: u64 = 1 << 26;
 
 #[derive(Debug, Clone)]
 pub struct NicConfig {
@@ -83,6 +85,13 @@ pub struct Queue {
     buf_len: u32,
 }
 
+impl Queue {
+    /// The fixed buffer of descriptor `head`.
+    pub fn buffer(&self, head: u16) -> GuestAddress {
+        self.bufs[usize::from(head)]
+    }
+}
+
 pub struct TestNic {
     pub frontend: Frontend,
     pub ram: GuestRam,
@@ -124,6 +133,7 @@ impl TestNic {
             bail!("backend does not offer protocol features");
         }
         let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::BACKEND_REQ;
@@ -550,6 +560,75 @@ impl TestNic {
     /// A guest address inside this frontend's RAM, for hand-made descriptors.
     pub fn scratch(&self, len: u64) -> GuestAddress {
         self.ram.alloc(len, 64)
+    }
+
+    /// Starts dirty-page logging into `size` bytes of `log` at `offset`, in
+    /// QEMU's order: SET_LOG_BASE, SET_FEATURES with LOG_ALL, then every
+    /// ring's address again with the log flag and its used ring's guest
+    /// address.
+    pub fn start_dirty_log(
+        &mut self,
+        log: &impl AsRawFd,
+        size: u64,
+        offset: u64,
+    ) -> anyhow::Result<()> {
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: offset,
+            mmap_handle: log.as_raw_fd(),
+        };
+        self.frontend.set_log_base(0, Some(region))?;
+        self.frontend.set_features(self.acked | LOG_ALL)?;
+        self.set_ring_log_flags(true)
+    }
+
+    /// Stops dirty-page logging: SET_FEATURES without LOG_ALL, rings without
+    /// the log flag.
+    pub fn stop_dirty_log(&mut self) -> anyhow::Result<()> {
+        self.frontend.set_features(self.acked)?;
+        self.set_ring_log_flags(false)
+    }
+
+    fn set_ring_log_flags(&mut self, log: bool) -> anyhow::Result<()> {
+        let rings: Vec<(usize, u16, [GuestAddress; 3])> = self
+            .queue_indices()
+            .into_iter()
+            .map(|(index, id)| {
+                let vq = &self.queue(id).vq;
+                (index, vq.size, [vq.desc, vq.avail, vq.used])
+            })
+            .collect();
+        for (index, size, [desc, avail, used]) in rings {
+            let data = VringConfigData {
+                queue_max_size: size,
+                queue_size: size,
+                flags: u32::from(log),
+                desc_table_addr: self.ram.va_of(desc),
+                used_ring_addr: self.ram.va_of(used),
+                avail_ring_addr: self.ram.va_of(avail),
+                log_addr: log.then_some(used.0),
+            };
+            self.frontend.set_vring_addr(index, &data)?;
+        }
+        Ok(())
+    }
+
+    /// Every queue with its virtqueue index.
+    fn queue_indices(&self) -> Vec<(usize, QueueId)> {
+        let mut ids = Vec::new();
+        for pair in 0..self.rx.len() {
+            ids.push((2 * pair, QueueId::Rx(pair)));
+            ids.push((2 * pair + 1, QueueId::Tx(pair)));
+        }
+        if self.ctrl.is_some() {
+            let index = if self.acked & f::MQ != 0 {
+                2 * self.rx.len()
+            } else {
+                2
+            };
+            ids.push((index, QueueId::Ctrl));
+        }
+        ids
     }
 
     /// The device's config space (GET_CONFIG).

@@ -4,7 +4,6 @@
 //! (SEND_RARP). Two frontend sessions during a local migration are in
 //! `session.rs`.
 
-use super::requests::u64_reply;
 use super::{NetBackend, Outcome};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::vhost_user::protocol;
@@ -12,6 +11,8 @@ use sandnic_device::format_mac;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use tracing::{info, warn};
+use vhost::vhost_user::message::{FrontendReq, VhostUserLog};
+use vm_memory::ByteValued;
 
 /// EtherType of RARP.
 const ETH_P_RARP: u16 = 0x8035;
@@ -51,10 +52,24 @@ impl NetBackend {
             self.refresh_all_rings();
         }
         if self.session.proto.has(protocol::LOG_SHMFD) {
-            u64_reply(0)
+            // QEMU reads any body and checks only the request code;
+            // rust-vmm's frontend expects the VhostUserLog echoed back.
+            Outcome::Reply(VhostUserLog::new(size, offset).as_slice().to_vec())
         } else {
             Outcome::Ok
         }
+    }
+
+    /// A request that did not parse. A malformed SET_LOG_BASE cannot be
+    /// refused any more than a valid one that cannot be honoured (see
+    /// `set_log_base`): the connection is closed.
+    pub fn malformed(&mut self, code: u32, error: String) -> Outcome {
+        self.counters.bad_requests += 1;
+        if code == FrontendReq::SET_LOG_BASE as u32 {
+            self.counters.log_failures += 1;
+            return Outcome::Disconnect(format!("malformed SET_LOG_BASE: {error}"));
+        }
+        Outcome::Failed(error)
     }
 
     /// SEND_RARP: announce `mac` from the TAP, so bridges and switches

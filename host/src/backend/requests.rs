@@ -30,7 +30,7 @@ pub enum Outcome {
     Disconnect(String),
 }
 
-pub(super) fn u64_reply(value: u64) -> Outcome {
+fn u64_reply(value: u64) -> Outcome {
     Outcome::Reply(value.to_ne_bytes().to_vec())
 }
 
