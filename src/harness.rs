@@ -158,6 +158,38 @@ impl NetNs {
         Ok(())
     }
 
+    /// A bridge with address `cidr` (the host's side of several TAPs).
+    pub fn add_bridge(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        self.ip(&["link", "add", name, "type", "bridge"])?;
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
+        self.ip(&["addr", "add", cidr, "dev", name])?;
+        self.ip(&["link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// A multiqueue TAP with no address, a port of `bridge`.
+    pub fn add_bridged_tap(&self, name: &str, bridge: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            name,
+            "mode",
+            "tap",
+            "vnet_hdr",
+            "multi_queue",
+        ])?;
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;
+        self.ip(&["link", "set", name, "txqueuelen", "10000"])?;
+        self.ip(&["link", "set", name, "master", bridge])?;
+        self.ip(&["link", "set", name, "up"])?;
+        Ok(())
+    }
+
     /// A permanent neighbour entry on `dev`: frames to `ip` go out without
     /// ARP, so no ARP traffic blurs what a test counts.
     pub fn add_static_neighbour(&self, ip: &str, mac: &str, dev: &str) -> anyhow::Result<()> {

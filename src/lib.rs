@@ -7,6 +7,7 @@ pub mod frames;
 pub mod frontend;
 pub mod guest;
 pub mod harness;
+pub mod migration;
 pub mod ping;
 pub mod qmp;
 pub mod traffic;
