@@ -176,6 +176,109 @@ fn qemu_local_migration_with_two_queue_pairs() {
     }
 }
 
+/// A migration cancelled after the source stopped its rings (paused
+/// before switchover): the source restarts them and keeps the device, the
+/// destination QEMU gives up and leaves, and the guest keeps answering.
+#[test]
+fn qemu_migrate_cancel_returns_the_device_to_the_source() {
+    let test = "qemu_migrate_cancel_returns_the_device_to_the_source";
+    require_network!(test);
+    if !qemu_available(test) {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
+    let dir = ScratchDir::new().unwrap();
+    let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
+    let ram = RemoveOnDrop(shared_ram_file(test));
+    let qemu = QemuOptions {
+        ram_file: Some(ram.0.clone()),
+        mac: Some(GUEST_MAC.into()),
+        ..QemuOptions::default()
+    };
+    let script = script(1, "");
+    let mut source = Vm::start("source", &dir.0, &sandnic.socket, &script, qemu.clone()).unwrap();
+    source
+        .wait_console("GUEST-READY", Duration::from_secs(90))
+        .unwrap();
+    let uri = format!("unix:{}", dir.path("migration.sock").display());
+    let incoming = QemuOptions {
+        incoming: Some(uri.clone()),
+        ..qemu
+    };
+    let mut destination =
+        Vm::start("destination", &dir.0, &sandnic.socket, &script, incoming).unwrap();
+    let before = wait_sessions(&sandnic, 2);
+    let source_session = before["sessions"][0]["id"].clone();
+    source
+        .set_capabilities(&["x-ignore-shared", "pause-before-switchover"])
+        .unwrap();
+    destination.set_capabilities(&["x-ignore-shared"]).unwrap();
+    let ping = FloodPing::every(&ns, GUEST_IP, "0.002", &dir.path("ping.log")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = sandnic::migration::wall_clock();
+    source
+        .qmp
+        .execute("migrate", serde_json::json!({ "uri": uri }))
+        .unwrap();
+    wait_migration_status(&mut source, "pre-switchover");
+    let paused = sandnic.api(serde_json::json!({"cmd": "status"})).unwrap();
+    assert!(
+        paused["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["drives"] == false),
+        "the source stopped its rings: nobody drives: {paused}"
+    );
+    source
+        .qmp
+        .execute("migrate_cancel", serde_json::json!({}))
+        .unwrap();
+    let resumed = source
+        .qmp
+        .wait_event("RESUME", Duration::from_secs(30))
+        .unwrap();
+    let resumed = sandnic::qmp::event_time(&resumed).unwrap();
+    wait_migration_status(&mut source, "cancelled");
+    std::thread::sleep(Duration::from_millis(500));
+    let ping = ping.stop().unwrap();
+    let report = MigrationReport {
+        started,
+        resumed,
+        total_ms: 0,
+        downtime_ms: 0,
+        transferred: 0,
+    };
+    judge(test, &ping, &report);
+    assert!(guest_answers(&ns), "guest does not answer after the cancel");
+    // QEMU's destination exits when its incoming stream is cut.
+    drop(destination);
+    let after = wait_sessions(&sandnic, 1);
+    assert_eq!(after["sessions"][0]["id"], source_session, "{after}");
+    assert_eq!(after["sessions"][0]["drives"], true, "{after}");
+    let stats = sandnic.stats().unwrap();
+    assert_eq!(stats["control"]["standby_refusals"], 0, "{stats}");
+}
+
+fn wait_migration_status(vm: &mut Vm, status: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = vm
+            .qmp
+            .execute("query-migrate", serde_json::json!({}))
+            .unwrap();
+        if info["status"] == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration never reached {status}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Deterministic bytes (xorshift) the host streams into the guest.
 fn stream_bytes(len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

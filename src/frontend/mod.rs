@@ -5,5 +5,5 @@ pub mod guest_ram;
 pub mod nic;
 pub mod virtq;
 
-pub use nic::{NicConfig, QueueId, TestNic};
+pub use nic::{NicConfig, QueueId, Standby, TestNic};
 pub use virtq::RawDesc;

@@ -85,49 +85,16 @@ pub struct Queue {
     buf_len: u32,
 }
 
-impl Queue {
-    /// The fixed buffer of descriptor `head`.
-    pub fn buffer(&self, head: u16) -> GuestAddress {
-        self.bufs[usize::from(head)]
-    }
+/// A frontend that has negotiated but set up no memory or queues yet.
+pub struct Standby {
+    fe: Frontend,
+    config: NicConfig,
+    offered: u64,
+    proto: VhostUserProtocolFeatures,
 }
 
-pub struct TestNic {
-    pub frontend: Frontend,
-    pub ram: GuestRam,
-    pub offered: u64,
-    pub acked: u64,
-    pub hdr_len: usize,
-    pub rx: Vec<Queue>,
-    pub tx: Vec<Queue>,
-    pub ctrl: Option<Queue>,
-    backend_channel: Option<UnixStream>,
-    rx_posted: Option<usize>,
-}
-
-impl TestNic {
-    /// Connects (retrying while the backend starts) and sets up every queue.
-    pub fn connect(socket: &Path, config: &NicConfig) -> anyhow::Result<Self> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("connecting to {}", socket.display()))
-                }
-            }
-        };
-        Self::setup(
-            Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1),
-            config,
-        )
-    }
-
-    fn setup(mut fe: Frontend, config: &NicConfig) -> anyhow::Result<Self> {
+impl Standby {
+    fn negotiate(mut fe: Frontend, config: &NicConfig) -> anyhow::Result<Self> {
         let offered = fe.get_features()?;
         if offered & PROTOCOL_FEATURES == 0 {
             bail!("backend does not offer protocol features");
@@ -140,6 +107,23 @@ impl TestNic {
         let proto = fe.get_protocol_features()? & wanted;
         fe.set_protocol_features(proto)?;
         fe.set_owner()?;
+        Ok(Self {
+            fe,
+            config: config.clone(),
+            offered,
+            proto,
+        })
+    }
+
+    /// Memory table, backend channel, every queue started and RX filled.
+    pub fn start(self) -> anyhow::Result<TestNic> {
+        let Self {
+            mut fe,
+            config,
+            offered,
+            proto,
+        } = self;
+        let config = &config;
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let acked = offered & (config.features | PROTOCOL_FEATURES);
         fe.set_features(acked)?;
@@ -171,7 +155,7 @@ impl TestNic {
             };
 
         let event_idx = acked & f::EVENT_IDX != 0;
-        let mut nic = Self {
+        let mut nic = TestNic {
             frontend: fe,
             ram,
             offered,
@@ -224,6 +208,55 @@ impl TestNic {
             }
         }
         Ok(nic)
+    }
+}
+
+impl Queue {
+    /// The fixed buffer of descriptor `head`.
+    pub fn buffer(&self, head: u16) -> GuestAddress {
+        self.bufs[usize::from(head)]
+    }
+}
+
+pub struct TestNic {
+    pub frontend: Frontend,
+    pub ram: GuestRam,
+    pub offered: u64,
+    pub acked: u64,
+    pub hdr_len: usize,
+    pub rx: Vec<Queue>,
+    pub tx: Vec<Queue>,
+    pub ctrl: Option<Queue>,
+    backend_channel: Option<UnixStream>,
+    rx_posted: Option<usize>,
+}
+
+impl TestNic {
+    /// Connects (retrying while the backend starts) and sets up every queue.
+    pub fn connect(socket: &Path, config: &NicConfig) -> anyhow::Result<Self> {
+        Self::connect_standby(socket, config)?.start()
+    }
+
+    /// Connects and negotiates only, as a migration's destination VMM does
+    /// at its start; `Standby::start` sets up memory and queues later.
+    pub fn connect_standby(socket: &Path, config: &NicConfig) -> anyhow::Result<Standby> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to {}", socket.display()))
+                }
+            }
+        };
+        Standby::negotiate(
+            Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1),
+            config,
+        )
     }
 
     fn make_queue(
@@ -611,6 +644,15 @@ impl TestNic {
             self.frontend.set_vring_addr(index, &data)?;
         }
         Ok(())
+    }
+
+    /// Stops every ring as a VMM does when the VM stops (GET_VRING_BASE);
+    /// returns where each would continue.
+    pub fn stop_rings(&mut self) -> anyhow::Result<Vec<u32>> {
+        self.queue_indices()
+            .into_iter()
+            .map(|(index, _)| Ok(self.frontend.get_vring_base(index)?))
+            .collect()
     }
 
     /// Every queue with its virtqueue index.
