@@ -12,13 +12,13 @@
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use sandnic::dpdk::Testpmd;
 use sandnic::frames;
 use sandnic::frontend::{NicConfig, TestNic};
 use sandnic::harness::{NetNs, Sandnic, ScratchDir};
 use sandnic_device::features as f;
 use sandnic_host::tap::Tap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -390,73 +390,6 @@ fn raw_tap(ns: &NetNs, name: &str, case: Case) -> OwnedFd {
     tap.queue_fds()[0].try_clone().unwrap()
 }
 
-struct Testpmd {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Testpmd {
-    /// `dpdk-testpmd` as a vhost-user server forwarding (io mode) between
-    /// the socket and a TAP it creates (`dtap0` in `ns`). Its stdin stays
-    /// open: testpmd exits when it closes.
-    fn start(ns: &NetNs, dir: &ScratchDir) -> Option<Self> {
-        if Command::new("dpdk-testpmd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!("\n*** dpdk-testpmd missing (apt-get install dpdk-dev): skipping the DPDK comparison ***\n");
-            return None;
-        }
-        let socket = dir.path("testpmd.sock");
-        let mut cmd = ns.command("dpdk-testpmd");
-        cmd.args([
-            "-l",
-            "0,1",
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            "sandnic-bench",
-        ])
-        .arg("--vdev")
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
-        .args(["--vdev", "net_tap0,iface=dtap0"])
-        .args([
-            "--",
-            "--forward-mode=io",
-            "--total-num-mbufs=16384",
-            "--nb-cores=1",
-            "-a",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let child = sandnic::harness::spawn(cmd).ok()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() || ns.ip(&["link", "show", "dtap0"]).is_err() {
-            if Instant::now() > deadline {
-                eprintln!("\n*** dpdk-testpmd did not come up: skipping the DPDK comparison ***\n");
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = ns.ip(&["link", "set", "dtap0", "up"]);
-        Some(Self { child, socket })
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---- paired rounds -----------------------------------------------------------
 
 /// Rounds of the paired comparison per case and direction.
@@ -505,6 +438,64 @@ fn paired(
     {
         eprintln!("cannot record the paired rounds of {name}: {e}");
     }
+}
+
+/// Sandnic with dirty logging on (a VM migration copying RAM: every page
+/// the backend writes is marked) against logging off, in paired rounds
+/// like the raw comparison: `tx-logging-*` and `rx-logging-*` record
+/// on / off throughput per round.
+fn logging_rounds(
+    case: Case,
+    nic: &mut TestNic,
+    inject: &Injector,
+    tx: (&[u8], &[u8; 12]),
+    rx: (&[u8], &[u8; 12]),
+) {
+    let ram_end = sandnic::frontend::guest_ram::RAM_BASE + nic_config(case, true).ram_size;
+    let size = ram_end / 4096 / 8;
+    let log = std::fs::File::from(
+        nix::sys::memfd::memfd_create(c"dirty-log", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .expect("memfd"),
+    );
+    log.set_len(size).expect("log size");
+    let nic = std::cell::RefCell::new(nic);
+    let logging = std::cell::Cell::new(false);
+    let set = |on: bool| {
+        if logging.replace(on) != on {
+            let mut nic = nic.borrow_mut();
+            if on {
+                nic.start_dirty_log(&log, size, 0)
+            } else {
+                nic.stop_dirty_log()
+            }
+            .expect("toggling the dirty log");
+        }
+    };
+    paired(
+        "tx-logging",
+        case,
+        |n| {
+            set(false);
+            tx_through(&mut nic.borrow_mut(), n, tx.0, tx.1)
+        },
+        |n| {
+            set(true);
+            tx_through(&mut nic.borrow_mut(), n, tx.0, tx.1)
+        },
+    );
+    paired(
+        "rx-logging",
+        case,
+        |n| {
+            set(false);
+            rx_through(&mut nic.borrow_mut(), inject, n, rx.0, rx.1)
+        },
+        |n| {
+            set(true);
+            rx_through(&mut nic.borrow_mut(), inject, n, rx.0, rx.1)
+        },
+    );
+    set(false);
 }
 
 fn group<'a>(
@@ -577,11 +568,18 @@ fn bench(c: &mut Criterion) {
                 |n| rx_through(&mut nic, &inject, n, &rx_frame, &rx_hdr),
             );
         }
+        logging_rounds(
+            case,
+            &mut nic,
+            &inject,
+            (&tx_frame, &tx_hdr),
+            (&rx_frame, &rx_hdr),
+        );
         drop(nic);
         drop(sandnic);
 
         // testpmd busy-polls a core: it runs only for its own measurements.
-        if let Some(testpmd) = Testpmd::start(&ns, &dir) {
+        if let Some(testpmd) = Testpmd::start(&ns, &dir, "testpmd", "dtap0", DATAPATH_CPU) {
             let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false))
                 .expect("testpmd frontend");
             let mut g = group(c, "tx", case, tx_frame.len());

@@ -114,8 +114,10 @@ pub struct QemuOptions {
     /// Extra `virtio-net-device` properties, like `guest_announce=off`.
     pub device_props: Vec<String>,
     /// A TAP netdev on this interface instead of vhost-user (to compare
-    /// with QEMU's own datapath).
+    /// with QEMU's own datapath); QEMU then runs in network namespace
+    /// `netns`, where the TAP is.
     pub tap: Option<String>,
+    pub netns: Option<String>,
 }
 
 pub struct GuestOptions<'a> {
@@ -151,7 +153,14 @@ impl Guest {
             }
             Kind::Qemu => {
                 let q = &opts.qemu;
-                let mut c = Command::new("qemu-system-x86_64");
+                let mut c = match &q.netns {
+                    Some(ns) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                        c
+                    }
+                    None => Command::new("qemu-system-x86_64"),
+                };
                 c.args([
                     "-M",
                     "microvm,acpi=on",

@@ -169,18 +169,19 @@ impl NetNs {
         Ok(())
     }
 
-    /// A multiqueue TAP with no address, a port of `bridge`.
-    pub fn add_bridged_tap(&self, name: &str, bridge: &str) -> anyhow::Result<()> {
-        self.ip(&[
-            "tuntap",
-            "add",
-            "dev",
-            name,
-            "mode",
-            "tap",
-            "vnet_hdr",
-            "multi_queue",
-        ])?;
+    /// A TAP with no address, a port of `bridge`: multiqueue for sandnic,
+    /// single-queue for QEMU's own `-netdev tap`.
+    pub fn add_bridged_tap(
+        &self,
+        name: &str,
+        bridge: &str,
+        multi_queue: bool,
+    ) -> anyhow::Result<()> {
+        let mut args = vec!["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"];
+        if multi_queue {
+            args.push("multi_queue");
+        }
+        self.ip(&args)?;
         run(self
             .command("sysctl")
             .args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")]))?;

@@ -3,6 +3,7 @@
 //! TAP devices in private network namespaces (`harness/`). The tests live in
 //! `tests/`, the benches in `benches/`.
 
+pub mod dpdk;
 pub mod frames;
 pub mod frontend;
 pub mod guest;

@@ -123,8 +123,51 @@ pub fn migrate(
     })
 }
 
-/// Where the shared RAM file of a local migration goes: tmpfs, so QEMU's
-/// RAM is not written to disk.
-pub fn shared_ram_file(tag: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/sandnic-{tag}-{}.ram", std::process::id()))
+/// The guest's address on the test network (the host side is 10.88.0.1).
+pub const GUEST_IP: &str = "10.88.0.2";
+/// The guest's MAC, the same on both sides of a migration.
+pub const GUEST_MAC: &str = "52:54:00:5a:4e:01";
+
+/// The guest's script: eth0 up (with `pairs` queue pairs) at GUEST_IP,
+/// `extra` commands, "GUEST-READY" on the console, then idle for 5 min.
+pub fn guest_script(pairs: u16, extra: &str) -> String {
+    let mq = if pairs > 1 {
+        format!("ethtool -L eth0 combined {pairs}\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "ip link set eth0 up\n{mq}ip addr add {GUEST_IP}/24 dev eth0\n{extra}echo GUEST-READY\n\
+         i=0; while [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done\n"
+    )
+}
+
+/// The RAM file two QEMUs of a local migration share: on tmpfs, so it is
+/// not written to disk, and removed when dropped.
+pub struct SharedRam(pub PathBuf);
+
+impl SharedRam {
+    pub fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!(
+            "/dev/shm/sandnic-{tag}-{}.ram",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for SharedRam {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The largest gap between consecutive replies that overlaps the switch
+/// (`[started, resumed]`): what the migration cost the flood ping, apart
+/// from the guest's own jitter elsewhere in the run.
+pub fn switch_gap(times: &[f64], m: &MigrationReport) -> f64 {
+    times
+        .windows(2)
+        .filter(|w| w[1] >= m.started && w[0] <= m.resumed)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max)
 }

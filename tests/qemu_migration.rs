@@ -14,28 +14,16 @@
 
 use sandnic::guest::{self, Kind, QemuOptions};
 use sandnic::harness::{skip, NetNs, Sandnic, ScratchDir};
-use sandnic::migration::{migrate, shared_ram_file, MigrationReport, Vm};
+use sandnic::migration::{
+    guest_script, migrate, switch_gap, MigrationReport, SharedRam, Vm, GUEST_IP, GUEST_MAC,
+};
 use sandnic::ping::{FloodPing, PingReport};
 use sandnic::require_network;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-const GUEST_IP: &str = "10.88.0.2";
-const GUEST_MAC: &str = "52:54:00:5a:4e:01";
 /// QEMU's test window around the switch, in seconds.
 const SLACK: f64 = 0.05;
-
-fn script(pairs: u16, extra: &str) -> String {
-    let mq = if pairs > 1 {
-        format!("ethtool -L eth0 combined {pairs}\n")
-    } else {
-        String::new()
-    };
-    format!(
-        "ip link set eth0 up\n{mq}ip addr add {GUEST_IP}/24 dev eth0\n{extra}echo GUEST-READY\n\
-         i=0; while [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done\n"
-    )
-}
 
 fn qemu_available(test: &str) -> bool {
     match guest::unavailable(Kind::Qemu) {
@@ -44,15 +32,6 @@ fn qemu_available(test: &str) -> bool {
             false
         }
         None => true,
-    }
-}
-
-/// Removes a file when dropped (the shared RAM file of a local migration).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -71,6 +50,10 @@ fn print_ping(name: &str, ping: &PingReport, m: &MigrationReport) -> Vec<(u64, f
         ping.received,
         ping.lost().len(),
         ping.largest_gap() * 1e3
+    );
+    eprintln!(
+        "{name}: largest gap across the switch {:.1} ms",
+        switch_gap(&ping.times, m) * 1e3
     );
     outside
 }
@@ -118,14 +101,14 @@ fn local_migration(test: &str, pairs: u16) {
     let dir = ScratchDir::new().unwrap();
     let queues = pairs.to_string();
     let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0", "--queues", &queues]).unwrap();
-    let ram = RemoveOnDrop(shared_ram_file(test));
+    let ram = SharedRam::new(test);
     let qemu = QemuOptions {
         ram_file: Some(ram.0.clone()),
         queues: pairs,
         mac: Some(GUEST_MAC.into()),
         ..QemuOptions::default()
     };
-    let script = script(pairs, "");
+    let script = guest_script(pairs, "");
     let mut source = Vm::start("source", &dir.0, &sandnic.socket, &script, qemu.clone()).unwrap();
     source
         .wait_console("GUEST-READY", Duration::from_secs(90))
@@ -197,13 +180,13 @@ fn qemu_migrate_cancel_returns_the_device_to_the_source() {
     ns.add_tap("tap0", "10.88.0.1/24").unwrap();
     let dir = ScratchDir::new().unwrap();
     let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
-    let ram = RemoveOnDrop(shared_ram_file(test));
+    let ram = SharedRam::new(test);
     let qemu = QemuOptions {
         ram_file: Some(ram.0.clone()),
         mac: Some(GUEST_MAC.into()),
         ..QemuOptions::default()
     };
-    let script = script(1, "");
+    let script = guest_script(1, "");
     let mut source = Vm::start("source", &dir.0, &sandnic.socket, &script, qemu.clone()).unwrap();
     source
         .wait_console("GUEST-READY", Duration::from_secs(90))
@@ -320,8 +303,8 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     }
     let ns = NetNs::new().unwrap();
     ns.add_bridge("br0", "10.88.0.1/24").unwrap();
-    ns.add_bridged_tap("tap0", "br0").unwrap();
-    ns.add_bridged_tap("tap1", "br0").unwrap();
+    ns.add_bridged_tap("tap0", "br0", true).unwrap();
+    ns.add_bridged_tap("tap1", "br0", true).unwrap();
     let (dir_a, dir_b) = (ScratchDir::new().unwrap(), ScratchDir::new().unwrap());
     let sandnic_a = Sandnic::serve(&ns, &dir_a, &["--tap", "tap0"]).unwrap();
     let sandnic_b = Sandnic::serve(&ns, &dir_b, &["--tap", "tap1"]).unwrap();
@@ -331,7 +314,7 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
         ..QemuOptions::default()
     };
     let receive = "(nc -l -p 5000 | sha256sum | sed 's/^/GUEST-SUM /') &\niperf3 -s -D\n";
-    let script = script(1, receive);
+    let script = guest_script(1, receive);
     let mut source =
         Vm::start("source", &dir_a.0, &sandnic_a.socket, &script, qemu.clone()).unwrap();
     source
