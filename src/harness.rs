@@ -81,8 +81,14 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     reply_rx.recv().map_err(std::io::Error::other)?
 }
 
-/// Prints a loud skip notice; tests return right after.
+/// Prints a loud skip notice; tests return right after. In CI (`CI` set,
+/// as `.ci/run` runs) a missing prerequisite is a failure instead: CI
+/// installs everything the tests need, so a skip there would hide a test
+/// that never ran.
 pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+        panic!("{test}: a prerequisite is missing in CI: {why}");
+    }
     eprintln!("\n*** SKIPPED {test}: {why} ***\n");
 }
 

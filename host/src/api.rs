@@ -201,6 +201,14 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
     UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
 }
 
+/// Binds a socket only sandnic's own user may connect to (the API, a
+/// handover's incoming socket).
+pub fn bind_private(path: &Path) -> Result<UnixListener, String> {
+    let listener = bind_unix(path)?;
+    crate::hardening::peer::owner_only(path)?;
+    Ok(listener)
+}
+
 /// `sandnic ctl`: sends one request, prints the reply, and says whether it
 /// was ok.
 pub fn client(api: &PathBuf, request: Value) -> Result<(Value, bool), String> {

@@ -1,6 +1,8 @@
 //! The `sandnic` command line.
 
 use crate::datapath::DatapathOptions;
+use crate::hardening::privileges::Target;
+use crate::hardening::seccomp::Mode;
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::serve::{serve, ServeError, ServeOptions, TapSource};
 use clap::{Parser, Subcommand};
@@ -64,6 +66,13 @@ pub enum Command {
         /// before it sleeps (0: sleep at once, least CPU).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
         busy_poll_us: u64,
+        /// Run as USER[:GROUP] once the TAP and the sockets are open.
+        #[arg(long)]
+        user: Option<Target>,
+        /// Seccomp filters: trap (a forbidden syscall ends the process with
+        /// a report), log (the kernel logs it), off.
+        #[arg(long, default_value = "trap")]
+        seccomp: Mode,
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
@@ -148,6 +157,8 @@ pub fn main() -> ExitCode {
             incoming,
             new_tap,
             busy_poll_us,
+            user,
+            seccomp,
         } => {
             let tap = match (tap, tap_fd.is_empty()) {
                 (Some(name), _) => Some(TapSource::Name(name)),
@@ -167,6 +178,8 @@ pub fn main() -> ExitCode {
                 datapath: DatapathOptions {
                     busy_poll: std::time::Duration::from_micros(busy_poll_us),
                 },
+                user,
+                seccomp,
             };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,

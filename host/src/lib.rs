@@ -17,6 +17,7 @@ pub mod backend;
 pub mod cli;
 pub mod datapath;
 pub mod handover;
+pub mod hardening;
 pub mod sandbox;
 pub mod serve;
 pub mod tap;

@@ -6,6 +6,9 @@ use crate::api::{self, ApiClient, ApiContext};
 use crate::backend::{NetBackend, Outcome, SessionId};
 use crate::datapath::DatapathOptions;
 use crate::handover::{destination, source};
+use crate::hardening::allowlists::Role;
+use crate::hardening::privileges::{self, Target};
+use crate::hardening::seccomp::{self, Mode};
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::tap::Tap;
 use crate::vhost_user::{request, wire};
@@ -41,6 +44,9 @@ pub struct ServeOptions {
     /// Incoming: open the TAP by name instead of taking the source's fds.
     pub new_tap: bool,
     pub datapath: DatapathOptions,
+    /// Become this user once everything that needs root is open.
+    pub user: Option<Target>,
+    pub seccomp: Mode,
 }
 
 /// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.
@@ -83,6 +89,7 @@ impl Drop for SocketFiles {
 
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
+    seccomp::install_violation_reporter();
     let signals = block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
     let source = opts
@@ -92,7 +99,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
     let mut server = match &opts.incoming {
         Some(path) => {
+            let listener = destination::listen(path).map_err(|e| ServeError::Runtime(e.into()))?;
+            // The source's fds arrive after the drop: nothing here needs
+            // root, and the source checks that we run as its user.
+            drop_privileges(&opts)?;
             let mut incoming = destination::receive(
+                listener,
                 path,
                 runtime.clone(),
                 component,
@@ -103,7 +115,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             incoming.resume();
             let api_listener = match (incoming.api_listener.take(), &opts.api) {
                 (Some(l), _) => Some(l),
-                (None, Some(path)) => Some(api::bind_unix(path).map_err(usage)?),
+                (None, Some(path)) => Some(api::bind_private(path).map_err(usage)?),
                 (None, None) => None,
             };
             if let Some(conn) = &incoming.connection {
@@ -120,8 +132,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 SocketFiles(incoming.socket_paths),
             )
         }
-        None => fresh(&opts, runtime, component, signals)?,
+        None => {
+            let server = fresh(&opts, runtime, component, signals)?;
+            drop_privileges(&opts)?;
+            server
+        }
     };
+    confine(&opts, &server.backend).map_err(ServeError::Runtime)?;
     match server.run().map_err(ServeError::Runtime)? {
         Exit::Signal => Ok(()),
         Exit::HandedOver => {
@@ -130,6 +147,38 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             Ok(())
         }
     }
+}
+
+/// Gives up root if `--user` asks for it (before any filter goes on), and
+/// forbids new privileges either way.
+fn drop_privileges(opts: &ServeOptions) -> Result<(), ServeError> {
+    let result = match opts.user {
+        Some(target) => privileges::drop_to(target).map(|()| {
+            info!(
+                uid = target.uid.as_raw(),
+                gid = target.gid.as_raw(),
+                "dropped privileges"
+            );
+        }),
+        None => privileges::forbid_new_privileges(),
+    };
+    result.map_err(|e| ServeError::Runtime(anyhow::anyhow!(e)))
+}
+
+/// Puts each thread's seccomp filter on: the datapath threads', then this
+/// (the control) thread's.
+fn confine(opts: &ServeOptions, backend: &NetBackend) -> anyhow::Result<()> {
+    let datapath = seccomp::filter(Role::Datapath, opts.seccomp)?;
+    let control = seccomp::filter(Role::Control, opts.seccomp)?;
+    if let (Some(datapath), Some(control)) = (datapath, control) {
+        backend
+            .datapath()
+            .confine(Arc::new(datapath))
+            .map_err(anyhow::Error::msg)?;
+        seccomp::apply(Role::Control, &control)?;
+        info!(mode = ?opts.seccomp, "seccomp filters on every thread");
+    }
+    Ok(())
 }
 
 /// A new device on a TAP, listening on the vhost-user socket.
@@ -160,7 +209,7 @@ fn fresh(
     files.0.push(socket.clone());
     let api_listener = match &opts.api {
         Some(path) => {
-            let l = api::bind_unix(path).map_err(usage)?;
+            let l = api::bind_private(path).map_err(usage)?;
             files.0.push(path.clone());
             Some(l)
         }
@@ -494,6 +543,10 @@ impl Server {
         let Ok((stream, _)) = listener.accept() else {
             return;
         };
+        if let Err(why) = crate::hardening::peer::same_user(&stream) {
+            warn!("API client refused: {why}");
+            return;
+        }
         let Ok(client) = ApiClient::new(stream) else {
             return;
         };

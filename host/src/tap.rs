@@ -55,6 +55,15 @@ nix::ioctl_read_bad!(
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
 nix::ioctl_write_ptr!(tun_set_vnet_hdr_sz, b'T', 216, libc::c_int);
 
+/// The TUN ioctls sandnic makes after start-up (the seccomp allowlist
+/// names them by request number).
+pub const TUNSETOFFLOAD: u64 =
+    nix::request_code_write!(b'T', 208, std::mem::size_of::<libc::c_int>()) as u64;
+pub const TUNSETVNETHDRSZ: u64 =
+    nix::request_code_write!(b'T', 216, std::mem::size_of::<libc::c_int>()) as u64;
+pub const TUNSETQUEUE: u64 =
+    nix::request_code_write!(b'T', 217, std::mem::size_of::<libc::c_int>()) as u64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     /// The TUN/TAP driver is not available.

@@ -103,6 +103,10 @@ pub struct PairShared {
     busy_poll: std::time::Duration,
     wake: EventFd,
     stop: AtomicBool,
+    /// A seccomp filter for the thread to put on itself (see `confine`).
+    confinement: Mutex<Option<Arc<seccompiler::BpfProgram>>>,
+    /// The thread has put its filter on.
+    confined: AtomicBool,
 }
 
 impl PairShared {
@@ -163,6 +167,8 @@ impl Datapath {
                 }),
                 stats: QueueStats::default(),
                 busy_poll: options.busy_poll,
+                confinement: Mutex::new(None),
+                confined: AtomicBool::new(false),
                 wake: EventFd::from_value_and_flags(
                     0,
                     EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -263,6 +269,28 @@ impl Datapath {
             let _ = self.tap.set_queue_attached(pair, active);
             self.with_pair(pair, |st| st.active = active);
         }
+    }
+
+    /// Has every datapath thread put `program` on itself (a thread can
+    /// only filter itself) and waits until they have. Call once, after
+    /// privileges were dropped.
+    pub fn confine(&self, program: Arc<seccompiler::BpfProgram>) -> Result<(), String> {
+        for p in &self.pairs {
+            *p.confinement.lock().unwrap_or_else(|e| e.into_inner()) = Some(program.clone());
+            p.wake();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !self
+            .pairs
+            .iter()
+            .all(|p| p.confined.load(Ordering::Acquire))
+        {
+            if std::time::Instant::now() > deadline {
+                return Err("a datapath thread did not put its seccomp filter on".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// What each pair is doing, for `status` (takes each pair's lock briefly).

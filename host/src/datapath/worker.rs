@@ -11,6 +11,7 @@ use super::rx::{process_rx, RxContext, RxOutcome};
 use super::stats::Batch;
 use super::tx::{process_tx, TxContext};
 use super::{PairShared, PairState};
+use crate::hardening::allowlists::Role;
 use crate::tap::Tap;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -68,6 +69,7 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
     let mut last = Pass::default();
     let mut last_work = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
+        confine_if_asked(&shared);
         let generation = shared
             .state
             .lock()
@@ -109,6 +111,25 @@ pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
         drop(st);
         if last.worked {
             last_work = std::time::Instant::now();
+        }
+    }
+}
+
+/// Puts the seccomp filter the control thread handed over on this thread
+/// (once; checked once per pass, under an uncontended lock).
+fn confine_if_asked(shared: &PairShared) {
+    if shared.confined.load(Ordering::Relaxed) {
+        return;
+    }
+    let program = shared
+        .confinement
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(program) = program {
+        match crate::hardening::seccomp::apply(Role::Datapath, &program) {
+            Ok(()) => shared.confined.store(true, Ordering::Release),
+            Err(e) => error!(pair = shared.index, "{e}"),
         }
     }
 }

@@ -48,17 +48,22 @@ pub enum IncomingError {
 }
 
 /// Waits for one source on `path` and takes over its device.
+/// Binds the socket a source will hand its device to (owner only).
+pub fn listen(path: &Path) -> Result<UnixListener, IncomingError> {
+    crate::api::bind_private(path).map_err(|error| IncomingError::Listen {
+        path: path.into(),
+        error,
+    })
+}
+
 pub fn receive(
+    listener: UnixListener,
     path: &Path,
     runtime: Arc<Runtime>,
     component: Arc<DeviceComponent>,
     new_tap: bool,
     options: DatapathOptions,
 ) -> Result<Incoming, IncomingError> {
-    let listener = crate::api::bind_unix(path).map_err(|error| IncomingError::Listen {
-        path: path.into(),
-        error,
-    })?;
     info!(path = %path.display(), "waiting for a handover");
     let (sock, _) = listener.accept().map_err(|e| IncomingError::Listen {
         path: path.into(),
@@ -66,6 +71,9 @@ pub fn receive(
     })?;
     drop(listener);
     let _ = std::fs::remove_file(path);
+    if let Err(reason) = crate::hardening::peer::same_user(&sock) {
+        return Err(IncomingError::Refused(format!("the source: {reason}")));
+    }
     let offer: Offer = stream::recv(&sock, FRAME_TIMEOUT)?;
     let refuse = |sock: &UnixStream, reason: String| {
         let _ = stream::send(

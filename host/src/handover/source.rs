@@ -68,6 +68,8 @@ pub fn hand_over(
         path: destination.to_path_buf(),
         error,
     })?;
+    // The device's memory and TAP go only to a process of our own user.
+    crate::hardening::peer::same_user(&sock).map_err(HandoverError::Busy)?;
     let stopped_at_ns = monotonic_ns();
     backend.stop_datapath();
     match send_and_wait_ready(backend, &sock, sockets, stopped_at_ns, new_tap) {

@@ -156,13 +156,16 @@ impl Runtime {
 /// Engine settings. Fuel gives every call a deterministic CPU budget; the
 /// async/concurrency machinery is off because calls are synchronous and it
 /// costs about 3x per call; memory may not be reserved beyond the cap.
+/// Compilation runs on the calling thread (the crate's
+/// `parallel-compilation` feature is off): a compiler thread pool would be
+/// spawned lazily by whichever thread compiles first and inherit its
+/// seccomp filter, so every thread's role would no longer be fixed.
 fn engine_config(limits: &SandboxLimits) -> Config {
     let mut config = Config::new();
     config
         .consume_fuel(true)
         .max_wasm_stack(limits.wasm_stack_bytes)
-        .concurrency_support(false)
-        .parallel_compilation(true);
+        .concurrency_support(false);
     config
 }
 
