@@ -20,21 +20,23 @@ impl NetBackend {
                     settings_changed = true;
                 }
                 Effect::SetTapOffloads(offloads) => {
-                    if let Err(e) = self.datapath.tap().set_offloads(offloads) {
-                        warn!("{e}");
+                    match self.datapath.tap().set_offloads(offloads) {
+                        Ok(()) => {
+                            let segmentation = Offloads::TSO4 | Offloads::TSO6 | Offloads::UFO;
+                            let gso = !(offloads & segmentation).is_empty();
+                            self.settings.frame_room = if gso { MAX_GSO_FRAME } else { MAX_FRAME };
+                            settings_changed = true;
+                        }
+                        Err(e) => notify |= self.tap_refused(&e),
                     }
-                    let segmentation = Offloads::TSO4 | Offloads::TSO6 | Offloads::UFO;
-                    let gso = !(offloads & segmentation).is_empty();
-                    self.settings.frame_room = if gso { MAX_GSO_FRAME } else { MAX_FRAME };
-                    settings_changed = true;
                 }
-                Effect::SetVnetHdrLen(len) => {
-                    if let Err(e) = self.datapath.tap().set_vnet_hdr_len(len) {
-                        warn!("{e}");
+                Effect::SetVnetHdrLen(len) => match self.datapath.tap().set_vnet_hdr_len(len) {
+                    Ok(()) => {
+                        self.settings.hdr_len = len as usize;
+                        settings_changed = true;
                     }
-                    self.settings.hdr_len = len as usize;
-                    settings_changed = true;
-                }
+                    Err(e) => notify |= self.tap_refused(&e),
+                },
                 Effect::EnableQueuePairs(pairs) => {
                     let pairs = pairs.min(self.datapath.pair_count() as u16);
                     self.datapath.set_active_pairs(usize::from(pairs));
@@ -53,6 +55,17 @@ impl NetBackend {
         if notify {
             self.notify_config_change();
         }
+    }
+
+    /// A TAP ioctl the device model's effect needed failed. The datapath
+    /// keeps the setting the TAP still has (the two never disagree), and
+    /// the device reports NEEDS_RESET with a config-change notification,
+    /// since the driver now believes something the TAP does not do.
+    fn tap_refused(&mut self, error: &crate::tap::TapError) -> bool {
+        self.counters.tap_errors += 1;
+        self.device.mark_needs_reset();
+        warn!("{error}; the TAP keeps its previous setting and the device needs a reset");
+        true
     }
 
     /// Applies the effects of a device call, or counts its failure.

@@ -45,6 +45,8 @@ pub struct ControlCounters {
     pub log_failures: u64,
     /// RARP announcements sent out of the TAP (SEND_RARP).
     pub rarps_sent: u64,
+    /// TAP ioctls that failed (the device then needs a reset).
+    pub tap_errors: u64,
 }
 
 pub struct NetBackend {

@@ -124,8 +124,39 @@ impl GuestMemory {
     }
 }
 
-/// A guest buffer as host memory, for readv/writev.
-pub type IoVec = libc::iovec;
+/// A guest buffer as host memory, for readv/writev. Its fields are private
+/// and only `translate` makes one, from a range it checked against guest
+/// memory, so an `IoVec` cannot be built from an arbitrary pointer: it
+/// always points into a guest-memory mapping. That mapping must still be
+/// mapped when the buffer is used, which is why the functions that touch
+/// the memory behind it are `unsafe` (`vring::read_iov`, `write_iov`, and
+/// the readv/writev calls of the datapath).
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct IoVec(libc::iovec);
+
+impl IoVec {
+    pub fn len(&self) -> usize {
+        self.0.iov_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iov_len == 0
+    }
+
+    /// Where the buffer starts in this process (for address arithmetic,
+    /// such as finding its guest page; not to be dereferenced here).
+    pub fn host_address(&self) -> *mut u8 {
+        self.0.iov_base.cast()
+    }
+
+    /// The array readv/writev take.
+    pub fn as_raw(iov: &[IoVec]) -> &[libc::iovec] {
+        // SAFETY: `IoVec` is a `repr(transparent)` wrapper of
+        // `libc::iovec`, so a slice of one is a slice of the other.
+        unsafe { std::slice::from_raw_parts(iov.as_ptr().cast(), iov.len()) }
+    }
+}
 
 /// Appends the host ranges backing guest range `[addr, addr+len)` to `out`
 /// (several when it crosses regions). Fails if any byte is outside guest
@@ -145,10 +176,10 @@ pub fn translate(
         let host = region
             .get_host_address(MemoryRegionAddress(offset))
             .map_err(|_| addr)?;
-        out.push(IoVec {
+        out.push(IoVec(libc::iovec {
             iov_base: host.cast(),
             iov_len: take as usize,
-        });
+        }));
         left -= take;
         addr = addr.checked_add(take).ok_or(addr)?;
     }

@@ -191,7 +191,9 @@ pub fn process_rx(
             continue;
         }
         let mut head = [0u8; 18];
-        let got = read_iov(&pending.iov, ctx.hdr_len, &mut head);
+        // SAFETY: the pending buffers point into `ctx.mem`, which the
+        // caller keeps mapped for this call (rewound before it changes).
+        let got = unsafe { read_iov(&pending.iov, ctx.hdr_len, &mut head) };
         if !ctx
             .filter
             .accepts(&head[..got.min(n as usize - ctx.hdr_len)])
@@ -214,7 +216,8 @@ fn read_frame(tap: BorrowedFd<'_>, iov: &[IoVec]) -> Result<usize, Errno> {
     // SAFETY: the iovecs point into guest buffers the guest handed to the
     // device (device-writable, inside the guest memory the caller keeps
     // mapped for the call); the kernel writes at most their total length.
-    let n = unsafe { libc::readv(tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+    let raw = IoVec::as_raw(iov);
+    let n = unsafe { libc::readv(tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
     if n < 0 {
         Err(Errno::last())
     } else {
@@ -308,7 +311,9 @@ fn deliver(
     }
     if ctx.hdr_len >= 12 {
         // num_buffers must be in place before the used ring says so.
-        write_iov(&pending.iov, 10, &(count as u16).to_le_bytes());
+        // SAFETY: as in `process_rx`; RX chains are device-writable (the
+        // walker checked every descriptor).
+        unsafe { write_iov(&pending.iov, 10, &(count as u16).to_le_bytes()) };
     }
     if let Some(log) = ctx.dirty_log {
         // The frame and its header (num_buffers included) lie in the first

@@ -102,8 +102,9 @@ fn send(ctx: &TxContext<'_>, iov: &[IoVec], len: u64, batch: &mut Batch) {
     // SAFETY: every iovec points into guest memory mapped by `ctx.mem`
     // (checked by `chain_iovecs`), which stays mapped for the call; writev
     // only reads from them.
+    let raw = IoVec::as_raw(iov);
     let written =
-        unsafe { libc::writev(ctx.tap.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        unsafe { libc::writev(ctx.tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
     if written < 0 {
         batch.drops += 1;
     } else {

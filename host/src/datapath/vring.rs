@@ -342,8 +342,8 @@ pub fn log_iov_write(log: &DirtyLog, mem: &GuestMemoryMmap, iov: &[IoVec], len: 
         if left == 0 {
             break;
         }
-        let n = v.iov_len.min(left);
-        if let Some(gpa) = host_to_gpa(mem, v.iov_base.cast::<u8>()) {
+        let n = v.len().min(left);
+        if let Some(gpa) = host_to_gpa(mem, v.host_address()) {
             log.mark(gpa.0, n as u64);
         }
         left -= n;
@@ -352,21 +352,32 @@ pub fn log_iov_write(log: &DirtyLog, mem: &GuestMemoryMmap, iov: &[IoVec], len: 
 
 /// Copies bytes at `offset` of the buffers in `iov` into `out` (as many as
 /// there are); returns how many were copied.
-pub fn read_iov(iov: &[IoVec], offset: usize, out: &mut [u8]) -> usize {
+///
+/// # Safety
+///
+/// The guest memory `iov` was translated against (`chain_iovecs`) must
+/// still be mapped. The guest may change those bytes meanwhile: they are
+/// copied as they are, never trusted.
+pub unsafe fn read_iov(iov: &[IoVec], offset: usize, out: &mut [u8]) -> usize {
     walk_iov(iov, offset, out.len(), |ptr, done, n| {
-        // SAFETY: `ptr..ptr+n` lies inside a guest-memory mapping
-        // (`translate` checked it against the regions) that the caller keeps
-        // mapped; `out[done..done+n]` is in bounds by construction.
+        // SAFETY: `ptr..ptr+n` lies inside a buffer of `iov`, which points
+        // into guest memory the caller keeps mapped (this function's
+        // contract); `out[done..done+n]` is in bounds by construction.
         unsafe { std::ptr::copy_nonoverlapping(ptr, out[done..].as_mut_ptr(), n) }
     })
 }
 
 /// Writes `data` at `offset` of the buffers in `iov`; returns how many bytes
 /// fitted.
-pub fn write_iov(iov: &[IoVec], offset: usize, data: &[u8]) -> usize {
+///
+/// # Safety
+///
+/// As for `read_iov`; and the buffers must be ones the guest handed to the
+/// device to write (device-writable descriptors).
+pub unsafe fn write_iov(iov: &[IoVec], offset: usize, data: &[u8]) -> usize {
     walk_iov(iov, offset, data.len(), |ptr, done, n| {
-        // SAFETY: as in `read_iov`; the buffers are device-writable guest
-        // memory the guest gave to the device.
+        // SAFETY: as in `read_iov`; the caller promises the buffers are the
+        // guest's device-writable ones.
         unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), ptr, n) }
     })
 }
@@ -382,12 +393,12 @@ fn walk_iov(
         if done == len {
             break;
         }
-        if offset >= v.iov_len {
-            offset -= v.iov_len;
+        if offset >= v.len() {
+            offset -= v.len();
             continue;
         }
-        let n = (v.iov_len - offset).min(len - done);
-        f(v.iov_base.cast::<u8>().wrapping_add(offset), done, n);
+        let n = (v.len() - offset).min(len - done);
+        f(v.host_address().wrapping_add(offset), done, n);
         done += n;
         offset = 0;
     }

@@ -28,7 +28,8 @@ pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 pub fn rules(role: Role) -> Rules {
     let mut rules = Rules::new();
     // Threads wait, sleep and take locks; signal frames return; a thread
-    // ends with exit (its alternate signal stack unmapped first).
+    // ends with exit (its alternate signal stack unmapped first), the
+    // process with exit_group (also after a violation report).
     allow(
         &mut rules,
         &[
@@ -43,6 +44,7 @@ pub fn rules(role: Role) -> Rules {
             libc::SYS_sigaltstack,
             libc::SYS_restart_syscall,
             libc::SYS_exit,
+            libc::SYS_exit_group,
         ],
     );
     // The allocator grows and returns memory; guest memory and logs that a
@@ -167,8 +169,6 @@ fn control(rules: &mut Rules) {
     // Signals: SIGINT/SIGTERM arrive on a signalfd; the sandbox's trap
     // handlers (installed at start) run and return.
     allow(rules, &[libc::SYS_rt_sigaction, libc::SYS_tgkill]);
-    // Shutting down.
-    allow(rules, &[libc::SYS_exit_group]);
 }
 
 fn allow(rules: &mut Rules, syscalls: &[i64]) {

@@ -1,17 +1,19 @@
 //! Who is on the other end of a UNIX socket. The control API and the
 //! handover stream are doors to the guest's memory (a `swap` runs any
 //! component, a `handover` sends the memory and TAP fds away), so only
-//! processes of sandnic's own user may use them.
+//! processes of sandnic's own user may use them — and root, which could
+//! read sandnic's memory anyway.
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use std::os::fd::AsFd;
 use std::path::Path;
 
-/// Ok when the peer of `socket` runs as this process's effective uid.
+/// Ok when the peer of `socket` runs as this process's effective uid (or
+/// as root).
 pub fn same_user(socket: &impl AsFd) -> Result<(), String> {
     let creds = getsockopt(socket, PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
     let me = nix::unistd::Uid::effective().as_raw();
-    if creds.uid() == me {
+    if creds.uid() == me || creds.uid() == 0 {
         Ok(())
     } else {
         Err(format!(

@@ -230,10 +230,16 @@ impl SandboxedDevice {
         &self.runtime
     }
 
-    /// True after a failure the device could not be restored from; cleared
-    /// by `reset`.
+    /// True after a failure the device could not be restored from (or the
+    /// host could not apply what it asked for); cleared by `reset`.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset
+    }
+
+    /// The host could not carry out an effect of this device (a TAP ioctl
+    /// failed): the driver must reset the device to get back in step.
+    pub fn mark_needs_reset(&mut self) {
+        self.needs_reset = true;
     }
 
     // ---- read-only calls -------------------------------------------------

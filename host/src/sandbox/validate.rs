@@ -125,23 +125,13 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
     })
 }
 
-/// Concatenated 6-byte addresses as a list of addresses, in the lifted
-/// buffer itself when its capacity allows (wasmtime allocates lists with
-/// exactly their length): no second allocation and copy per list.
+/// Concatenated 6-byte addresses as a list of addresses (at most 64, so
+/// the copy is at most 384 bytes).
 fn mac_list(bytes: Vec<u8>, which: &str) -> Result<Vec<Mac>, String> {
     if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
         return Err(format!("{which} address list of {} bytes", bytes.len()));
     }
-    if bytes.capacity() % 6 != 0 {
-        return Ok(bytes.as_chunks::<6>().0.to_vec());
-    }
-    let mut bytes = std::mem::ManuallyDrop::new(bytes);
-    let (ptr, len, capacity) = (bytes.as_mut_ptr(), bytes.len(), bytes.capacity());
-    // SAFETY: `[u8; 6]` has size 6 and alignment 1, so `capacity / 6` of
-    // them occupy exactly the `capacity` bytes with alignment 1 that the
-    // buffer was allocated with; its first `len / 6` elements are
-    // initialised. The original vector is never used or dropped again.
-    Ok(unsafe { Vec::from_raw_parts(ptr.cast::<Mac>(), len / 6, capacity / 6) })
+    Ok(bytes.as_chunks::<6>().0.to_vec())
 }
 
 pub fn ack(ack: u8) -> Result<u8, String> {
