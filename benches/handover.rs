@@ -169,7 +169,8 @@ fn flood_ping(kind: Kind) {
     let mut downtimes = Vec::new();
     for i in 0..3 {
         std::thread::sleep(window / 4);
-        let (next, path) = Sandnic::incoming(&ns, &dir, &format!("g{i}"), &current, &[]).unwrap();
+        let user = ["--user", sandnic::harness::UNPRIVILEGED_USER];
+        let (next, path) = Sandnic::incoming(&ns, &dir, &format!("g{i}"), &current, &user).unwrap();
         let reply: Value = current.handover(&path, false).unwrap();
         assert_eq!(reply["ok"], true, "{reply}");
         downtimes.push(reply["downtime_us"].as_u64().unwrap_or(0));

@@ -5,7 +5,7 @@
 //! Prints what happened.
 
 use sandnic::guest::{self, GuestRig, Kind};
-use sandnic::harness::{network_unavailable, Sandnic};
+use sandnic::harness::{network_unavailable, Sandnic, UNPRIVILEGED_USER};
 use sandnic::ping::FloodPing;
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -81,7 +81,8 @@ fn run() -> anyhow::Result<()> {
     pause();
 
     let v2_arg = v2.to_str().unwrap_or_default().to_string();
-    let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &["--component", &v2_arg])?;
+    let next = ["--component", v2_arg.as_str(), "--user", UNPRIVILEGED_USER];
+    let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &next)?;
     let h1 = first.handover(&path, false)?;
     ok(&h1, "first handover")?;
     step(&format!(
@@ -92,7 +93,7 @@ fn run() -> anyhow::Result<()> {
     ));
     pause();
 
-    let (third, path) = Sandnic::incoming(&ns, &dir, "third", &second, &["--component", &v2_arg])?;
+    let (third, path) = Sandnic::incoming(&ns, &dir, "third", &second, &next)?;
     let h2 = second.handover(&path, false)?;
     ok(&h2, "second handover")?;
     step(&format!(

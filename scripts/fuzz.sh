@@ -12,7 +12,7 @@ if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 seconds=${1:-60}
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(ctrl_command device_sequence state_load handover_stream vring)
+[ ${#targets[@]} -gt 0 ] || targets=(ctrl_command device_sequence state_load handover_stream vring vhost_user_requests)
 device_targets=" ctrl_command device_sequence state_load "
 cargo +nightly fuzz build -O -s none
 total=0

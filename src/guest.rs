@@ -334,7 +334,8 @@ pub const STEP_FN: &str =
     "step() { echo \"$2\" > /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
 
 /// A guest on its own sandnic: a namespace with `tap0` (10.88.0.1/24; the
-/// guest takes 10.88.0.2), `sandnic serve` on it with `serve_args`, and the
+/// guest takes 10.88.0.2), `sandnic serve` on it with `serve_args`, running
+/// as UNPRIVILEGED_USER (handover destinations need the same), and the
 /// guest booted with `script` (which may use `step`; UML guests get the
 /// shared directory on /mnt).
 pub struct GuestRig {
@@ -351,7 +352,7 @@ impl GuestRig {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.88.0.1/24")?;
         let dir = ScratchDir::new()?;
-        let mut args = vec!["--tap", "tap0"];
+        let mut args = vec!["--tap", "tap0", "--user", crate::harness::UNPRIVILEGED_USER];
         args.extend_from_slice(serve_args);
         let sandnic = Sandnic::serve(&ns, &dir, &args)?;
         let hostdir = HostDir(dir.path("share"));

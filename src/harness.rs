@@ -81,6 +81,10 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     reply_rx.recv().map_err(std::io::Error::other)?
 }
 
+/// The user the guest tests run sandnic as (`--user`): nothing in them
+/// needs root once the TAP and the sockets are open.
+pub const UNPRIVILEGED_USER: &str = "nobody";
+
 /// Prints a loud skip notice; tests return right after. In CI (`CI` set,
 /// as `.ci/run` runs) a missing prerequisite is a failure instead: CI
 /// installs everything the tests need, so a skip there would hide a test
@@ -142,6 +146,9 @@ impl NetNs {
     /// Creates a multi-queue TAP with a virtio-net header, addresses it and
     /// brings it up. IPv6 is off on it so the link carries only what the
     /// tests send (no router solicitations or MLD reports).
+    /// A multiqueue TAP owned by UNPRIVILEGED_USER (so a sandnic running
+    /// as that user can still attach and detach its queues), with address
+    /// `cidr`.
     pub fn add_tap(&self, name: &str, cidr: &str) -> anyhow::Result<()> {
         self.ip(&[
             "tuntap",
@@ -152,6 +159,8 @@ impl NetNs {
             "tap",
             "vnet_hdr",
             "multi_queue",
+            "user",
+            UNPRIVILEGED_USER,
         ])?;
         run(self
             .command("sysctl")

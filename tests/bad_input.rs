@@ -573,6 +573,72 @@ fn failed_requests_that_return_a_body_are_answered() {
     assert_pair0_works(&mut rig, &sock, 5);
 }
 
+/// Sends `request` with `fds` attached and returns the reply's payload.
+fn request_with_fds(
+    fd: BorrowedFd<'_>,
+    request: u32,
+    payload: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> Vec<u8> {
+    let header = Header {
+        request,
+        flags: VERSION | NEED_REPLY,
+        size: payload.len() as u32,
+    };
+    wire::send(fd, header, payload, fds).unwrap();
+    wire::recv(fd).unwrap().payload
+}
+
+fn memfd(len: i64) -> std::os::fd::OwnedFd {
+    let fd = nix::sys::memfd::memfd_create(c"bad", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .unwrap();
+    nix::unistd::ftruncate(&fd, len).unwrap();
+    fd
+}
+
+/// Fds the frontend chooses are checked for what they will be used for: a
+/// kick fd epoll cannot wait on (a memfd) would leave the ring's thread
+/// unable to sleep, and a memory region reaching past the end of its file
+/// would kill the datapath (SIGBUS) on the first frame there. Both are
+/// refused; the device keeps working.
+#[test]
+fn fds_that_cannot_serve_their_purpose_are_refused() {
+    require_network!("fds_that_cannot_serve_their_purpose_are_refused");
+    use std::os::fd::AsRawFd;
+    let mut rig = rig();
+    let sock = host_udp(&rig, 6100);
+    // SAFETY: as in `unknown_and_malformed_requests_are_refused`.
+    let fd = unsafe { BorrowedFd::borrow_raw(rig.nic.socket_fd()) };
+    let nack = 1u64.to_ne_bytes().to_vec();
+    const SET_VRING_KICK: u32 = 12;
+    let file = memfd(4096);
+    assert_eq!(
+        request_with_fds(fd, SET_VRING_KICK, &1u64.to_ne_bytes(), &[file.as_raw_fd()]),
+        nack,
+        "a memfd as kick fd"
+    );
+    const SET_MEM_TABLE: u32 = 5;
+    let small = memfd(1 << 20);
+    let mut table = Vec::new();
+    table.extend_from_slice(&1u32.to_ne_bytes());
+    table.extend_from_slice(&0u32.to_ne_bytes());
+    for word in [0x1_0000_0000u64, 16 << 20, 0x7f00_0000_0000, 0] {
+        table.extend_from_slice(&word.to_ne_bytes());
+    }
+    assert_eq!(
+        request_with_fds(fd, SET_MEM_TABLE, &table, &[small.as_raw_fd()]),
+        nack,
+        "a 16 MiB region over a 1 MiB file"
+    );
+    assert!(rig.control_stat("bad_requests") >= 2);
+    assert_pair0_works(&mut rig, &sock, 8);
+    let frame = rig.guest_udp(6100, &[8; 50]);
+    assert_eq!(rig.nic.send_batch(1, [frame.as_slice()]), 1);
+    let mut b = [0u8; 256];
+    let (n, _) = sock.recv_from(&mut b).expect("pair 1 still sends");
+    assert_eq!(&b[..n], &[8; 50]);
+}
+
 #[test]
 fn a_frontend_that_disconnects_can_be_replaced() {
     require_network!("a_frontend_that_disconnects_can_be_replaced");

@@ -5,7 +5,7 @@
 //! replies exceeds 0.5 s (QEMU's threshold) and prints the gap measured.
 
 use sandnic::guest::{self, GuestRig, Kind};
-use sandnic::harness::Sandnic;
+use sandnic::harness::{Sandnic, UNPRIVILEGED_USER};
 use sandnic::ping::FloodPing;
 use sandnic::require_network;
 use serde_json::json;
@@ -43,7 +43,8 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
     settle();
 
     // Handover 1: the builtin (v1) component moves to a new process.
-    let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &[]).unwrap();
+    let user = ["--user", UNPRIVILEGED_USER];
+    let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &user).unwrap();
     let reply = first.handover(&path, false).unwrap();
     assert_eq!(reply["ok"], true, "{reply}\n{}", second.log());
     settle();
@@ -54,8 +55,14 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
     settle();
     // Handover 2: to a third process that runs v2 from the start.
     let v2_arg = v2.to_str().unwrap().to_string();
-    let (third, path) =
-        Sandnic::incoming(&ns, &dir, "third", &second, &["--component", &v2_arg]).unwrap();
+    let (third, path) = Sandnic::incoming(
+        &ns,
+        &dir,
+        "third",
+        &second,
+        &["--component", &v2_arg, "--user", UNPRIVILEGED_USER],
+    )
+    .unwrap();
     let reply2 = second.handover(&path, false).unwrap();
     assert_eq!(reply2["ok"], true, "{reply2}\n{}", third.log());
     settle();

@@ -6,7 +6,7 @@
 
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sandnic_host::datapath::guest_memory::{GuestMemory, RegionInfo};
+use sandnic_host::memory::guest_memory::{GuestMemory, RegionInfo};
 use sandnic_host::datapath::rx::{process_rx, RxContext, RxPending};
 use sandnic_host::datapath::rx_filter::NativeFilter;
 use sandnic_host::datapath::tx::{process_tx, TxContext};

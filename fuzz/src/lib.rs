@@ -17,7 +17,7 @@ pub fn sandbox_mode() -> bool {
     *MODE.get_or_init(|| std::env::var("SANDNIC_FUZZ_SANDBOX").as_deref() == Ok("1"))
 }
 
-fn component() -> (Arc<Runtime>, Arc<DeviceComponent>) {
+pub fn component() -> (Arc<Runtime>, Arc<DeviceComponent>) {
     static LOADED: OnceLock<(Arc<Runtime>, Arc<DeviceComponent>)> = OnceLock::new();
     LOADED
         .get_or_init(|| {

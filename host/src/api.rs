@@ -69,13 +69,23 @@ impl ApiClient {
     }
 }
 
+/// A handover the API asked for; the server performs it after the current
+/// event and answers the client then.
+#[derive(Debug, Clone)]
+pub struct HandoverRequest {
+    /// Where the new process waits (`serve --incoming PATH`).
+    pub destination: PathBuf,
+    /// Let the destination open the TAP by name instead of passing its fds.
+    pub new_tap: bool,
+}
+
 /// Everything an API command may touch.
 pub struct ApiContext<'a> {
     pub backend: &'a mut NetBackend,
     pub runtime: &'a Arc<Runtime>,
     pub connected: bool,
-    /// Set by `handover`: the server performs it and answers afterwards.
-    pub handover: Option<(PathBuf, bool)>,
+    /// Set by `handover`.
+    pub handover: Option<HandoverRequest>,
 }
 
 fn error(message: impl std::fmt::Display) -> Value {
@@ -111,7 +121,10 @@ pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
                     .get("new_tap")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-                ctx.handover = Some((PathBuf::from(path), new_tap));
+                ctx.handover = Some(HandoverRequest {
+                    destination: PathBuf::from(path),
+                    new_tap,
+                });
                 json!({ "ok": true, "pending": true })
             }
             None => error("handover needs \"path\": SOCKET"),

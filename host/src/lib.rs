@@ -5,8 +5,11 @@
 //! - `sandbox/` — wasmtime runtime, limits, validation, hot swap
 //! - `vhost_user/` — the vhost-user protocol: framing and fd passing, requests
 //! - `backend/` — one virtio-net device: requests, rings, control queue, effects
+//! - `memory/` — guest memory and the migration's dirty log
 //! - `datapath/` — the per-queue-pair packet threads (TX, RX, rx filter)
 //! - `handover/` — live handover to a new process (stream, state, both sides)
+//! - `hardening/` — privilege drop and per-thread seccomp allowlists
+//! - `fd_passing.rs` — fds over UNIX sockets (SCM_RIGHTS), both ways
 //! - `tap.rs` — the TAP device
 //! - `serve.rs` — `sandnic serve`'s event loop
 //! - `api.rs` — the JSON-lines control API and `sandnic ctl`
@@ -16,8 +19,10 @@ pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod datapath;
+pub mod fd_passing;
 pub mod handover;
 pub mod hardening;
+pub mod memory;
 pub mod sandbox;
 pub mod serve;
 pub mod tap;

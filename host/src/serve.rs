@@ -2,7 +2,7 @@
 //! loop (the vhost-user socket, the control queue, the API, signals) while
 //! the datapath threads move packets.
 
-use crate::api::{self, ApiClient, ApiContext};
+use crate::api::{self, ApiClient, ApiContext, HandoverRequest};
 use crate::backend::{NetBackend, Outcome, SessionId};
 use crate::datapath::DatapathOptions;
 use crate::handover::{destination, source};
@@ -294,8 +294,8 @@ struct Server {
     /// The control queue's kick fd as registered in epoll.
     ctrl_kick: Option<Arc<OwnedFd>>,
     socket_files: SocketFiles,
-    /// A handover the API asked for: (destination, new TAP path, client).
-    handover_request: Option<(PathBuf, bool, usize)>,
+    /// A handover the API asked for, and the API client slot to answer.
+    handover_request: Option<(HandoverRequest, usize)>,
 }
 
 impl Server {
@@ -380,8 +380,8 @@ impl Server {
                 }
             }
             self.sync_ctrl_kick(&epoll);
-            if let Some((path, new_tap, client)) = self.handover_request.take() {
-                if self.hand_over(&path, new_tap, client) {
+            if let Some((request, client)) = self.handover_request.take() {
+                if self.hand_over(&request, client) {
                     return Ok(Exit::HandedOver);
                 }
             }
@@ -390,7 +390,7 @@ impl Server {
 
     /// Hands the device to the process waiting at `path`; answers the API
     /// client that asked. True when the destination took over.
-    fn hand_over(&mut self, path: &std::path::Path, new_tap: bool, client: usize) -> bool {
+    fn hand_over(&mut self, request: &HandoverRequest, client: usize) -> bool {
         use std::os::fd::AsRawFd;
         let Some(listener) = &self.listener else {
             return false;
@@ -401,7 +401,12 @@ impl Server {
             api_listener: self.api_listener.as_ref().map(|l| l.as_raw_fd()),
             paths: self.socket_files.0.clone(),
         };
-        let (reply, done) = match source::hand_over(&mut self.backend, sockets, path, new_tap) {
+        let (reply, done) = match source::hand_over(
+            &mut self.backend,
+            sockets,
+            &request.destination,
+            request.new_tap,
+        ) {
             Ok(report) => (
                 serde_json::json!({
                     "ok": true,
@@ -588,9 +593,9 @@ impl Server {
                 handover: None,
             };
             let reply = api::handle_line(&line, &mut ctx);
-            if let Some((path, new_tap)) = ctx.handover.take() {
+            if let Some(request) = ctx.handover.take() {
                 // Answered once the handover is over (after this event).
-                self.handover_request = Some((path, new_tap, slot));
+                self.handover_request = Some((request, slot));
                 return;
             }
             let Some(Some(client)) = self.api_clients.get_mut(slot) else {

@@ -102,6 +102,19 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// A stand-in over fds that are not TAP queues (one end of a
+    /// socketpair), to fuzz the request path without a TAP device: its
+    /// ioctls fail, as a deleted TAP's do.
+    #[cfg(feature = "fuzzing")]
+    pub fn stand_in(queues: Vec<OwnedFd>) -> Self {
+        Self {
+            name: "fuzz".into(),
+            queues,
+            multi_queue: false,
+            offload_caps: Offloads::empty(),
+        }
+    }
+
     /// Attaches `queues` queues to the existing TAP device `name`.
     pub fn open(name: &str, queues: usize) -> Result<Self, TapError> {
         if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains('\0') {

@@ -1,16 +1,70 @@
 //! Taking a running device apart for a handover, and putting it together
-//! again in the new process.
+//! again in the new process; the plain data the host's half becomes (the
+//! handover stream in `crate::handover` carries and validates it).
 
 use super::NetBackend;
-use crate::datapath::guest_memory::GuestMemory;
+use crate::datapath::vring::RingAddrs;
 use crate::datapath::DatapathOptions;
-use crate::handover::state::{FdRole, HostState, TapState, VringState};
+use crate::memory::guest_memory::GuestMemory;
+use crate::memory::guest_memory::RegionInfo;
 use crate::sandbox::SandboxedDevice;
 use crate::tap::Tap;
+use crate::vhost_user::ProtocolState;
+use sandnic_device::DeviceConfig;
 use sandnic_device::{features, Effect};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+/// The role of one fd in the stream, in sending order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FdRole {
+    /// The connected vhost-user socket.
+    Connection,
+    /// The vhost-user listening socket (for later reconnects).
+    Listener,
+    /// The control API's listening socket.
+    ApiListener,
+    /// The backend→frontend request channel.
+    BackendChannel,
+    MemoryRegion(u32),
+    Kick(u16),
+    Call(u16),
+    Err(u16),
+    TapQueue(u16),
+}
+
+/// One virtqueue as the frontend configured it; `base` is where the driver
+/// continues (the ring was stopped, pending RX buffers given back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VringState {
+    pub num: u16,
+    pub addrs: Option<RingAddrs>,
+    pub base: u16,
+    pub enabled: bool,
+    pub started: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapState {
+    pub name: String,
+    pub queues: u16,
+}
+
+/// The host's half of the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    pub config: DeviceConfig,
+    pub protocol: ProtocolState,
+    pub vrings: Vec<VringState>,
+    pub regions: Vec<RegionInfo>,
+    pub tap: TapState,
+    pub link_up: bool,
+    /// Socket files the destination takes over (and removes when done).
+    pub socket_paths: Vec<PathBuf>,
+}
 
 impl NetBackend {
     /// Stops every ring at a batch boundary. Each ring's base becomes the

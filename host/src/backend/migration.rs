@@ -5,7 +5,7 @@
 //! `session.rs`.
 
 use super::{NetBackend, Outcome};
-use crate::datapath::dirty_log::DirtyLog;
+use crate::memory::dirty_log::DirtyLog;
 use crate::vhost_user::protocol;
 use sandnic_device::format_mac;
 use std::os::fd::{AsRawFd, OwnedFd};

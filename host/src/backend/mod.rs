@@ -6,15 +6,15 @@
 
 mod ctrl_queue;
 mod effects;
-mod handover;
+pub mod handover;
 mod migration;
 mod requests;
 mod rings;
 mod session;
 
-use crate::datapath::guest_memory::GuestMemory;
 use crate::datapath::vring::Vring;
 use crate::datapath::{Datapath, DatapathOptions, Settings};
+use crate::memory::guest_memory::GuestMemory;
 use crate::sandbox::{DeviceComponent, SandboxedDevice, SwapError, SwapReport};
 use crate::tap::Tap;
 use crate::vhost_user::ProtocolState;

@@ -2,8 +2,8 @@
 
 use super::rings::OtherSessionDrives;
 use super::{NetBackend, SessionId};
-use crate::datapath::guest_memory::{GuestMemory, RegionInfo};
 use crate::datapath::vring::RingAddrs;
+use crate::memory::guest_memory::{GuestMemory, RegionInfo};
 use crate::sandbox::DeviceError;
 use crate::vhost_user::request::Request;
 use crate::vhost_user::{protocol, F_LOG_ALL, F_PROTOCOL_FEATURES};
@@ -105,6 +105,7 @@ impl NetBackend {
             Request::GetVringBase { index } => self.get_vring_base(index),
             Request::SetVringKick { index, fd } => self.with_ring(index, |b, i| {
                 let fd = fd.ok_or("polling without a kick fd is not supported")?;
+                pollable(&fd)?;
                 nonblocking(&fd)?;
                 b.session.vrings[i].kick = Some(Arc::new(fd));
                 b.session.vrings[i].started = true;
@@ -325,6 +326,16 @@ impl NetBackend {
             Err(e) => warn!("config change notification failed: {e}"),
         }
     }
+}
+
+/// The datapath waits for kicks in epoll: an fd epoll refuses (a regular
+/// file, a memfd) would leave the ring's thread unable to wait at all.
+fn pollable(fd: &OwnedFd) -> Result<(), String> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+    epoll
+        .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 0))
+        .map_err(|e| format!("the kick fd cannot be polled ({e})"))
 }
 
 fn nonblocking(fd: &OwnedFd) -> Result<(), String> {

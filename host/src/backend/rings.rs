@@ -7,9 +7,9 @@
 //! ring.
 
 use super::NetBackend;
-use crate::datapath::guest_memory::GuestMemory;
 use crate::datapath::vring::Vring;
 use crate::datapath::Direction;
+use crate::memory::guest_memory::GuestMemory;
 use sandnic_device::features;
 use std::sync::Arc;
 use tracing::warn;

@@ -11,9 +11,9 @@
 //! guests at once, and a standby that tries earlier is refused without
 //! touching the driving session.
 
-use crate::datapath::dirty_log::DirtyLog;
-use crate::datapath::guest_memory::GuestMemory;
 use crate::datapath::vring::VringSetup;
+use crate::memory::dirty_log::DirtyLog;
+use crate::memory::guest_memory::GuestMemory;
 use crate::vhost_user::{ProtocolState, F_LOG_ALL};
 use serde::Serialize;
 use std::os::fd::OwnedFd;

@@ -2,8 +2,6 @@
 //! guest's vrings and the TAP queue, with no calls into wasm and no
 //! allocation per packet.
 //!
-//! - `guest_memory.rs` — mapping SET_MEM_TABLE regions, address translation
-//! - `dirty_log.rs` — the migration's dirty-page bitmap
 //! - `vring.rs` — ring setup and start, defensive chain walking
 //! - `tx.rs` / `rx.rs` — the two directions
 //! - `rx_filter.rs` — the native receive filter
@@ -11,8 +9,6 @@
 //! - `notify.rs` — kick/call fds
 //! - `stats.rs` — counters
 
-pub mod dirty_log;
-pub mod guest_memory;
 pub mod notify;
 pub mod rx;
 pub mod rx_filter;
@@ -21,9 +17,9 @@ pub mod tx;
 pub mod vring;
 mod worker;
 
+use crate::memory::dirty_log::DirtyLog;
+use crate::memory::guest_memory::GuestMemory;
 use crate::tap::Tap;
-use dirty_log::DirtyLog;
-use guest_memory::GuestMemory;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rx::RxPending;
 use rx_filter::NativeFilter;

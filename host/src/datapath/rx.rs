@@ -9,11 +9,11 @@
 //! one. Pending chains are rewound (given back to the available ring) when
 //! the ring stops, so the guest loses no buffers.
 
-use super::dirty_log::DirtyLog;
-use super::guest_memory::IoVec;
 use super::rx_filter::NativeFilter;
 use super::stats::Batch;
 use super::vring::{chain_iovecs, log_iov_write, read_iov, write_iov, Vring};
+use crate::memory::dirty_log::DirtyLog;
+use crate::memory::guest_memory::IoVec;
 use nix::errno::Errno;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -2,9 +2,9 @@
 //! TAP with one `writev` straight from guest memory; the TAP was told the
 //! header length, so the header passes through untouched.
 
-use super::guest_memory::IoVec;
 use super::stats::Batch;
 use super::vring::{chain_iovecs, Vring};
+use crate::memory::guest_memory::IoVec;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;

@@ -7,9 +7,9 @@
 //! the total length and segment count are bounded, and a chain the walker
 //! had to cut short (a loop, an index past the table) is rejected.
 
-use super::dirty_log::DirtyLog;
-use super::guest_memory::{host_to_gpa, translate, GuestMemory, IoVec};
 use super::notify;
+use crate::memory::dirty_log::DirtyLog;
+use crate::memory::guest_memory::{host_to_gpa, translate, GuestMemory, IoVec};
 use std::num::Wrapping;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};

@@ -237,7 +237,7 @@ fn one_batch(
     shared: &PairShared,
     st: &mut PairState,
     tap_fd: std::os::fd::BorrowedFd<'_>,
-    iov: &mut Vec<super::guest_memory::IoVec>,
+    iov: &mut Vec<crate::memory::guest_memory::IoVec>,
 ) -> Pass {
     if st.paused {
         return Pass::default();

@@ -7,64 +7,14 @@
 //! built from them.
 
 use super::stream::MAX_FDS;
-use crate::datapath::guest_memory::RegionInfo;
-use crate::datapath::vring::{RingAddrs, MAX_QUEUE_SIZE};
+use crate::datapath::vring::MAX_QUEUE_SIZE;
 use crate::sandbox::ComponentInfo;
 use crate::tap::MAX_TAP_QUEUES;
 use crate::vhost_user::request::MAX_REGIONS;
-use crate::vhost_user::ProtocolState;
-use sandnic_device::DeviceConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::path::PathBuf;
 
-/// The role of one fd in the stream, in sending order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum FdRole {
-    /// The connected vhost-user socket.
-    Connection,
-    /// The vhost-user listening socket (for later reconnects).
-    Listener,
-    /// The control API's listening socket.
-    ApiListener,
-    /// The backend→frontend request channel.
-    BackendChannel,
-    MemoryRegion(u32),
-    Kick(u16),
-    Call(u16),
-    Err(u16),
-    TapQueue(u16),
-}
-
-/// One virtqueue as the frontend configured it; `base` is where the driver
-/// continues (the ring was stopped, pending RX buffers given back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VringState {
-    pub num: u16,
-    pub addrs: Option<RingAddrs>,
-    pub base: u16,
-    pub enabled: bool,
-    pub started: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TapState {
-    pub name: String,
-    pub queues: u16,
-}
-
-/// The host's half of the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostState {
-    pub config: DeviceConfig,
-    pub protocol: ProtocolState,
-    pub vrings: Vec<VringState>,
-    pub regions: Vec<RegionInfo>,
-    pub tap: TapState,
-    pub link_up: bool,
-    /// Socket files the destination takes over (and removes when done).
-    pub socket_paths: Vec<PathBuf>,
-}
+pub use crate::backend::handover::{FdRole, HostState, TapState, VringState};
 
 /// The first frame of a handover.
 #[derive(Debug, Clone, Serialize, Deserialize)]

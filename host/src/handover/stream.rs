@@ -6,12 +6,10 @@
 //! sizes and fd counts are bounded, every read has a deadline, and a frame
 //! that does not decode is an error, never a panic.
 
-use nix::cmsg_space;
+use crate::fd_passing::{self, PassError, MAX_FDS_PER_MESSAGE};
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use serde::{de::DeserializeOwned, Serialize};
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -22,8 +20,8 @@ pub const VERSION: u32 = 1;
 /// Largest frame accepted. The biggest section is the device state (64 KiB
 /// at most) plus the host state: far below this.
 pub const MAX_FRAME: usize = 1 << 20;
-/// fds per frame (Linux allows 253 per message).
-pub const FDS_PER_FRAME: usize = 64;
+/// fds per frame: as many as one message may carry.
+pub const FDS_PER_FRAME: usize = MAX_FDS_PER_MESSAGE;
 /// Most fds one handover may carry: a connection, two listeners, a backend
 /// channel, 32 memory regions, three per virtqueue and one per TAP queue for
 /// 256 queue pairs.
@@ -112,33 +110,10 @@ fn io(e: std::io::Error) -> StreamError {
 }
 
 fn send_all(sock: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> Result<(), StreamError> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let iov: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let cmsgs: &[ControlMessage] = if fds.is_empty() {
-        &[]
-    } else {
-        &[ControlMessage::ScmRights(fds)]
-    };
-    let sent = loop {
-        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(StreamError::Closed),
-            other => break other.map_err(StreamError::Io)?,
-        }
-    };
-    if sent < total {
-        let rest: Vec<u8> = parts.concat()[sent..].to_vec();
-        let mut off = 0;
-        while off < rest.len() {
-            match nix::sys::socket::send(sock.as_raw_fd(), &rest[off..], MsgFlags::MSG_NOSIGNAL) {
-                Ok(n) => off += n,
-                Err(Errno::EINTR) => {}
-                Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(StreamError::Closed),
-                Err(e) => return Err(StreamError::Io(e)),
-            }
-        }
-    }
-    Ok(())
+    fd_passing::send(sock.as_fd(), parts, fds).map_err(|e| match e {
+        Errno::EPIPE | Errno::ECONNRESET => StreamError::Closed,
+        e => StreamError::Io(e),
+    })
 }
 
 /// Fills `buf`, collecting any fds that arrive on the way into `fds`.
@@ -149,38 +124,17 @@ fn recv_exact(
 ) -> Result<(), StreamError> {
     let mut done = 0;
     while done < buf.len() {
-        let mut space = cmsg_space!([RawFd; FDS_PER_FRAME]);
-        let mut iov = [IoSliceMut::new(&mut buf[done..])];
-        let msg = match recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => msg,
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Err(StreamError::Timeout),
-            Err(Errno::ECONNRESET) => return Err(StreamError::Closed),
-            Err(e) => return Err(StreamError::Io(e)),
-        };
-        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        for cmsg in msg.cmsgs().map_err(StreamError::Io)? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: the kernel just installed these fds for us; they
-                // are owned from here on (closed on any error below).
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+        let got = match fd_passing::recv(sock.as_fd(), &mut buf[done..], fds) {
+            Ok(0) => return Err(StreamError::Closed),
+            Ok(n) => n,
+            Err(PassError::ControlTruncated) => {
+                return Err(StreamError::Fds("control data truncated".into()))
             }
-        }
-        if truncated {
-            return Err(StreamError::Fds("control data truncated".into()));
-        }
-        if msg.bytes == 0 {
-            return Err(StreamError::Closed);
-        }
-        done += msg.bytes;
+            Err(PassError::Io(Errno::EAGAIN)) => return Err(StreamError::Timeout),
+            Err(PassError::Io(Errno::ECONNRESET)) => return Err(StreamError::Closed),
+            Err(PassError::Io(e)) => return Err(StreamError::Io(e)),
+        };
+        done += got;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! connection answers (with a NACK when a reply is expected) and counts.
 
 use super::wire::Message;
-use crate::datapath::guest_memory::RegionInfo;
+use crate::memory::guest_memory::RegionInfo;
 use std::os::fd::OwnedFd;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
@@ -367,4 +367,350 @@ fn read_struct<T: ByteValued>(bytes: &[u8]) -> Option<T> {
     let mut value = T::zeroed();
     value.as_mut_slice().copy_from_slice(src);
     Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhost_user::wire::{Header, Message, VERSION};
+
+    fn fd() -> OwnedFd {
+        nix::sys::eventfd::EventFd::new().expect("eventfd").into()
+    }
+
+    fn msg(code: FrontendReq, payload: &[u8], fds: usize) -> Message {
+        Message {
+            header: Header {
+                request: code as u32,
+                flags: VERSION,
+                size: payload.len() as u32,
+            },
+            payload: payload.to_vec(),
+            fds: (0..fds).map(|_| fd()).collect(),
+        }
+    }
+
+    fn words(parts: &[u64]) -> Vec<u8> {
+        parts.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    fn vring_addr(index: u32, flags: u32) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&index.to_ne_bytes());
+        p.extend_from_slice(&flags.to_ne_bytes());
+        p.extend_from_slice(&words(&[0x1000, 0x2000, 0x3000, 0x4000]));
+        p
+    }
+
+    fn mem_table(regions: u32, slots: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&regions.to_ne_bytes());
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        for i in 0..slots as u64 {
+            p.extend_from_slice(&words(&[i << 30, 1 << 20, 0x7f00_0000_0000 + (i << 30), 0]));
+        }
+        p
+    }
+
+    fn config(offset: u32, size: u32, data: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        for w in [offset, size, 0] {
+            p.extend_from_slice(&w.to_ne_bytes());
+        }
+        p.extend(std::iter::repeat_n(0u8, data));
+        p
+    }
+
+    type Check = fn(&Result<Request, RequestError>) -> bool;
+
+    /// Every request sandnic parses, well-formed and not: (what, message,
+    /// what must come out).
+    #[test]
+    fn requests_parse_or_are_refused_by_size_fd_count_and_range() {
+        use FrontendReq as R;
+        let cases: Vec<(&str, Message, Check)> = vec![
+            ("GET_FEATURES", msg(R::GET_FEATURES, &[], 0), |r| {
+                matches!(r, Ok(Request::GetFeatures))
+            }),
+            (
+                "SET_FEATURES",
+                msg(R::SET_FEATURES, &words(&[0x1234]), 0),
+                |r| matches!(r, Ok(Request::SetFeatures(0x1234))),
+            ),
+            (
+                "SET_FEATURES short",
+                msg(R::SET_FEATURES, &[1; 7], 0),
+                |r| {
+                    matches!(
+                        r,
+                        Err(RequestError::Size {
+                            got: 7,
+                            want: 8,
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_NUM",
+                msg(R::SET_VRING_NUM, &words(&[256 << 32 | 1]), 0),
+                |r| matches!(r, Ok(Request::SetVringNum { index: 1, num: 256 })),
+            ),
+            (
+                "SET_VRING_NUM short",
+                msg(R::SET_VRING_NUM, &[0; 4], 0),
+                |r| matches!(r, Err(RequestError::Size { .. })),
+            ),
+            (
+                "SET_VRING_ADDR",
+                msg(R::SET_VRING_ADDR, &vring_addr(2, 0), 0),
+                |r| {
+                    matches!(
+                        r,
+                        Ok(Request::SetVringAddr {
+                            index: 2,
+                            desc: 0x1000,
+                            used: 0x2000,
+                            avail: 0x3000,
+                            log: None
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_ADDR logged",
+                msg(R::SET_VRING_ADDR, &vring_addr(0, 1), 0),
+                |r| {
+                    matches!(
+                        r,
+                        Ok(Request::SetVringAddr {
+                            log: Some(0x4000),
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_ADDR unknown flag",
+                msg(R::SET_VRING_ADDR, &vring_addr(0, 2), 0),
+                |r| matches!(r, Err(RequestError::Invalid { .. })),
+            ),
+            (
+                "SET_VRING_KICK",
+                msg(R::SET_VRING_KICK, &words(&[3]), 1),
+                |r| {
+                    matches!(
+                        r,
+                        Ok(Request::SetVringKick {
+                            index: 3,
+                            fd: Some(_)
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_KICK no fd flag",
+                msg(R::SET_VRING_KICK, &words(&[0x100 | 3]), 0),
+                |r| matches!(r, Ok(Request::SetVringKick { index: 3, fd: None })),
+            ),
+            (
+                "SET_VRING_CALL missing fd",
+                msg(R::SET_VRING_CALL, &words(&[0]), 0),
+                |r| {
+                    matches!(
+                        r,
+                        Err(RequestError::Fds {
+                            got: 0,
+                            want: 1,
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_ERR two fds",
+                msg(R::SET_VRING_ERR, &words(&[0]), 2),
+                |r| {
+                    matches!(
+                        r,
+                        Err(RequestError::Fds {
+                            got: 2,
+                            want: 1,
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_VRING_CALL no-fd flag with an fd",
+                msg(R::SET_VRING_CALL, &words(&[0x100]), 1),
+                |r| {
+                    matches!(
+                        r,
+                        Err(RequestError::Fds {
+                            got: 1,
+                            want: 0,
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_MEM_TABLE",
+                msg(R::SET_MEM_TABLE, &mem_table(1, 1), 1),
+                |r| matches!(r, Ok(Request::SetMemTable(regions, fds)) if regions.len() == 1 && fds.len() == 1),
+            ),
+            (
+                "SET_MEM_TABLE with UML's spare slot",
+                msg(R::SET_MEM_TABLE, &mem_table(1, 2), 1),
+                |r| matches!(r, Ok(Request::SetMemTable(regions, _)) if regions.len() == 1),
+            ),
+            (
+                "SET_MEM_TABLE no regions",
+                msg(R::SET_MEM_TABLE, &mem_table(0, 0), 0),
+                |r| matches!(r, Err(RequestError::Invalid { .. })),
+            ),
+            (
+                "SET_MEM_TABLE too many regions",
+                msg(R::SET_MEM_TABLE, &mem_table(33, 33), 0),
+                |r| matches!(r, Err(RequestError::Invalid { .. })),
+            ),
+            (
+                "SET_MEM_TABLE cut short",
+                msg(R::SET_MEM_TABLE, &mem_table(2, 1), 2),
+                |r| matches!(r, Err(RequestError::Size { .. })),
+            ),
+            (
+                "SET_MEM_TABLE fd per region",
+                msg(R::SET_MEM_TABLE, &mem_table(2, 2), 1),
+                |r| {
+                    matches!(
+                        r,
+                        Err(RequestError::Fds {
+                            got: 1,
+                            want: 2,
+                            ..
+                        })
+                    )
+                },
+            ),
+            ("GET_CONFIG", msg(R::GET_CONFIG, &config(0, 6, 6), 0), |r| {
+                matches!(
+                    r,
+                    Ok(Request::GetConfig {
+                        offset: 0,
+                        size: 6,
+                        ..
+                    })
+                )
+            }),
+            (
+                "GET_CONFIG size mismatch",
+                msg(R::GET_CONFIG, &config(0, 6, 2), 0),
+                |r| matches!(r, Err(RequestError::Size { .. })),
+            ),
+            (
+                "GET_CONFIG short header",
+                msg(R::GET_CONFIG, &[0; 3], 0),
+                |r| matches!(r, Err(RequestError::Size { .. })),
+            ),
+            (
+                "SET_CONFIG",
+                msg(R::SET_CONFIG, &config(4, 2, 2), 0),
+                |r| matches!(r, Ok(Request::SetConfig { offset: 4, data, .. }) if data.len() == 2),
+            ),
+            (
+                "SET_LOG_BASE",
+                msg(R::SET_LOG_BASE, &words(&[4096, 0]), 1),
+                |r| {
+                    matches!(
+                        r,
+                        Ok(Request::SetLogBase {
+                            size: 4096,
+                            offset: 0,
+                            ..
+                        })
+                    )
+                },
+            ),
+            (
+                "SET_LOG_BASE without fd",
+                msg(R::SET_LOG_BASE, &words(&[4096, 0]), 0),
+                |r| matches!(r, Err(RequestError::Fds { .. })),
+            ),
+            (
+                "SET_LOG_BASE old u64 form",
+                msg(R::SET_LOG_BASE, &words(&[0]), 1),
+                |r| matches!(r, Err(RequestError::Size { .. })),
+            ),
+            ("SET_LOG_FD", msg(R::SET_LOG_FD, &[], 1), |r| {
+                matches!(r, Ok(Request::SetLogFd(_)))
+            }),
+            (
+                "SEND_RARP",
+                msg(R::SEND_RARP, &[0x52, 0x54, 0, 1, 2, 3, 0, 0], 0),
+                |r| matches!(r, Ok(Request::SendRarp([0x52, 0x54, 0, 1, 2, 3]))),
+            ),
+            (
+                "SET_BACKEND_REQ_FD",
+                msg(R::SET_BACKEND_REQ_FD, &[], 1),
+                |r| matches!(r, Ok(Request::SetBackendReqFd(_))),
+            ),
+            (
+                "SET_BACKEND_REQ_FD without fd",
+                msg(R::SET_BACKEND_REQ_FD, &[], 0),
+                |r| matches!(r, Err(RequestError::Fds { .. })),
+            ),
+            (
+                "SET_VRING_ENABLE",
+                msg(R::SET_VRING_ENABLE, &words(&[1 << 32 | 5]), 0),
+                |r| {
+                    matches!(
+                        r,
+                        Ok(Request::SetVringEnable {
+                            index: 5,
+                            enable: true
+                        })
+                    )
+                },
+            ),
+            (
+                "GET_INFLIGHT_FD (not implemented)",
+                msg(R::GET_INFLIGHT_FD, &[0; 24], 0),
+                |r| matches!(r, Ok(Request::Unsupported(_))),
+            ),
+        ];
+        for (what, message, check) in cases {
+            let result = parse(message);
+            assert!(check(&result), "{what}: {result:?}");
+        }
+        let unknown = Message {
+            header: Header {
+                request: 999,
+                flags: VERSION,
+                size: 0,
+            },
+            payload: Vec::new(),
+            fds: Vec::new(),
+        };
+        assert!(matches!(parse(unknown), Ok(Request::Unsupported(999))));
+    }
+
+    #[test]
+    fn failed_requests_with_a_body_answer_one() {
+        use FrontendReq as R;
+        let ring_7 = VhostUserVringState::new(7, 0).as_slice().to_vec();
+        assert_eq!(
+            failure_body(R::GET_VRING_BASE as u32, Some(7)),
+            Some(ring_7)
+        );
+        assert_eq!(failure_body(R::GET_CONFIG as u32, None), Some(Vec::new()));
+        assert_eq!(
+            failure_body(R::GET_FEATURES as u32, None),
+            Some(0u64.to_ne_bytes().to_vec())
+        );
+        assert_eq!(failure_body(R::SET_FEATURES as u32, None), None);
+        assert_eq!(failure_body(R::SET_VRING_KICK as u32, Some(1)), None);
+        assert_eq!(failure_body(999, None), None);
+    }
 }

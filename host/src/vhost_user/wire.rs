@@ -5,11 +5,9 @@
 //! crate's request handler) because the negotiated protocol state must be
 //! restorable after a live handover, which that handler does not allow.
 
-use nix::cmsg_space;
+use crate::fd_passing::{self, PassError};
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted (the `vhost` crate's MAX_MSG_SIZE). Bounded
@@ -112,34 +110,14 @@ fn recv_with_fds(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> Result<usize, WireError> {
-    let mut space = cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(Errno::EINTR) => continue,
-            other => break other.map_err(WireError::Io)?,
-        }
-    };
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    for cmsg in msg.cmsgs().map_err(WireError::Io)? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel just installed these fds in our table for
-            // us (SCM_RIGHTS); nothing else owns them.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    if truncated {
+    let got = fd_passing::recv(sock, buf, fds).map_err(|e| match e {
+        PassError::ControlTruncated => WireError::TooManyFds,
+        PassError::Io(errno) => WireError::Io(errno),
+    })?;
+    if fds.len() > MAX_FDS {
         return Err(WireError::TooManyFds);
     }
-    Ok(msg.bytes)
+    Ok(got)
 }
 
 fn read_exact(sock: BorrowedFd<'_>, buf: &mut [u8], already: usize) -> Result<(), WireError> {
@@ -174,33 +152,7 @@ pub fn send(
     fds: &[RawFd],
 ) -> Result<(), WireError> {
     let hdr = header.to_bytes();
-    let iov = [IoSlice::new(&hdr), IoSlice::new(payload)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() {
-        &[]
-    } else {
-        &[ControlMessage::ScmRights(fds)]
-    };
-    let total = HEADER_LEN + payload.len();
-    let sent = loop {
-        match sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Err(Errno::EINTR) => continue,
-            other => break other.map_err(WireError::Io)?,
-        }
-    };
-    if sent != total {
-        // A stream socket may take part of a message; send the rest plainly.
-        let mut rest = [&hdr[..], payload].concat();
-        rest.drain(..sent);
-        let mut off = 0;
-        while off < rest.len() {
-            match nix::sys::socket::send(sock.as_raw_fd(), &rest[off..], MsgFlags::MSG_NOSIGNAL) {
-                Ok(n) => off += n,
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(WireError::Io(e)),
-            }
-        }
-    }
-    Ok(())
+    fd_passing::send(sock, &[&hdr, payload], fds).map_err(WireError::Io)
 }
 
 /// A reply to `request`: flags VERSION|REPLY, exactly as frontends check.

@@ -30,6 +30,10 @@ pub enum MemoryError {
     /// mmap of a region failed.
     #[error("mapping memory region {region:?}: {error}")]
     Map { region: RegionInfo, error: String },
+    /// The region reaches past the end of its file: mapping it would work,
+    /// but the first access beyond the file would kill the process (SIGBUS).
+    #[error("memory region {region:?} reaches past the end of its file ({file_len} bytes)")]
+    PastEndOfFile { region: RegionInfo, file_len: u64 },
     /// Regions overlap or cannot form a guest address space.
     #[error("memory regions do not form a guest address space: {0}")]
     Layout(String),
@@ -68,6 +72,7 @@ impl GuestMemory {
                 return Err(MemoryError::BadRegion(*info));
             }
             let file = File::from(fd);
+            check_backed(&file, info)?;
             let mmap = MmapRegion::<()>::from_file(
                 FileOffset::new(file, info.mmap_offset),
                 info.memory_size as usize,
@@ -122,6 +127,24 @@ impl GuestMemory {
                 .then(|| GuestAddress(r.guest_phys_addr + offset))
         })
     }
+}
+
+/// A region must lie inside its file when the file is a regular one (a
+/// memfd, UML's physmem file, a file on hugetlbfs or tmpfs): the frontend
+/// chooses the numbers, and a page past the end would SIGBUS the datapath.
+fn check_backed(file: &File, info: &RegionInfo) -> Result<(), MemoryError> {
+    let meta = file.metadata().map_err(|e| MemoryError::Map {
+        region: *info,
+        error: e.to_string(),
+    })?;
+    let end = info.mmap_offset.saturating_add(info.memory_size);
+    if meta.file_type().is_file() && end > meta.len() {
+        return Err(MemoryError::PastEndOfFile {
+            region: *info,
+            file_len: meta.len(),
+        });
+    }
+    Ok(())
 }
 
 /// A guest buffer as host memory, for readv/writev. Its fields are private
