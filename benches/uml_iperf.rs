@@ -41,6 +41,7 @@ fn main() {
     hostdir.release("ready");
     let status = guest.wait(Duration::from_secs(60)).unwrap();
     let _ = server.kill();
+    let _ = server.wait();
     let json: serde_json::Value =
         serde_json::from_str(&hostdir.read("iperf.json")).unwrap_or_default();
     let bps = json["end"]["sum_sent"]["bits_per_second"].as_f64();

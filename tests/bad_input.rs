@@ -60,6 +60,10 @@ fn assert_pair0_works(rig: &mut Rig, sock: &UdpSocket, tag: u8) {
     assert_eq!(&buf[..n], &[tag; 50]);
 }
 
+/// Builds a chain from the reserved descriptor slots: (descriptors, index
+/// of the head among them).
+type ChainBuilder<'a> = dyn Fn(&[u16]) -> (Vec<RawDesc>, usize) + 'a;
+
 /// A chain of one descriptor, built without looking at the reserved slots.
 fn single(desc: RawDesc) -> impl Fn(&[u16]) -> (Vec<RawDesc>, usize) {
     move |_| (vec![desc], 0)
@@ -73,7 +77,7 @@ fn malformed_tx_chains_are_counted_and_skipped() {
     let buf = rig.nic.scratch(4096).0;
     let tx = QueueId::Tx(1);
     let mut expected = 0;
-    let mut send = |rig: &mut Rig, build: &dyn Fn(&[u16]) -> (Vec<RawDesc>, usize), n: usize| {
+    let mut send = |rig: &mut Rig, build: &ChainBuilder<'_>, n: usize| {
         let slots = rig.nic.reserve(tx, n);
         let (descs, head) = build(&slots);
         rig.nic.raw_chain(tx, &descs, &slots, slots[head]);

@@ -88,7 +88,7 @@ impl<'de> Deserialize<'de> for VlanTable {
                 f.write_str("the VLAN table as bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<VlanTable, E> {
-                if bytes.len() % 4 != 0 {
+                if !bytes.len().is_multiple_of(4) {
                     return Err(E::invalid_length(bytes.len(), &self));
                 }
                 let words = bytes

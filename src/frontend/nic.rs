@@ -140,7 +140,6 @@ impl Standby {
             userspace_addr: ram.host_address(),
             mmap_offset: 0,
             mmap_handle: ram.fd(),
-            ..Default::default()
         };
         fe.set_mem_table(&[region])?;
 

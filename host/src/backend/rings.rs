@@ -53,7 +53,7 @@ impl NetBackend {
         } else if index < data_queues {
             Some(Slot::Data {
                 pair: index / 2,
-                dir: if index % 2 == 0 {
+                dir: if index.is_multiple_of(2) {
                     Direction::Rx
                 } else {
                     Direction::Tx

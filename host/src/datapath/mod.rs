@@ -217,12 +217,13 @@ impl Datapath {
     pub fn stop_ring(&self, pair: usize, dir: Direction) -> Option<u16> {
         self.with_pair(pair, |st| {
             let ring = match dir {
-                Direction::Rx => st.rx.as_mut().map(|ring| {
+                Direction::Rx => {
+                    let ring = st.rx.as_mut()?;
                     st.rx_pending.rewind(ring);
                     ring
-                }),
-                Direction::Tx => st.tx.as_mut(),
-            }?;
+                }
+                Direction::Tx => st.tx.as_mut()?,
+            };
             let next = ring.queue.next_avail();
             match dir {
                 Direction::Rx => st.rx = None,

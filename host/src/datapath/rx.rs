@@ -213,10 +213,10 @@ pub fn process_rx(
 
 /// One `readv` from the TAP into `iov` (at most MAX_READ_SEGMENTS long).
 fn read_frame(tap: BorrowedFd<'_>, iov: &[IoVec]) -> Result<usize, Errno> {
+    let raw = IoVec::as_raw(iov);
     // SAFETY: the iovecs point into guest buffers the guest handed to the
     // device (device-writable, inside the guest memory the caller keeps
     // mapped for the call); the kernel writes at most their total length.
-    let raw = IoVec::as_raw(iov);
     let n = unsafe { libc::readv(tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
     if n < 0 {
         Err(Errno::last())

@@ -120,14 +120,14 @@ mod tests {
             [0xff; 6],
         ];
         for round in 0..4000 {
-            let bit = |rng: &mut Lcg| rng.next() % 4 == 0;
+            let bit = |rng: &mut Lcg| rng.next().is_multiple_of(4);
             let mut vlans = vec![0u32; 128];
             for _ in 0..rng.next() % 4 {
                 let vid = rng.pick(&[0u16, 1, 100, 4095]);
                 vlans[usize::from(vid / 32)] |= 1 << (vid % 32);
             }
             let filter = RxFilter {
-                promisc: rng.next() % 8 == 0,
+                promisc: rng.next().is_multiple_of(8),
                 all_multi: bit(&mut rng),
                 all_uni: bit(&mut rng),
                 no_multi: bit(&mut rng),

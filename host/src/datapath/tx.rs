@@ -99,10 +99,10 @@ fn send(ctx: &TxContext<'_>, iov: &[IoVec], len: u64, batch: &mut Batch) {
         batch.drops += 1;
         return;
     }
+    let raw = IoVec::as_raw(iov);
     // SAFETY: every iovec points into guest memory mapped by `ctx.mem`
     // (checked by `chain_iovecs`), which stays mapped for the call; writev
     // only reads from them.
-    let raw = IoVec::as_raw(iov);
     let written =
         unsafe { libc::writev(ctx.tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
     if written < 0 {

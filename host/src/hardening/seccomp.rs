@@ -54,11 +54,8 @@ pub fn filter(role: Role, mode: Mode) -> Result<Option<BpfProgram>, SeccompError
         Mode::Log => SeccompAction::Log,
         Mode::Off => return Ok(None),
     };
-    let arch =
-        TargetArch::try_from(std::env::consts::ARCH).map_err(|error| SeccompError::Build {
-            role,
-            error: error.into(),
-        })?;
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|error| SeccompError::Build { role, error })?;
     let filter = SeccompFilter::new(rules(role), mismatch, SeccompAction::Allow, arch)
         .map_err(|error| SeccompError::Build { role, error })?;
     let program: BpfProgram = filter

@@ -63,7 +63,7 @@ impl DirtyLog {
         if size == 0 || size > MAX_LOG_SIZE {
             return Err(LogError::Size(size));
         }
-        let aligned = offset % LOG_PAGE == 0;
+        let aligned = offset.is_multiple_of(LOG_PAGE);
         let file_offset = libc::off_t::try_from(offset).ok().filter(|_| aligned);
         let Some(file_offset) = file_offset.filter(|o| o.checked_add(size as i64).is_some()) else {
             return Err(LogError::Offset(offset));

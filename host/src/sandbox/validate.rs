@@ -128,7 +128,7 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
 /// Concatenated 6-byte addresses as a list of addresses (at most 64, so
 /// the copy is at most 384 bytes).
 fn mac_list(bytes: Vec<u8>, which: &str) -> Result<Vec<Mac>, String> {
-    if bytes.len() % 6 != 0 || bytes.len() / 6 > MAC_TABLE_ENTRIES {
+    if !bytes.len().is_multiple_of(6) || bytes.len() / 6 > MAC_TABLE_ENTRIES {
         return Err(format!("{which} address list of {} bytes", bytes.len()));
     }
     Ok(bytes.as_chunks::<6>().0.to_vec())
