@@ -10,7 +10,7 @@
 //!   its rings. The TAP never changes.
 //! - Migration that copies RAM: two sandnic processes on two TAPs on one
 //!   bridge; QEMU copies RAM under dirty logging while a TCP stream runs
-//!   into the guest, and the guest checks what it received.
+//!   into the guest, and the guest checks what it received (sha256).
 
 use sandnic::guest::{self, Kind, QemuOptions};
 use sandnic::harness::{skip, NetNs, Sandnic, ScratchDir};
@@ -313,7 +313,7 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
         device_props: vec!["guest_announce=off".into()],
         ..QemuOptions::default()
     };
-    let receive = "(nc -l -p 5000 | sha256sum | sed 's/^/GUEST-SUM /') &\niperf3 -s -D\n";
+    let receive = "(nc -l -p 5000 | sha256sum | sed 's/^/GUEST-SUM /') &\n";
     let script = guest_script(1, receive);
     let mut source =
         Vm::start("source", &dir_a.0, &sandnic_a.socket, &script, qemu.clone()).unwrap();
@@ -347,16 +347,6 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     let expected = sha256(&expected_file);
     let stream = connect_to_guest(&ns).unwrap();
     let sender = std::thread::spawn(move || send_paced(stream, &data));
-    // Numbered UDP datagrams (iperf3) into the guest as well: they must
-    // arrive in order (datagrams lost in the switch are allowed).
-    let udp = ns
-        .command("iperf3")
-        .args(["-c", GUEST_IP, "-u", "-b", "40M", "-l", "1200", "-t", "4"])
-        .args(["-J", "--get-server-output"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let ping = FloodPing::every(&ns, GUEST_IP, "0.002", &dir_a.path("ping.log")).unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let report = migrate(
@@ -368,18 +358,6 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     .unwrap_or_else(|e| panic!("{e:#}\n--- sandnic A ---\n{}", sandnic_a.log()));
     let sent = sender.join().expect("sender thread");
     sent.unwrap_or_else(|e| panic!("TCP stream into the guest broke: {e:#}"));
-    let udp = udp.wait_with_output().unwrap();
-    let udp: serde_json::Value = serde_json::from_slice(&udp.stdout).unwrap_or_default();
-    let server = &udp["end"]["streams"][0]["udp"];
-    eprintln!(
-        "UDP into the guest: {} datagrams, {} lost, {} out of order",
-        server["packets"], server["lost_packets"], server["out_of_order"]
-    );
-    assert!(
-        server["packets"].as_u64().unwrap_or(0) > 1000,
-        "iperf3: {udp}"
-    );
-    assert_eq!(server["out_of_order"], 0, "datagrams out of order: {udp}");
     destination
         .wait_console("GUEST-SUM", Duration::from_secs(60))
         .unwrap();
@@ -442,9 +420,11 @@ fn connect_to_guest(ns: &NetNs) -> anyhow::Result<std::net::TcpStream> {
     })
 }
 
-/// Writes `data` at about 8 MB/s, then closes the sending side.
+/// Writes `data` at about 8 MB/s, then closes the sending side. A guest
+/// that stops reading fails the write after 30 s instead of hanging.
 fn send_paced(mut stream: std::net::TcpStream, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     for chunk in data.chunks(64 << 10) {
         stream.write_all(chunk)?;
         std::thread::sleep(Duration::from_millis(8));

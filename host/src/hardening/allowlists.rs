@@ -203,3 +203,53 @@ fn not_executable(arg: u8) -> SeccompCondition {
 pub fn count(role: Role) -> usize {
     rules(role).len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_datapath_cannot_open_connect_spawn_exec_or_trace() {
+        let datapath = rules(Role::Datapath);
+        for nr in [
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_ioctl,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+        ] {
+            assert!(!datapath.contains_key(&nr), "datapath allows syscall {nr}");
+        }
+        // mmap and mprotect only with a condition (never executable).
+        assert!(datapath[&libc::SYS_mmap].len() == 1);
+        assert!(datapath[&libc::SYS_mprotect].len() == 1);
+    }
+
+    #[test]
+    fn the_control_thread_cannot_spawn_exec_trace_or_listen() {
+        let control = rules(Role::Control);
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_bind,
+            libc::SYS_listen,
+        ] {
+            assert!(!control.contains_key(&nr), "control allows syscall {nr}");
+        }
+        // socket: AF_UNIX only; ioctl: four request numbers.
+        assert_eq!(control[&libc::SYS_socket].len(), 1);
+        assert_eq!(control[&libc::SYS_ioctl].len(), 4);
+    }
+}
