@@ -215,10 +215,14 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
 }
 
 /// Binds a socket only sandnic's own user may connect to (the API, a
-/// handover's incoming socket).
-pub fn bind_private(path: &Path) -> Result<UnixListener, String> {
+/// handover's incoming socket): mode 0600, owned by the user sandnic will
+/// run as (`--user`; it is still root while it binds).
+pub fn bind_private(
+    path: &Path,
+    owner: Option<crate::hardening::privileges::Target>,
+) -> Result<UnixListener, String> {
     let listener = bind_unix(path)?;
-    crate::hardening::peer::owner_only(path)?;
+    crate::hardening::peer::owner_only(path, owner)?;
     Ok(listener)
 }
 

@@ -99,7 +99,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
     let mut server = match &opts.incoming {
         Some(path) => {
-            let listener = destination::listen(path).map_err(|e| ServeError::Runtime(e.into()))?;
+            let listener =
+                destination::listen(path, opts.user).map_err(|e| ServeError::Runtime(e.into()))?;
             // The source's fds arrive after the drop: nothing here needs
             // root, and the source checks that we run as its user.
             drop_privileges(&opts)?;
@@ -115,7 +116,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             incoming.resume();
             let api_listener = match (incoming.api_listener.take(), &opts.api) {
                 (Some(l), _) => Some(l),
-                (None, Some(path)) => Some(api::bind_private(path).map_err(usage)?),
+                (None, Some(path)) => Some(api::bind_private(path, opts.user).map_err(usage)?),
                 (None, None) => None,
             };
             if let Some(conn) = &incoming.connection {
@@ -209,7 +210,7 @@ fn fresh(
     files.0.push(socket.clone());
     let api_listener = match &opts.api {
         Some(path) => {
-            let l = api::bind_private(path).map_err(usage)?;
+            let l = api::bind_private(path, opts.user).map_err(usage)?;
             files.0.push(path.clone());
             Some(l)
         }

@@ -48,9 +48,13 @@ pub enum IncomingError {
 }
 
 /// Waits for one source on `path` and takes over its device.
-/// Binds the socket a source will hand its device to (owner only).
-pub fn listen(path: &Path) -> Result<UnixListener, IncomingError> {
-    crate::api::bind_private(path).map_err(|error| IncomingError::Listen {
+/// Binds the socket a source will hand its device to (owner only: the
+/// user this process will run as).
+pub fn listen(
+    path: &Path,
+    owner: Option<crate::hardening::privileges::Target>,
+) -> Result<UnixListener, IncomingError> {
+    crate::api::bind_private(path, owner).map_err(|error| IncomingError::Listen {
         path: path.into(),
         error,
     })

@@ -24,9 +24,14 @@ pub fn same_user(socket: &impl AsFd) -> Result<(), String> {
     }
 }
 
-/// Makes a socket file reachable by its owner only.
-pub fn owner_only(path: &Path) -> Result<(), String> {
+/// Makes a socket file reachable by its owner only: `owner` (the user
+/// sandnic is about to become), or the current user.
+pub fn owner_only(path: &Path, owner: Option<super::privileges::Target>) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
+    if let Some(t) = owner {
+        nix::unistd::chown(path, Some(t.uid), Some(t.gid))
+            .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod 600 {}: {e}", path.display()))
 }
