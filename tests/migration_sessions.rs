@@ -157,6 +157,20 @@ fn the_standby_takes_over_when_the_first_leaves_running() {
         dir,
     } = rig;
     drop(nic);
+    // Start only once sandnic has seen the first frontend go: before that
+    // it still drives the device, and the standby would rightly be refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sandnic.api(serde_json::json!({"cmd": "status"})).unwrap()["sessions"]
+        .as_array()
+        .map_or(0, Vec::len)
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first frontend's exit not seen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut rig = Rig {
         nic: standby.start().unwrap(),
         sandnic,
