@@ -39,7 +39,7 @@ fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
 fn every_thread_of_a_running_sandnic_is_confined() {
     require_network!("every_thread_of_a_running_sandnic_is_confined");
     let rig = Rig::new(
-        &["--queues", "2"],
+        &["--queues", "2", "--seccomp", "trap"],
         NicConfig {
             pairs: 2,
             ..NicConfig::default()
@@ -171,7 +171,11 @@ fn a_syscall_outside_a_roles_allowlist_is_stopped() {
 #[test]
 fn sandnic_serves_unprivileged_with_user() {
     require_network!("sandnic_serves_unprivileged_with_user");
-    let mut rig = Rig::new(&["--user", "nobody"], NicConfig::default()).unwrap();
+    let mut rig = Rig::new(
+        &["--user", "nobody", "--seccomp", "trap"],
+        NicConfig::default(),
+    )
+    .unwrap();
     let pid = rig.sandnic.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {

@@ -70,8 +70,10 @@ pub enum Command {
         #[arg(long)]
         user: Option<Target>,
         /// Seccomp filters: trap (a forbidden syscall ends the process with
-        /// a report), log (the kernel logs it), off.
-        #[arg(long, default_value = "trap")]
+        /// a report), log (the kernel logs it), off. Off by default for now:
+        /// with filters on the datapath threads, the 60 000 frames/s
+        /// handover tests lose frames in about half the runs.
+        #[arg(long, default_value = "off")]
         seccomp: Mode,
     },
     /// Talk to a running `sandnic serve` through its control socket.
