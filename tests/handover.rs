@@ -13,8 +13,11 @@ use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// Frames per second in each direction (the issue asks for at least 50k).
-const RATE: u64 = 60_000;
+/// Frames per second in each direction: the 50 000 the handover issue asks
+/// for. At 60 000 the datapath thread on this 2-core machine sometimes fell
+/// behind the TAP queue (frames dropped by the kernel, not lost by sandnic),
+/// which made the test depend on timing.
+const RATE: u64 = 50_000;
 const DURATION: Duration = Duration::from_millis(1500);
 
 fn rig() -> Rig {
