@@ -480,20 +480,7 @@ fn malformed_control_commands_and_chains() {
 }
 
 fn raw_request(fd: BorrowedFd<'_>, request: u32, payload: &[u8]) -> Vec<u8> {
-    wire::send(
-        fd,
-        Header {
-            request,
-            flags: VERSION | NEED_REPLY,
-            size: payload.len() as u32,
-        },
-        payload,
-        &[],
-    )
-    .unwrap();
-    let reply = wire::recv(fd).unwrap();
-    assert_eq!(reply.header.request, request);
-    reply.payload
+    request_with_fds(fd, request, payload, &[])
 }
 
 #[test]
@@ -590,7 +577,9 @@ fn request_with_fds(
         size: payload.len() as u32,
     };
     wire::send(fd, header, payload, fds).unwrap();
-    wire::recv(fd).unwrap().payload
+    let reply = wire::recv(fd).unwrap();
+    assert_eq!(reply.header.request, request);
+    reply.payload
 }
 
 fn memfd(len: i64) -> std::os::fd::OwnedFd {
