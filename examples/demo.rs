@@ -81,14 +81,7 @@ fn run() -> anyhow::Result<()> {
     pause();
 
     let v2_arg = v2.to_str().unwrap_or_default().to_string();
-    let next = [
-        "--component",
-        v2_arg.as_str(),
-        "--user",
-        UNPRIVILEGED_USER,
-        "--seccomp",
-        "trap",
-    ];
+    let next = ["--component", v2_arg.as_str(), "--user", UNPRIVILEGED_USER];
     let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &next)?;
     let h1 = first.handover(&path, false)?;
     ok(&h1, "first handover")?;

@@ -352,14 +352,7 @@ impl GuestRig {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.88.0.1/24")?;
         let dir = ScratchDir::new()?;
-        let mut args = vec![
-            "--tap",
-            "tap0",
-            "--user",
-            crate::harness::UNPRIVILEGED_USER,
-            "--seccomp",
-            "trap",
-        ];
+        let mut args = vec!["--tap", "tap0", "--user", crate::harness::UNPRIVILEGED_USER];
         args.extend_from_slice(serve_args);
         let sandnic = Sandnic::serve(&ns, &dir, &args)?;
         let hostdir = HostDir(dir.path("share"));

@@ -372,8 +372,19 @@ pub struct Sandnic {
 
 impl Sandnic {
     /// Starts `sandnic serve` in `ns` with `args` added, and waits for its
-    /// sockets to appear.
+    /// sockets to appear. The device's MAC is the tests' usual
+    /// 52:54:00:12:34:56 (RIG_GUEST_MAC) unless `args` give one.
     pub fn serve(ns: &NetNs, dir: &ScratchDir, args: &[&str]) -> anyhow::Result<Self> {
+        let mut args = args.to_vec();
+        if !args.contains(&"--mac") {
+            args.extend(["--mac", "52:54:00:12:34:56"]);
+        }
+        Self::serve_exactly(ns, dir, &args)
+    }
+
+    /// `serve` with `args` and nothing else (the device derives its MAC
+    /// when they give none).
+    pub fn serve_exactly(ns: &NetNs, dir: &ScratchDir, args: &[&str]) -> anyhow::Result<Self> {
         let socket = dir.path("vhost.sock");
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");

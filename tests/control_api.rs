@@ -174,3 +174,42 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
         "the running server's socket is untouched"
     );
 }
+
+/// `sandnic inspect FILE` reads every shipped fixture (states of every
+/// released version) with no `--component`: the binary carries a component
+/// per state version.
+#[test]
+fn inspect_reads_every_fixture_without_flags() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "msgpack") {
+            continue;
+        }
+        let out = Command::new(sandnic_binary())
+            .arg("inspect")
+            .arg(&path)
+            .env(
+                "SANDNIC_CACHE_DIR",
+                std::env::temp_dir().join("sandnic-test-cache"),
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{}: {stderr}", path.display());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{}: {e}: {stderr}", path.display()));
+        assert!(json.get("mac").is_some(), "{}: {json}", path.display());
+        // device-state-vN.msgpack holds state version N.
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if let Some(version) = stem
+            .rsplit_once("-v")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+        {
+            assert_eq!(json["version"], version, "{}: {json}", path.display());
+        }
+        read += 1;
+    }
+    assert!(read >= 2, "the v1 and v2 fixtures at least");
+}

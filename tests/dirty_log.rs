@@ -31,7 +31,7 @@ fn config() -> NicConfig {
 }
 
 fn rig() -> Rig {
-    Rig::new(&["--seccomp", "trap"], config()).expect("rig")
+    Rig::new(&[], config()).expect("rig")
 }
 
 fn log_file(len: u64) -> File {

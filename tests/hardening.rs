@@ -39,7 +39,7 @@ fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
 fn every_thread_of_a_running_sandnic_is_confined() {
     require_network!("every_thread_of_a_running_sandnic_is_confined");
     let rig = Rig::new(
-        &["--queues", "2", "--seccomp", "trap"],
+        &["--queues", "2"],
         NicConfig {
             pairs: 2,
             ..NicConfig::default()
@@ -66,7 +66,13 @@ fn every_thread_of_a_running_sandnic_is_confined() {
 /// Forks; the child puts `role`'s filter (trap mode) on itself and runs
 /// `call`; returns the child's exit code.
 fn in_confined_child(role: Role, call: impl FnOnce() -> i32) -> i32 {
-    let program = seccomp::filter(role, Mode::Trap).unwrap().unwrap();
+    in_child_with_filter(role, Mode::Trap, call)
+}
+
+/// Forks; the child puts `role`'s filter in `mode` on itself and runs
+/// `call`; returns the child's exit code.
+fn in_child_with_filter(role: Role, mode: Mode, call: impl FnOnce() -> i32) -> i32 {
+    let program = seccomp::filter(role, mode).unwrap().unwrap();
     // SAFETY: the child only applies the prebuilt filter (prctl, seccomp),
     // makes one syscall and leaves with _exit; it touches no lock another
     // thread of this test process could hold.
@@ -87,12 +93,6 @@ fn in_confined_child(role: Role, call: impl FnOnce() -> i32) -> i32 {
             }
         }
     }
-}
-
-fn inet_socket() -> i32 {
-    // SAFETY: plain syscall; the fd (if any) is not used.
-    unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    0
 }
 
 fn open_a_file() -> i32 {
@@ -127,6 +127,18 @@ fn eventfd_round_trip() -> impl FnOnce() -> i32 {
     }
 }
 
+/// 0 when an AF_INET socket could be made.
+fn inet_socket_made() -> i32 {
+    // SAFETY: plain syscall; the fd is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return 1;
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is not used again.
+    unsafe { libc::close(fd) };
+    0
+}
+
 fn unix_socket() -> i32 {
     // SAFETY: plain syscall.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
@@ -136,7 +148,7 @@ fn unix_socket() -> i32 {
 #[test]
 fn a_syscall_outside_a_roles_allowlist_is_stopped() {
     assert_eq!(
-        in_confined_child(Role::Datapath, inet_socket),
+        in_confined_child(Role::Datapath, inet_socket_made),
         VIOLATION_EXIT,
         "datapath: socket"
     );
@@ -151,7 +163,7 @@ fn a_syscall_outside_a_roles_allowlist_is_stopped() {
         "datapath: executable memory"
     );
     assert_eq!(
-        in_confined_child(Role::Control, inet_socket),
+        in_confined_child(Role::Control, inet_socket_made),
         VIOLATION_EXIT,
         "control: AF_INET"
     );
@@ -168,14 +180,29 @@ fn a_syscall_outside_a_roles_allowlist_is_stopped() {
     );
 }
 
+/// `--seccomp log`: the forbidden call goes through (the kernel logs it),
+/// and the filter is on all the same (the same child in trap mode dies).
+#[test]
+fn log_mode_lets_a_forbidden_syscall_through() {
+    assert_eq!(
+        in_child_with_filter(Role::Datapath, Mode::Log, inet_socket_made),
+        0,
+        "datapath, log mode: socket(AF_INET) made"
+    );
+    assert_eq!(
+        in_child_with_filter(Role::Datapath, Mode::Trap, inet_socket_made),
+        VIOLATION_EXIT,
+        "datapath, trap mode: socket(AF_INET) stopped"
+    );
+    assert!(seccomp::filter(Role::Datapath, Mode::Off)
+        .unwrap()
+        .is_none());
+}
+
 #[test]
 fn sandnic_serves_unprivileged_with_user() {
     require_network!("sandnic_serves_unprivileged_with_user");
-    let mut rig = Rig::new(
-        &["--user", "nobody", "--seccomp", "trap"],
-        NicConfig::default(),
-    )
-    .unwrap();
+    let mut rig = Rig::new(&["--user", "nobody"], NicConfig::default()).unwrap();
     let pid = rig.sandnic.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {

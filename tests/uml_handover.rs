@@ -43,7 +43,7 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
     settle();
 
     // Handover 1: the builtin (v1) component moves to a new process.
-    let user = ["--user", UNPRIVILEGED_USER, "--seccomp", "trap"];
+    let user = ["--user", UNPRIVILEGED_USER];
     let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &user).unwrap();
     let reply = first.handover(&path, false).unwrap();
     assert_eq!(reply["ok"], true, "{reply}\n{}", second.log());
@@ -60,14 +60,7 @@ fn uml_guest_keeps_its_network_through_handover_swap_handover() {
         &dir,
         "third",
         &second,
-        &[
-            "--component",
-            &v2_arg,
-            "--user",
-            UNPRIVILEGED_USER,
-            "--seccomp",
-            "trap",
-        ],
+        &["--component", &v2_arg, "--user", UNPRIVILEGED_USER],
     )
     .unwrap();
     let reply2 = second.handover(&path, false).unwrap();

@@ -3,6 +3,7 @@
 use crate::datapath::DatapathOptions;
 use crate::hardening::privileges::Target;
 use crate::hardening::seccomp::Mode;
+use crate::sandbox::components::RELEASED;
 use crate::sandbox::{ComponentSource, Runtime, SandboxedDevice};
 use crate::serve::{serve, ServeError, ServeOptions, TapSource};
 use clap::{Parser, Subcommand};
@@ -10,6 +11,7 @@ use sandnic_device::Mac;
 use sandnic_device::{Compat, DeviceConfig, Offloads};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,22 +28,25 @@ pub struct Cli {
 pub enum Command {
     /// Serve a virtio-net device over vhost-user, backed by a TAP device.
     Serve {
-        /// Listen here as the vhost-user server.
-        #[arg(
-            long,
-            required_unless_present = "incoming",
-            conflicts_with = "incoming"
-        )]
+        /// Listen here as the vhost-user server. Not needed when the socket
+        /// is inherited: systemd socket activation (picked up by itself) or
+        /// --socket-fd.
+        #[arg(long, conflicts_with = "incoming")]
         socket: Option<PathBuf>,
+        /// Serve vhost-user on this inherited, listening UNIX socket fd
+        /// (opened by a manager such as libvirt).
+        #[arg(long, conflicts_with_all = ["socket", "incoming"])]
+        socket_fd: Option<i32>,
         /// An existing TAP device to attach to (one queue per queue pair).
         #[arg(long, conflicts_with_all = ["tap_fd", "incoming"], required_unless_present_any = ["tap_fd", "incoming"])]
         tap: Option<String>,
         /// TAP queue fds opened by the caller, one per queue pair.
         #[arg(long, value_delimiter = ',')]
         tap_fd: Vec<i32>,
-        /// The device's MAC address.
-        #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
-        mac: Mac,
+        /// The device's MAC address. Without it: a locally administered
+        /// one derived from this machine's id and the TAP's name.
+        #[arg(long, value_parser = parse_mac)]
+        mac: Option<Mac>,
         /// Queue pairs (multiqueue when more than one).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         queues: u16,
@@ -54,6 +59,9 @@ pub enum Command {
         /// JSON-lines control socket.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// The control socket as an inherited, listening UNIX socket fd.
+        #[arg(long, conflicts_with_all = ["api", "incoming"])]
+        api_fd: Option<i32>,
         /// Take over a running device: wait on this socket for `handover`
         /// from another sandnic, and open nothing until then.
         #[arg(long)]
@@ -69,11 +77,9 @@ pub enum Command {
         /// Run as USER[:GROUP] once the TAP and the sockets are open.
         #[arg(long)]
         user: Option<Target>,
-        /// Seccomp filters: trap (a forbidden syscall ends the process with
-        /// a report), log (the kernel logs it), off. Off by default for now:
-        /// with filters on the datapath threads, the 60 000 frames/s
-        /// handover tests lose frames in about half the runs.
-        #[arg(long, default_value = "off")]
+        /// Seccomp filters on every thread: trap (a forbidden syscall ends
+        /// the process with a report), log (the kernel logs it), off.
+        #[arg(long, default_value = "trap")]
         seccomp: Mode,
     },
     /// Talk to a running `sandnic serve` through its control socket.
@@ -87,8 +93,8 @@ pub enum Command {
     Inspect {
         /// The saved state (as written by `save`, a handover or a fixture).
         file: PathBuf,
-        /// Decode with this component instead of the builtin one (a newer
-        /// component understands newer state versions).
+        /// Decode with this component instead of the released ones built
+        /// into the binary (which cover every released state version).
         #[arg(long)]
         component: Option<PathBuf>,
     },
@@ -149,6 +155,8 @@ pub fn main() -> ExitCode {
         Command::Inspect { file, component } => inspect(&file, component),
         Command::Serve {
             socket,
+            socket_fd,
+            api_fd,
             tap,
             tap_fd,
             mac,
@@ -169,6 +177,8 @@ pub fn main() -> ExitCode {
             };
             let opts = ServeOptions {
                 socket,
+                socket_fd,
+                api_fd,
                 tap,
                 mac,
                 queues,
@@ -253,14 +263,36 @@ fn inspect(file: &PathBuf, component: Option<PathBuf>) -> anyhow::Result<()> {
     use anyhow::Context;
     let blob = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let runtime = Runtime::with_defaults()?;
-    let source = component.map_or(ComponentSource::Builtin, ComponentSource::File);
-    let component = runtime.load(&source)?;
-    let mut device = SandboxedDevice::new(runtime, component, placeholder_config())?;
-    let json = device
-        .describe(&blob)
-        .with_context(|| format!("{} is not a valid device state", file.display()))?;
+    let json = match component {
+        Some(path) => describe(&runtime, &ComponentSource::File(path), &blob),
+        None => describe_with_a_release(&runtime, &blob),
+    }
+    .with_context(|| format!("{} is not a valid device state", file.display()))?;
     println!("{json}");
     Ok(())
+}
+
+/// Decodes `blob` with the first released component that reads it; when
+/// none does, the newest one's error (it reads the most versions).
+fn describe_with_a_release(runtime: &Arc<Runtime>, blob: &[u8]) -> anyhow::Result<String> {
+    let mut last = None;
+    for release in &RELEASED {
+        match describe(runtime, &ComponentSource::Released(release), blob) {
+            Ok(json) => return Ok(json),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no released component")))
+}
+
+fn describe(
+    runtime: &Arc<Runtime>,
+    source: &ComponentSource,
+    blob: &[u8],
+) -> anyhow::Result<String> {
+    let component = runtime.load(source)?;
+    let mut device = SandboxedDevice::new(runtime.clone(), component, placeholder_config())?;
+    Ok(device.describe(blob)?)
 }
 
 /// `describe` does not depend on the device's configuration; any valid one

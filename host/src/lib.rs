@@ -11,6 +11,9 @@
 //! - `hardening/` — privilege drop and per-thread seccomp allowlists
 //! - `fd_passing.rs` — fds over UNIX sockets (SCM_RIGHTS), both ways
 //! - `tap.rs` — the TAP device
+//! - `default_mac.rs` — the device's MAC when `--mac` gives none
+//! - `daemon/` — inherited sockets (systemd socket activation, `--socket-fd`)
+//!   and readiness notifications (`sd_notify`)
 //! - `serve.rs` — `sandnic serve`'s event loop
 //! - `api.rs` — the JSON-lines control API and `sandnic ctl`
 //! - `cli.rs` — command-line interface of the `sandnic` binary
@@ -18,7 +21,9 @@
 pub mod api;
 pub mod backend;
 pub mod cli;
+pub mod daemon;
 pub mod datapath;
+pub mod default_mac;
 pub mod fd_passing;
 pub mod handover;
 pub mod hardening;

@@ -4,6 +4,8 @@
 
 use crate::api::{self, ApiClient, ApiContext, HandoverRequest};
 use crate::backend::{NetBackend, Outcome, SessionId};
+use crate::daemon::inherited_sockets;
+use crate::daemon::notify::Notifier;
 use crate::datapath::DatapathOptions;
 use crate::handover::{destination, source};
 use crate::hardening::allowlists::Role;
@@ -33,8 +35,13 @@ pub enum TapSource {
 pub struct ServeOptions {
     /// The vhost-user socket (not with `incoming`: it comes with the device).
     pub socket: Option<PathBuf>,
+    /// Inherited listening sockets (`--socket-fd`, `--api-fd`); systemd's
+    /// socket activation needs no option.
+    pub socket_fd: Option<RawFd>,
+    pub api_fd: Option<RawFd>,
     pub tap: Option<TapSource>,
-    pub mac: Mac,
+    /// None: derived from the machine and the TAP name (`default_mac`).
+    pub mac: Option<Mac>,
     pub queues: u16,
     pub mtu: Option<u16>,
     pub component: Option<PathBuf>,
@@ -90,6 +97,7 @@ impl Drop for SocketFiles {
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
     seccomp::install_violation_reporter();
+    let notifier = Notifier::from_env().map_err(usage)?;
     let signals = block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
     let source = opts
@@ -140,8 +148,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
     };
     confine(&opts, &server.backend).map_err(ServeError::Runtime)?;
+    if let Some(notifier) = &notifier {
+        notifier.ready();
+    }
     match server.run().map_err(ServeError::Runtime)? {
-        Exit::Signal => Ok(()),
+        Exit::Signal => {
+            if let Some(notifier) = &notifier {
+                notifier.stopping();
+            }
+            let rings = server.backend.stop_for_exit();
+            info!(rings, "rings stopped, used entries published; exiting");
+            Ok(())
+        }
         Exit::HandedOver => {
             // The destination owns the sockets (and their files) now.
             server.socket_files.0.clear();
@@ -190,37 +208,64 @@ fn fresh(
     signals: SignalFd,
 ) -> Result<Server, ServeError> {
     let usage = |e: String| ServeError::Usage(e);
-    let socket = opts
-        .socket
-        .clone()
-        .ok_or_else(|| usage("--socket is required (or --incoming)".into()))?;
+    let claimed = match &opts.tap {
+        Some(TapSource::Fds(fds)) => fds.as_slice(),
+        _ => &[],
+    };
+    let inherited = inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed).map_err(usage)?;
     let tap = Arc::new(open_tap(opts)?);
     let config = DeviceConfig {
-        mac: opts.mac,
+        mac: opts
+            .mac
+            .unwrap_or_else(|| crate::default_mac::for_tap(tap.name())),
         max_queue_pairs: opts.queues,
         mtu: opts.mtu,
         backend_offloads: tap.offload_caps(),
         compat: Compat::default(),
     };
     config.validate().map_err(usage)?;
+    let mac = config.mac;
     let device =
         SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
     let mut files = SocketFiles(Vec::new());
-    let listener = api::bind_unix(&socket).map_err(usage)?;
-    files.0.push(socket.clone());
-    let api_listener = match &opts.api {
-        Some(path) => {
+    let listener = match (inherited.vhost_user, &opts.socket) {
+        (Some(listener), None) => listener,
+        (None, Some(path)) => {
+            let listener = api::bind_unix(path).map_err(usage)?;
+            files.0.push(path.clone());
+            listener
+        }
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "--socket given, but the vhost-user socket is socket-activated".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(usage(
+                "--socket, --socket-fd or a socket-activated vhost-user socket is required (or --incoming)".into(),
+            ))
+        }
+    };
+    let api_listener = match (inherited.api, &opts.api) {
+        (Some(listener), None) => Some(listener),
+        (None, Some(path)) => {
             let l = api::bind_private(path, opts.user).map_err(usage)?;
             files.0.push(path.clone());
             Some(l)
         }
-        None => None,
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "--api given, but the API socket is socket-activated".into(),
+            ))
+        }
+        (None, None) => None,
     };
     let backend =
         NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
     info!(
-        socket = %socket.display(),
+        socket = %listener_name(&listener),
         tap = tap.name(),
+        mac = %sandnic_device::format_mac(&mac),
         queues = opts.queues,
         offloads = ?tap.offload_caps(),
         component = %backend.device().info().version,
@@ -235,6 +280,17 @@ fn fresh(
         None,
         files,
     ))
+}
+
+/// Where a listener listens, for the log.
+fn listener_name(listener: &UnixListener) -> String {
+    match listener.local_addr() {
+        Ok(addr) => match addr.as_pathname() {
+            Some(path) => path.display().to_string(),
+            None => format!("{addr:?}"),
+        },
+        Err(e) => format!("? ({e})"),
+    }
 }
 
 fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {

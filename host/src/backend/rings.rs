@@ -100,6 +100,17 @@ impl NetBackend {
         }
     }
 
+    /// Stops the driving session's rings before sandnic exits (SIGTERM):
+    /// the datapath halts at a batch boundary with every used entry
+    /// published, RX buffers taken ahead go back to the guest. Returns how
+    /// many rings were running.
+    pub fn stop_for_exit(&mut self) -> usize {
+        self.focus_driver();
+        (0..self.session.vrings.len())
+            .filter(|&index| self.stop_ring(index).is_some())
+            .count()
+    }
+
     /// Brings ring `index` in line with its configuration: restarts it if
     /// it should run, leaves it stopped otherwise. Refused while the other
     /// session drives the device.

@@ -6,6 +6,30 @@ pub const BUILTIN: &[u8] = include_bytes!(concat!(
     "/sandnic_device.wasm"
 ));
 
+/// A released device component embedded in the binary.
+#[derive(Debug)]
+pub struct Released {
+    pub version: &'static str,
+    pub bytes: &'static [u8],
+}
+
+/// Every released device component, oldest first, at least one per state
+/// version: `sandnic inspect` decodes a saved state with the first one that
+/// reads it, so the binary reads every state its releases can write.
+pub const RELEASED: [Released; 2] = [
+    Released {
+        version: "0.1.0",
+        bytes: BUILTIN,
+    },
+    Released {
+        version: "0.2.0",
+        bytes: include_bytes!(concat!(
+            env!("SANDNIC_COMPONENT_DIR"),
+            "/sandnic_device_v2.wasm"
+        )),
+    },
+];
+
 /// Components built alongside for tests, benches and the demo: device
 /// version 2 and the deliberately hostile one. They live in the build tree.
 pub mod built {

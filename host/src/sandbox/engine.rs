@@ -23,6 +23,8 @@ use wasmtime::{Config, Engine};
 pub enum ComponentSource {
     /// The device component built into this binary.
     Builtin,
+    /// One of the released components embedded for `inspect`.
+    Released(&'static super::components::Released),
     File(PathBuf),
 }
 
@@ -92,6 +94,7 @@ impl Runtime {
             ComponentSource::Builtin => {
                 (super::components::BUILTIN.to_vec(), "builtin".to_string())
             }
+            ComponentSource::Released(r) => (r.bytes.to_vec(), format!("released {}", r.version)),
             ComponentSource::File(path) => (
                 std::fs::read(path)
                     .with_context(|| format!("reading component {}", path.display()))?,
