@@ -379,12 +379,17 @@ impl Sandnic {
         if !args.contains(&"--mac") {
             args.extend(["--mac", "52:54:00:12:34:56"]);
         }
-        Self::serve_exactly(ns, dir, &args)
+        Self::serve_exactly(ns, dir, &args, &[])
     }
 
     /// `serve` with `args` and nothing else (the device derives its MAC
-    /// when they give none).
-    pub fn serve_exactly(ns: &NetNs, dir: &ScratchDir, args: &[&str]) -> anyhow::Result<Self> {
+    /// when they give none), and environment variables `env` added.
+    pub fn serve_exactly(
+        ns: &NetNs,
+        dir: &ScratchDir,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let socket = dir.path("vhost.sock");
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
@@ -393,7 +398,8 @@ impl Sandnic {
             .arg(&socket)
             .arg("--api")
             .arg(&api)
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let child = spawn(cmd).context("spawning sandnic serve")?;
         let mut me = Self {
             child,
@@ -424,10 +430,25 @@ impl Sandnic {
         source: &Sandnic,
         args: &[&str],
     ) -> anyhow::Result<(Self, PathBuf)> {
+        Self::incoming_with_env(ns, dir, name, source, args, &[])
+    }
+
+    /// `incoming` with environment variables added (`NOTIFY_SOCKET`).
+    pub fn incoming_with_env(
+        ns: &NetNs,
+        dir: &ScratchDir,
+        name: &str,
+        source: &Sandnic,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<(Self, PathBuf)> {
         let incoming = dir.path(&format!("{name}.handover"));
         let log = dir.path(&format!("{name}.log"));
         let mut cmd = serve_command(ns, &log)?;
-        cmd.arg("--incoming").arg(&incoming).args(args);
+        cmd.arg("--incoming")
+            .arg(&incoming)
+            .args(args)
+            .envs(env.iter().copied());
         let child = spawn(cmd).context("spawning sandnic serve --incoming")?;
         let mut me = Self {
             child,

@@ -31,8 +31,8 @@ fn each_device_gets_its_own_mac_and_keeps_it() {
     ns.add_tap("tap0", "10.93.0.1/24").unwrap();
     ns.add_tap("tap1", "10.93.1.1/24").unwrap();
     let (dir0, dir1) = (ScratchDir::new().unwrap(), ScratchDir::new().unwrap());
-    let first = Sandnic::serve_exactly(&ns, &dir0, &["--tap", "tap0"]).unwrap();
-    let second = Sandnic::serve_exactly(&ns, &dir1, &["--tap", "tap1"]).unwrap();
+    let first = Sandnic::serve_exactly(&ns, &dir0, &["--tap", "tap0"], &[]).unwrap();
+    let second = Sandnic::serve_exactly(&ns, &dir1, &["--tap", "tap1"], &[]).unwrap();
     let (mac0, mac1) = (status_mac(&first), status_mac(&second));
     assert_ne!(mac0, mac1, "two TAPs, two MACs");
     for mac in [&mac0, &mac1] {
@@ -57,7 +57,7 @@ fn each_device_gets_its_own_mac_and_keeps_it() {
 
     // The same TAP after a restart: the same MAC.
     drop(first);
-    let first = Sandnic::serve_exactly(&ns, &dir0, &["--tap", "tap0"]).unwrap();
+    let first = Sandnic::serve_exactly(&ns, &dir0, &["--tap", "tap0"], &[]).unwrap();
     assert_eq!(status_mac(&first), mac0, "stable across restarts");
 
     // Swap and handover keep it: the driver sees the same config space.

@@ -1,0 +1,305 @@
+//! sandnic under a service manager: sockets inherited through systemd
+//! socket activation (Debian's `systemd-socket-activate`) or named with
+//! `--socket-fd` / `--api-fd`, the `sd_notify` messages (READY with the main
+//! pid, the new main pid after a handover, STOPPING), and a clean exit on
+//! SIGTERM (rings stopped; socket files removed only when sandnic made them).
+
+use sandnic::frames;
+use sandnic::frontend::{NicConfig, TestNic};
+use sandnic::harness::{sandnic_binary, spawn, NetNs, Rig, Sandnic, ScratchDir};
+use sandnic::require_network;
+use serde_json::json;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+/// The test's stand-in for systemd's notification socket.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn new(dir: &ScratchDir) -> Self {
+        let path = dir.path("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Self { socket, path }
+    }
+
+    /// The next message carrying the line `line`, skipping others.
+    fn wait_for(&self, line: &str) -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {line} notification: {e}"));
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if message.lines().any(|l| l == line) {
+                return message;
+            }
+        }
+    }
+
+    /// Messages that arrive within `wait`.
+    fn drain(&self, wait: Duration) -> Vec<String> {
+        self.socket.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut out = Vec::new();
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+}
+
+fn main_pid(message: &str) -> u32 {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {message:?}"))
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "sandnic did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn terminate(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+/// A frame from the frontend reaches the host through the TAP.
+fn frame_reaches_the_host(ns: &NetNs, nic: &mut TestNic, port: u16) {
+    let sock = ns
+        .inside(|| Ok(std::net::UdpSocket::bind(("10.94.0.1", port))?))
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let frame = frames::udp_frame(
+        ns.mac_of("tap0").unwrap(),
+        [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+        ([10, 94, 0, 2], [10, 94, 0, 1]),
+        (5000, port),
+        b"through an inherited socket",
+    );
+    nic.send(0, &frame).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut buf).expect("the frame arrived");
+    assert_eq!(&buf[..n], b"through an inherited socket");
+}
+
+fn network() -> NetNs {
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.94.0.1/24").unwrap();
+    ns
+}
+
+fn test_cache() -> PathBuf {
+    std::env::temp_dir().join("sandnic-test-cache")
+}
+
+fn wait_for_file(path: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn socket_activated_sandnic_serves_a_frontend() {
+    require_network!("socket_activated_sandnic_serves_a_frontend");
+    if !Path::new(SOCKET_ACTIVATE).exists() {
+        sandnic::harness::skip(
+            "socket_activated_sandnic_serves_a_frontend",
+            "systemd-socket-activate is missing (Debian package systemd)",
+        );
+        return;
+    }
+    let ns = network();
+    let dir = ScratchDir::new().unwrap();
+    let notify = NotifySocket::new(&dir);
+    let (vhost, api, log) = (
+        dir.path("vhost.sock"),
+        dir.path("api.sock"),
+        dir.path("sandnic.log"),
+    );
+    // As systemd would: the sockets are the activator's, named as the
+    // unit files in contrib/systemd name them; sandnic gets no --socket.
+    let mut cmd = ns.command(SOCKET_ACTIVATE);
+    cmd.arg("-l")
+        .arg(&vhost)
+        .arg("-l")
+        .arg(&api)
+        .arg("--fdname=vhost-user:api")
+        .arg(format!("-ENOTIFY_SOCKET={}", notify.path.display()))
+        .arg(format!("-ESANDNIC_CACHE_DIR={}", test_cache().display()))
+        .arg(sandnic_binary())
+        .args(["serve", "--tap", "tap0", "--mac", GUEST_MAC])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = spawn(cmd).unwrap();
+    wait_for_file(&api, &mut child, &log);
+    // The first connection starts sandnic.
+    let mut nic = TestNic::connect(&vhost, &NicConfig::default()).unwrap();
+    let ready = notify.wait_for("READY=1");
+    let pid = main_pid(&ready);
+    let status = sandnic_host::api::client(&api, json!({"cmd": "status"}))
+        .unwrap()
+        .0;
+    assert_eq!(status["frontend_connected"], true, "{status}");
+    assert_eq!(&nic.config(6).unwrap(), &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    frame_reaches_the_host(&ns, &mut nic, 6501);
+
+    terminate(pid);
+    notify.wait_for("STOPPING=1");
+    let exit = wait_exit(&mut child);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(exit.success(), "{exit}: {log}");
+    assert!(log.contains("rings stopped"), "{log}");
+    assert!(
+        vhost.exists() && api.exists(),
+        "inherited sockets belong to their creator: left in place"
+    );
+}
+
+#[test]
+fn sockets_named_by_fd_are_served() {
+    require_network!("sockets_named_by_fd_are_served");
+    let ns = network();
+    let dir = ScratchDir::new().unwrap();
+    let (vhost, api, log) = (
+        dir.path("vhost.sock"),
+        dir.path("api.sock"),
+        dir.path("sandnic.log"),
+    );
+    let vhost_listener = UnixListener::bind(&vhost).unwrap();
+    let api_listener = UnixListener::bind(&api).unwrap();
+    let (v, a) = (vhost_listener.as_raw_fd(), api_listener.as_raw_fd());
+    let mut cmd = ns.command(sandnic_binary().to_str().unwrap());
+    cmd.args(["serve", "--tap", "tap0", "--mac", GUEST_MAC])
+        .args(["--socket-fd", "10", "--api-fd", "11"])
+        .env("SANDNIC_CACHE_DIR", test_cache())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: between fork and exec the child only calls dup2, which is
+    // async-signal-safe; the duplicates (without CLOEXEC) are what a
+    // manager such as libvirt would pass.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            for (from, to) in [(v, 10), (a, 11)] {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = spawn(cmd).unwrap();
+    let mut nic = TestNic::connect(&vhost, &NicConfig::default()).unwrap();
+    let status = sandnic_host::api::client(&api, json!({"cmd": "status"}))
+        .unwrap()
+        .0;
+    assert_eq!(status["frontend_connected"], true, "{status}");
+    frame_reaches_the_host(&ns, &mut nic, 6502);
+    terminate(child.id());
+    assert!(wait_exit(&mut child).success());
+    assert!(vhost.exists() && api.exists(), "not sandnic's to remove");
+
+    // An fd that is not a listening socket is refused with a usage error.
+    let mut cmd = ns.command(sandnic_binary().to_str().unwrap());
+    cmd.args(["serve", "--tap", "tap0", "--socket-fd", "1"]);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fd 1"), "{stderr}");
+    drop((vhost_listener, api_listener));
+}
+
+/// systemd follows the device to the new process (`NotifyAccess=all`):
+/// the destination announces itself as the main pid, and the source, whose
+/// exit would otherwise end the service, says nothing more.
+#[test]
+fn a_handover_names_the_new_main_process() {
+    require_network!("a_handover_names_the_new_main_process");
+    let ns = network();
+    let dir = ScratchDir::new().unwrap();
+    let notify = NotifySocket::new(&dir);
+    let env = [("NOTIFY_SOCKET", notify.path.as_os_str())];
+    let mut source =
+        Sandnic::serve_exactly(&ns, &dir, &["--tap", "tap0", "--mac", GUEST_MAC], &env).unwrap();
+    assert_eq!(main_pid(&notify.wait_for("READY=1")), source.child.id());
+    let mut nic = TestNic::connect(&source.socket, &NicConfig::default()).unwrap();
+    let (destination, path) =
+        Sandnic::incoming_with_env(&ns, &dir, "dest", &source, &[], &env).unwrap();
+    let reply = source.handover(&path, false).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        main_pid(&notify.wait_for("READY=1")),
+        destination.child.id()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while source.exited().is_none() {
+        assert!(Instant::now() < deadline, "source did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(source.exited(), Some(Some(0)));
+    let later = notify.drain(Duration::from_millis(300));
+    assert!(
+        later.iter().all(|m| !m.contains("STOPPING=1")),
+        "the handed-over source must not stop the service: {later:?}"
+    );
+    frame_reaches_the_host(&ns, &mut nic, 6503);
+}
+
+/// SIGTERM: rings stopped (used entries published, buffers taken ahead
+/// given back), exit 0, and the socket files sandnic made are removed.
+#[test]
+fn sigterm_stops_the_rings_and_removes_the_sockets() {
+    require_network!("sigterm_stops_the_rings_and_removes_the_sockets");
+    let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
+    let (socket, api) = (rig.sandnic.socket.clone(), rig.sandnic.api.clone());
+    terminate(rig.sandnic.child.id());
+    assert!(wait_exit(&mut rig.sandnic.child).success());
+    let log = rig.sandnic.log();
+    let rings = log
+        .lines()
+        .find(|l| l.contains("rings stopped"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        rings.contains("rings=2") || rings.contains("rings=3"),
+        "RX and TX (and the control queue) were running: {rings}"
+    );
+    assert!(!socket.exists() && !api.exists(), "socket files removed");
+}
