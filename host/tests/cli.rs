@@ -32,20 +32,22 @@ fn inspect_prints_a_saved_state_as_json() {
 }
 
 #[test]
-fn inspect_of_a_newer_state_needs_a_newer_component() {
+fn inspect_picks_the_release_that_reads_the_state() {
     let v2 = fixture("device-state-v2.msgpack");
+    // No flag: the embedded v0.2.0 component reads state version 2.
     let out = sandnic(&["inspect", &v2]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["announce_count"], 1);
+    // --component overrides: version 1 refuses the newer state by name.
+    let v1 = sandnic_host::sandbox::components::built::v1();
+    let out = sandnic(&["inspect", &v2, "--component", v1.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("state version 2 is newer"),
         "{}",
         stderr(&out)
     );
-    let component = sandnic_host::sandbox::components::built::v2();
-    let out = sandnic(&["inspect", &v2, "--component", component.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["announce_count"], 1);
 }
 
 #[test]
