@@ -335,6 +335,20 @@ pub fn sandnic_binary() -> PathBuf {
     dir.join("sandnic")
 }
 
+/// Waits up to `timeout` for `child` to exit; None when it still runs.
+pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `sandnic serve` in `ns`, logging to `log`, with the test component cache.
 fn serve_command(ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
     let binary = sandnic_binary();
@@ -481,6 +495,12 @@ impl Sandnic {
     /// Whether the process has exited (and with which code).
     pub fn exited(&mut self) -> Option<Option<i32>> {
         self.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    /// Waits up to `timeout` for the process to exit: as `exited`, None
+    /// when it still runs.
+    pub fn wait_exited(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        wait_for_exit(&mut self.child, timeout).map(|s| s.code())
     }
 
     pub fn log(&self) -> String {

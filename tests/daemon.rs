@@ -6,7 +6,7 @@
 
 use sandnic::frames;
 use sandnic::frontend::{NicConfig, TestNic};
-use sandnic::harness::{sandnic_binary, spawn, NetNs, Rig, Sandnic, ScratchDir};
+use sandnic::harness::{sandnic_binary, spawn, wait_for_exit, NetNs, Rig, Sandnic, ScratchDir};
 use sandnic::require_network;
 use serde_json::json;
 use std::os::fd::AsRawFd;
@@ -70,14 +70,7 @@ fn main_pid(message: &str) -> u32 {
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "sandnic did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_exit(child, Duration::from_secs(10)).expect("sandnic did not exit")
 }
 
 fn terminate(pid: u32) {
@@ -269,12 +262,11 @@ fn a_handover_names_the_new_main_process() {
         main_pid(&notify.wait_for("READY=1")),
         destination.child.id()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while source.exited().is_none() {
-        assert!(Instant::now() < deadline, "source did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(source.exited(), Some(Some(0)));
+    assert_eq!(
+        source.wait_exited(Duration::from_secs(5)),
+        Some(Some(0)),
+        "source exits"
+    );
     let later = notify.drain(Duration::from_millis(300));
     assert!(
         later.iter().all(|m| !m.contains("STOPPING=1")),

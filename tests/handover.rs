@@ -81,12 +81,11 @@ fn handover_under_traffic_loses_nothing() {
     let downtime = reply["downtime_us"].as_u64().expect("downtime reported");
     eprintln!("handover downtime: {downtime} µs, {} fds", reply["fds"]);
     // The source is gone; the destination serves the same connection.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while rig.sandnic.exited().is_none() {
-        assert!(Instant::now() < deadline, "source did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(rig.sandnic.exited(), Some(Some(0)));
+    assert_eq!(
+        rig.sandnic.wait_exited(Duration::from_secs(5)),
+        Some(Some(0)),
+        "source exits"
+    );
     let status = destination.api(json!({"cmd": "status"})).unwrap();
     assert_eq!(status["frontend_connected"], true, "{status}");
     assert_eq!(
@@ -202,14 +201,10 @@ fn destination_that_cannot_load_the_state_refuses_and_the_source_resumes() {
         error.contains("refused") && error.contains("state version 2 is newer"),
         "{error}"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while destination.exited().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the refusing destination should exit"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        destination.wait_exited(Duration::from_secs(5)).is_some(),
+        "the refusing destination should exit"
+    );
     assert_eq!(destination.exited(), Some(Some(1)));
     still_serving(&mut rig);
 }
@@ -237,14 +232,10 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
         let mut sock = UnixStream::connect(&path).unwrap();
         std::io::Write::write_all(&mut sock, &bytes).unwrap();
         drop(sock);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while destination.exited().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: destination still waiting"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            destination.wait_exited(Duration::from_secs(10)).is_some(),
+            "{what}: destination still waiting"
+        );
         assert_eq!(
             destination.exited(),
             Some(Some(1)),
@@ -299,12 +290,10 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while destination.exited().is_none() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(destination.exited(), Some(Some(1)));
+    assert_eq!(
+        destination.wait_exited(Duration::from_secs(5)),
+        Some(Some(1))
+    );
 }
 
 #[test]

@@ -228,38 +228,27 @@ fn fresh(
     let device =
         SandboxedDevice::new(runtime.clone(), component, config).map_err(ServeError::Runtime)?;
     let mut files = SocketFiles(Vec::new());
-    let listener = match (inherited.vhost_user, &opts.socket) {
-        (Some(listener), None) => listener,
-        (None, Some(path)) => {
-            let listener = api::bind_unix(path).map_err(usage)?;
-            files.0.push(path.clone());
-            listener
-        }
-        (Some(_), Some(_)) => {
-            return Err(usage(
-                "--socket given, but the vhost-user socket is socket-activated".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(usage(
-                "--socket, --socket-fd or a socket-activated vhost-user socket is required (or --incoming)".into(),
-            ))
-        }
-    };
-    let api_listener = match (inherited.api, &opts.api) {
-        (Some(listener), None) => Some(listener),
-        (None, Some(path)) => {
-            let l = api::bind_private(path, opts.user).map_err(usage)?;
-            files.0.push(path.clone());
-            Some(l)
-        }
-        (Some(_), Some(_)) => {
-            return Err(usage(
-                "--api given, but the API socket is socket-activated".into(),
-            ))
-        }
-        (None, None) => None,
-    };
+    let listener = inherited_or_bound(
+        inherited.vhost_user,
+        opts.socket.as_ref(),
+        "--socket",
+        api::bind_unix,
+        &mut files,
+    )
+    .map_err(usage)?
+    .ok_or_else(|| {
+        usage(
+            "--socket, --socket-fd or a socket-activated vhost-user socket is required (or --incoming)".into(),
+        )
+    })?;
+    let api_listener = inherited_or_bound(
+        inherited.api,
+        opts.api.as_ref(),
+        "--api",
+        |path| api::bind_private(path, opts.user),
+        &mut files,
+    )
+    .map_err(usage)?;
     let backend =
         NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
     info!(
@@ -280,6 +269,27 @@ fn fresh(
         None,
         files,
     ))
+}
+
+/// A listening socket: the inherited one, or one bound at `path` (its file
+/// then sandnic's to remove); both is a usage error.
+fn inherited_or_bound(
+    inherited: Option<UnixListener>,
+    path: Option<&PathBuf>,
+    flag: &str,
+    bind: impl FnOnce(&std::path::Path) -> Result<UnixListener, String>,
+    files: &mut SocketFiles,
+) -> Result<Option<UnixListener>, String> {
+    match (inherited, path) {
+        (Some(_), Some(_)) => Err(format!("{flag} given, but that socket is socket-activated")),
+        (Some(listener), None) => Ok(Some(listener)),
+        (None, Some(path)) => {
+            let listener = bind(path)?;
+            files.0.push(path.clone());
+            Ok(Some(listener))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Where a listener listens, for the log.

@@ -93,11 +93,11 @@ impl NetBackend {
     }
 
     /// Stops every ring of the focused session (each base recorded, RX
-    /// buffers taken ahead given back).
-    pub(super) fn stop_all_rings(&mut self) {
-        for index in 0..self.session.vrings.len() {
-            self.stop_ring(index);
-        }
+    /// buffers taken ahead given back); returns how many were running.
+    pub(super) fn stop_all_rings(&mut self) -> usize {
+        (0..self.session.vrings.len())
+            .filter(|&index| self.stop_ring(index).is_some())
+            .count()
     }
 
     /// Stops the driving session's rings before sandnic exits (SIGTERM):
@@ -106,9 +106,7 @@ impl NetBackend {
     /// many rings were running.
     pub fn stop_for_exit(&mut self) -> usize {
         self.focus_driver();
-        (0..self.session.vrings.len())
-            .filter(|&index| self.stop_ring(index).is_some())
-            .count()
+        self.stop_all_rings()
     }
 
     /// Brings ring `index` in line with its configuration: restarts it if
