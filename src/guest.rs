@@ -79,6 +79,52 @@ pub fn image(kind: Kind) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((initrd, PathBuf::from(kernel.trim())))
 }
 
+/// Debian 12's UML (6.1) panics at boot ("ptrace set fp regs failed,
+/// errno = 14") on hosts whose XSAVE area is larger than the buffer it
+/// writes back with `PTRACE_SETREGSET(NT_X86_XSTATE)`: the host kernel wants
+/// the whole area, and AMX makes it about 11 KiB. UML only uses that regset
+/// when reading it works at boot, and otherwise keeps the legacy
+/// `PTRACE_{GET,SET}FPREGS` (x87 and SSE state). So the UML process runs
+/// under a seccomp filter that fails exactly that read with EIO; everything
+/// else is allowed.
+fn uml_without_xstate(cmd: &mut Command) -> anyhow::Result<()> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    use std::os::unix::process::CommandExt;
+    const PTRACE_GETREGSET: u64 = 0x4204;
+    const NT_X86_XSTATE: u64 = 0x202;
+    let condition =
+        |arg, value| SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value);
+    let read_xstate = SeccompRule::new(vec![
+        condition(0, PTRACE_GETREGSET)?,
+        condition(2, NT_X86_XSTATE)?,
+    ])?;
+    let filter = SeccompFilter::new(
+        [(libc::SYS_ptrace, vec![read_xstate])].into(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EIO as u32),
+        TargetArch::try_from(std::env::consts::ARCH)?,
+    )?;
+    let program: seccompiler::BpfProgram = filter.try_into()?;
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // calls prctl (through apply_filter) on a program built before the fork,
+    // and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&program).map_err(std::io::Error::other));
+    }
+    Ok(())
+}
+
+/// glibc tunables for every program in the UML guest: no AVX code paths.
+/// Without the XSTATE regset (see `uml_without_xstate`) UML saves and
+/// restores only the SSE part of a process's vector registers, so glibc's
+/// AVX and AVX-512 string functions would see registers change under them
+/// (busybox's init dies in its first memcpy).
+const GUEST_WITHOUT_AVX: &str =
+    "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX,-EVEX";
+
 fn host_khz() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let mhz = cpuinfo
@@ -141,9 +187,11 @@ impl Guest {
         let mut cmd = match opts.kind {
             Kind::Uml => {
                 let mut c = Command::new(&kernel);
+                uml_without_xstate(&mut c)?;
                 c.arg("mem=256M")
                     .arg(format!("initrd={}", initrd.display()))
                     .args(["con=null", "con0=fd:0,fd:1", "ssl=null", "loglevel=4"])
+                    .arg(format!("GLIBC_TUNABLES={GUEST_WITHOUT_AVX}"))
                     .arg(format!("virtio_uml.device={}:1", opts.socket.display()))
                     .arg(format!("sandnic.cmdgz={script}"));
                 if let Some(dir) = opts.hostdir {

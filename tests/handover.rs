@@ -98,6 +98,21 @@ fn handover_under_traffic_loses_nothing() {
     under_traffic(&mut rig, || ());
 }
 
+/// The destination serves a control command that comes before anything
+/// else wakes it (a guest answering the announce that follows a handover).
+#[test]
+fn destination_answers_a_control_command_sent_right_after_handover() {
+    require_network!("destination_answers_a_control_command_sent_right_after_handover");
+    let mut rig = rig();
+    let (destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
+    let reply = rig.sandnic.handover(&path, false).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
+    const RX_PROMISC_ON: [u8; 3] = [0, 0, 1];
+    let ack = rig.nic.ctrl(&RX_PROMISC_ON);
+    assert_eq!(ack.ok(), Some(0), "{}", destination.log());
+}
+
 #[test]
 fn swap_under_traffic_loses_nothing() {
     require_network!("swap_under_traffic_loses_nothing");

@@ -425,6 +425,11 @@ impl Server {
         }
         let mut events = [EpollEvent::empty(); 16];
         loop {
+            // Before every wait, not only after events: a destination of a
+            // handover starts with the control queue already running, and a
+            // command the driver sends before anything else wakes this loop
+            // would otherwise wait unseen (Linux spins on it holding RTNL).
+            self.sync_ctrl_kick(&epoll);
             let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -446,7 +451,6 @@ impl Server {
                     _ => {}
                 }
             }
-            self.sync_ctrl_kick(&epoll);
             if let Some((request, client)) = self.handover_request.take() {
                 if self.hand_over(&request, client) {
                     return Ok(Exit::HandedOver);
