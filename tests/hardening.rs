@@ -1,8 +1,8 @@
 //! The native host confined: every thread of a running `sandnic serve`
 //! under a seccomp filter with NO_NEW_PRIVS, a forbidden syscall stopped,
-//! the device running as an unprivileged user, the control API closed to
-//! other users, and a TAP ioctl that fails never leaving the TAP and the
-//! datapath out of step.
+//! the device running as an unprivileged user (with a component cache of
+//! its own), the control API closed to other users, and a TAP ioctl that
+//! fails never leaving the TAP and the datapath out of step.
 
 use sandnic::frontend::NicConfig;
 use sandnic::harness::{NetNs, Rig, Sandnic, ScratchDir};
@@ -232,6 +232,59 @@ fn sandnic_serves_unprivileged_with_user() {
     let (n, _) = sock.recv_from(&mut buf).expect("traffic as nobody");
     assert_eq!(&buf[..n], &[9; 32]);
     assert_eq!(rig.sandnic.stats().unwrap()["ok"], true);
+}
+
+/// A root sandnic that drops to `--user` keeps a component cache it can
+/// still use after the drop: a swap's compiled component is written to
+/// `uid-N` under the cache directory, owned by that user.
+#[test]
+fn an_unprivileged_sandnic_caches_compiled_components_in_its_own_directory() {
+    require_network!("an_unprivileged_sandnic_caches_compiled_components_in_its_own_directory");
+    use std::os::unix::fs::MetadataExt;
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.77.0.1/24").unwrap();
+    let dir = ScratchDir::new().unwrap();
+    // Not under the scratch directory: `nobody` must be able to reach it.
+    let cache = std::env::temp_dir().join(format!("sandnic-user-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let sandnic = Sandnic::serve_exactly(
+        &ns,
+        &dir,
+        &["--tap", "tap0", "--user", "nobody"],
+        &[("SANDNIC_CACHE_DIR", cache.as_os_str())],
+    )
+    .unwrap();
+    let v2 = sandnic_host::sandbox::components::built::v2();
+    let swap = sandnic
+        .api(serde_json::json!({"cmd": "swap", "component": v2}))
+        .unwrap();
+    assert_eq!(swap["ok"], true, "{swap}");
+    let own = cache.join("uid-65534");
+    let cached: Vec<_> = std::fs::read_dir(&own)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", own.display(), sandnic.log()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .map(|e| (e.path(), e.metadata().map(|m| m.uid())))
+        .collect();
+    let _ = std::fs::remove_dir_all(&cache);
+    // The builtin component was compiled at start, as root; the swap's
+    // after the drop, as nobody.
+    let written_as_nobody = cached
+        .iter()
+        .filter(|(_, owner)| owner.as_ref().ok() == Some(&65534));
+    assert_eq!(
+        written_as_nobody.count(),
+        1,
+        "{cached:?}\n{}",
+        sandnic.log()
+    );
+    assert!(
+        !sandnic
+            .log()
+            .contains("could not write the component cache"),
+        "{}",
+        sandnic.log()
+    );
 }
 
 #[test]

@@ -99,7 +99,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     seccomp::install_violation_reporter();
     let notifier = Notifier::from_env().map_err(usage)?;
     let signals = block_signals().map_err(ServeError::Runtime)?;
-    let runtime = Runtime::with_defaults().map_err(ServeError::Runtime)?;
+    let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))
+        .map_err(ServeError::Runtime)?;
     let source = opts
         .component
         .clone()
