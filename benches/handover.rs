@@ -2,6 +2,8 @@
 //! frames lost counted: live handover with fd passing, the new-TAP path for
 //! comparison, and hot swap. Then a UML guest under flood ping with and
 //! without handovers in the same run (the largest gap between replies).
+//! Last, handovers on a busy host (a spinning thread per core): downtime
+//! percentiles and, for the slowest, the pause step by step.
 //!
 //! `cargo bench --bench handover` (needs root). Prints a table; the numbers
 //! go to the README.
@@ -30,6 +32,7 @@ fn main() {
     handovers(false);
     handovers(true);
     swaps();
+    busy_handovers();
     for kind in [Kind::Uml, Kind::Qemu] {
         match guest::unavailable(kind) {
             None => flood_ping(kind),
@@ -92,6 +95,97 @@ fn handovers(new_tap: bool) {
         report.result.clone(),
         report.lost(),
     );
+}
+
+/// Handovers on a busy host: a thread spinning on every core the whole
+/// time (as a guest's vCPUs would), light traffic both ways. Downtime
+/// percentiles, and for the slowest handovers the pause step by step.
+fn busy_handovers() {
+    const BUSY_RUNS: usize = 30;
+    const BUSY_RATE: u64 = 10_000;
+    let rig = Rig::new(&[], NicConfig::default()).expect("rig");
+    let Rig {
+        mut nic,
+        sandnic,
+        ns,
+        tap_mac,
+        dir,
+    } = rig;
+    let neighbour = Neighbour::start();
+    let spacing = Duration::from_millis(150);
+    let duration = spacing * (BUSY_RUNS as u32 + 4);
+    let mut current = Some(sandnic);
+    let report = traffic::run(&mut nic, &ns, tap_mac, BUSY_RATE, duration, spacing, || {
+        let mut replies = Vec::new();
+        for i in 0..BUSY_RUNS {
+            let source = current.take().expect("running sandnic");
+            let (next, path) = Sandnic::incoming(&ns, &dir, &format!("busy{i}"), &source, &[])
+                .expect("destination");
+            let reply = source.handover(&path, false).expect("handover");
+            assert_eq!(reply["ok"], true, "{reply}\n{}", next.log());
+            replies.push(reply);
+            current = Some(next);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        replies
+    });
+    drop(neighbour);
+    let downtime = |r: &Value| r["downtime_us"].as_u64().unwrap_or(0);
+    let mut downtimes: Vec<u64> = report.result.iter().map(downtime).collect();
+    let (p50, p90, p99, max) = (
+        percentile(&mut downtimes, 50.0),
+        percentile(&mut downtimes, 90.0),
+        percentile(&mut downtimes, 99.0),
+        percentile(&mut downtimes, 100.0),
+    );
+    println!();
+    println!("| handover on a busy host ({BUSY_RUNS} runs, a spinning thread per core, {BUSY_RATE} frames/s each way) | p50 | p90 | p99 | max | frames lost |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| downtime | {p50} µs | {p90} µs | {p99} µs | {max} µs | {} |",
+        report.lost()
+    );
+    let mut slowest = report.result.clone();
+    slowest.sort_by_key(|r| std::cmp::Reverse(downtime(r)));
+    println!();
+    println!("slowest handovers, the pause by step (µs):");
+    for reply in slowest.iter().take(3) {
+        println!("  {} µs: {}", downtime(reply), reply["phases_us"]);
+    }
+}
+
+/// One thread per CPU spinning until dropped.
+struct Neighbour {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Neighbour {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn swaps() {

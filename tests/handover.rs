@@ -79,7 +79,24 @@ fn handover_under_traffic_loses_nothing() {
         destination.log()
     );
     let downtime = reply["downtime_us"].as_u64().expect("downtime reported");
-    eprintln!("handover downtime: {downtime} µs, {} fds", reply["fds"]);
+    eprintln!(
+        "handover downtime: {downtime} µs, {} fds, by step {}",
+        reply["fds"], reply["phases_us"]
+    );
+    // The pause step by step adds up to the downtime (each step rounded
+    // down to a microsecond).
+    let phases = reply["phases_us"].as_object().expect("steps reported");
+    let mut names: Vec<&str> = phases.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["load", "ready", "rebuild", "receive", "resume", "save", "send", "stop"]
+    );
+    let sum: u64 = phases.values().filter_map(|v| v.as_u64()).sum();
+    assert!(
+        sum <= downtime && downtime - sum < 8,
+        "steps {sum} µs, downtime {downtime} µs: {reply}"
+    );
     // The source is gone; the destination serves the same connection.
     assert_eq!(
         rig.sandnic.wait_exited(Duration::from_secs(5)),

@@ -485,6 +485,11 @@ impl Server {
                     "downtime_us": report.downtime.map(|d| d.as_micros() as u64),
                     "to": report.to,
                     "fds": report.fds,
+                    "phases_us": report
+                        .phases
+                        .iter()
+                        .map(|(name, took)| (name.to_string(), (took.as_micros() as u64).into()))
+                        .collect::<serde_json::Map<_, _>>(),
                 }),
                 true,
             ),

@@ -7,6 +7,7 @@
 //! before that answers `Refused` (the source keeps running) and ends here.
 
 use super::monotonic_ns;
+use super::phases::DestinationMarks;
 use super::state::{self, FdRole, Offer, Reply};
 use super::stream::{self, StreamError};
 use crate::backend::NetBackend;
@@ -34,6 +35,8 @@ pub struct Incoming {
     /// Kept open until the caller has resumed the datapath and reported it.
     pub source: UnixStream,
     pub stopped_at_ns: u64,
+    /// When each step here ended, for the source's breakdown.
+    pub marks: DestinationMarks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +96,18 @@ pub fn receive(
     }
     let received = stream::recv_fds(&sock, offer.fds.len(), FRAME_TIMEOUT)?;
     let mut fds: HashMap<FdRole, OwnedFd> = offer.fds.iter().copied().zip(received).collect();
-    match take_over(&offer, &mut fds, runtime, component, new_tap, options) {
+    let mut marks = DestinationMarks {
+        received_ns: monotonic_ns(),
+        ..DestinationMarks::default()
+    };
+    let taken = take_over(
+        &offer, &mut fds, runtime, component, new_tap, options, &mut marks,
+    );
+    match taken {
         Ok(backend) => {
+            marks.rebuilt_ns = monotonic_ns();
             stream::send(&sock, &Reply::Ready)?;
+            marks.ready_ns = monotonic_ns();
             let unix = |fd: Option<OwnedFd>| fd.map(UnixStream::from);
             let listener = |fd: Option<OwnedFd>| fd.map(UnixListener::from);
             Ok(Incoming {
@@ -106,6 +118,7 @@ pub fn receive(
                 socket_paths: offer.host.socket_paths.clone(),
                 source: sock,
                 stopped_at_ns: offer.stopped_at_ns,
+                marks,
             })
         }
         Err(reason) => Err(refuse(&sock, reason)),
@@ -120,6 +133,7 @@ fn take_over(
     component: Arc<DeviceComponent>,
     new_tap: bool,
     options: DatapathOptions,
+    marks: &mut DestinationMarks,
 ) -> Result<NetBackend, String> {
     let host = &offer.host;
     let mut device = SandboxedDevice::new(runtime, component, host.config.clone())
@@ -127,6 +141,7 @@ fn take_over(
     let effects = device
         .load(&offer.device_state)
         .map_err(|e| format!("device state: {e}"))?;
+    marks.loaded_ns = monotonic_ns();
     let tap_fds: Vec<OwnedFd> = (0..host.tap.queues)
         .filter_map(|q| fds.remove(&FdRole::TapQueue(q)))
         .collect();
@@ -154,7 +169,12 @@ impl Incoming {
         self.backend.resume_datapath();
         let at_ns = monotonic_ns();
         let component = self.backend.device().info().clone();
-        let _ = stream::send(&self.source, &Reply::Resumed { at_ns, component });
+        let resumed = Reply::Resumed {
+            at_ns,
+            component,
+            marks: self.marks,
+        };
+        let _ = stream::send(&self.source, &resumed);
         info!(
             downtime_us = at_ns.saturating_sub(self.stopped_at_ns) / 1000,
             "took over the device"

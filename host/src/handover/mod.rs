@@ -4,12 +4,14 @@
 //! - `state.rs` — the host state, the fd manifest, their validation
 //! - `source.rs` — the old process: stop, send, wait for `Ready`, or resume
 //! - `destination.rs` — the new process: receive, validate, rebuild, resume
+//! - `phases.rs` — where the pause went, step by step
 //!
 //! Nothing is reconnected and nothing is reopened: the connected vhost-user
 //! socket, guest memory, kick/call fds and the TAP queues themselves move.
 //! Frames arriving during the switch wait in the TAP queue.
 
 pub mod destination;
+pub mod phases;
 pub mod source;
 pub mod state;
 pub mod stream;
@@ -25,6 +27,8 @@ pub struct HandoverReport {
     pub downtime: Option<Duration>,
     pub to: Option<ComponentInfo>,
     pub fds: usize,
+    /// The pause step by step (empty if the destination gave no marks).
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one host.

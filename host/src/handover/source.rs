@@ -7,6 +7,7 @@
 //! exactly where it stopped. After `Ready` the destination owns the device;
 //! the caller exits without touching anything.
 
+use super::phases::{self, SourceMarks};
 use super::state::{FdRole, Offer, Reply};
 use super::stream::{self, StreamError};
 use super::{monotonic_ns, HandoverReport};
@@ -16,7 +17,7 @@ use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long the destination may take to validate and rebuild everything.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,28 +71,42 @@ pub fn hand_over(
     })?;
     // The device's memory and TAP go only to a process of our own user.
     crate::hardening::peer::same_user(&sock).map_err(HandoverError::Busy)?;
-    let stopped_at_ns = monotonic_ns();
+    let mut marks = SourceMarks {
+        stopping_ns: monotonic_ns(),
+        ..SourceMarks::default()
+    };
     backend.stop_datapath();
-    match send_and_wait_ready(backend, &sock, sockets, stopped_at_ns, new_tap) {
+    marks.stopped_ns = monotonic_ns();
+    match send_and_wait_ready(backend, &sock, sockets, &mut marks, new_tap) {
         Ok(fd_count) => {
             // Committed: the destination runs the device now.
             let resumed = stream::recv::<Reply>(&sock, RESUMED_TIMEOUT);
-            let (downtime, to) = match resumed {
-                Ok(Reply::Resumed { at_ns, component }) => (
-                    Some(Duration::from_nanos(at_ns.saturating_sub(stopped_at_ns))),
-                    Some(component),
-                ),
-                _ => (None, None),
+            let report = match resumed {
+                Ok(Reply::Resumed {
+                    at_ns,
+                    component,
+                    marks: theirs,
+                }) => HandoverReport {
+                    downtime: Some(Duration::from_nanos(
+                        at_ns.saturating_sub(marks.stopping_ns),
+                    )),
+                    to: Some(component),
+                    fds: fd_count,
+                    phases: phases::breakdown(marks, theirs, at_ns),
+                },
+                _ => HandoverReport {
+                    downtime: None,
+                    to: None,
+                    fds: fd_count,
+                    phases: Vec::new(),
+                },
             };
             info!(
-                downtime_us = downtime.map(|d| d.as_micros() as u64),
+                downtime_us = report.downtime.map(|d| d.as_micros() as u64),
                 "handed over"
             );
-            Ok(HandoverReport {
-                downtime,
-                to,
-                fds: fd_count,
-            })
+            debug!("handover pause by step (µs): {}", describe(&report.phases));
+            Ok(report)
         }
         Err(e) => {
             warn!("handover failed, resuming: {e}");
@@ -101,11 +116,20 @@ pub fn hand_over(
     }
 }
 
+/// `stop=12 save=40 …` for the log.
+fn describe(phases: &[(&str, Duration)]) -> String {
+    let steps: Vec<String> = phases
+        .iter()
+        .map(|(name, took)| format!("{name}={}", took.as_micros()))
+        .collect();
+    steps.join(" ")
+}
+
 fn send_and_wait_ready(
     backend: &mut NetBackend,
     sock: &UnixStream,
     sockets: Sockets,
-    stopped_at_ns: u64,
+    marks: &mut SourceMarks,
     new_tap: bool,
 ) -> Result<usize, HandoverError> {
     let device_state = backend.device_mut().save().map_err(HandoverError::Save)?;
@@ -121,15 +145,17 @@ fn send_and_wait_ready(
     let offer = Offer {
         magic: stream::MAGIC.into(),
         version: stream::VERSION,
-        stopped_at_ns,
+        stopped_at_ns: marks.stopping_ns,
         source_component: backend.device().info().clone(),
         host,
         device_state,
         fds: fds.iter().map(|(role, _)| *role).collect(),
     };
+    marks.saved_ns = monotonic_ns();
     stream::send(sock, &offer)?;
     let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
     stream::send_fds(sock, &raw)?;
+    marks.sent_ns = monotonic_ns();
     match stream::recv::<Reply>(sock, READY_TIMEOUT)? {
         Reply::Ready => Ok(raw.len()),
         Reply::Refused { reason } => Err(HandoverError::Refused(reason)),

@@ -6,6 +6,7 @@
 //! every field and the manifest against each other before anything is
 //! built from them.
 
+use super::phases::DestinationMarks;
 use super::stream::MAX_FDS;
 use crate::datapath::vring::MAX_QUEUE_SIZE;
 use crate::sandbox::ComponentInfo;
@@ -42,6 +43,9 @@ pub enum Reply {
     Resumed {
         at_ns: u64,
         component: ComponentInfo,
+        /// When the destination's steps ended (absent from older releases).
+        #[serde(default)]
+        marks: DestinationMarks,
     },
 }
 
