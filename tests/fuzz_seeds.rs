@@ -102,41 +102,41 @@ fn write_fuzz_seeds() {
     write("vring", "one-chain", &ring_image());
 }
 
-/// A well-formed handover offer frame, as the source sends it.
+/// A well-formed handover stream as a destination reads it: the offer
+/// frame, then the commit frame (the fds travel out of band).
 fn offer_frame() -> Vec<u8> {
-    use sandnic_host::handover::state::{FdRole, HostState, Offer, TapState, VringState};
+    use sandnic_host::handover::state::{Commit, FdRole, HostState, Offer, TapState, VringState};
+    let host = HostState {
+        config: full_config(),
+        protocol: Default::default(),
+        vrings: vec![
+            VringState {
+                num: 256,
+                addrs: None,
+                base: 0,
+                enabled: true,
+                started: false
+            };
+            5
+        ],
+        regions: vec![],
+        tap: TapState {
+            name: "tap0".into(),
+            queues: 2,
+        },
+        link_up: true,
+        socket_paths: vec![],
+    };
     let offer = Offer {
         magic: sandnic_host::handover::stream::MAGIC.into(),
         version: sandnic_host::handover::stream::VERSION,
-        stopped_at_ns: 1,
         source_component: sandnic_host::sandbox::ComponentInfo {
             name: "sandnic-device".into(),
             version: "0.1.0".into(),
             state_version: 1,
             oldest_state_version: 1,
         },
-        host: HostState {
-            config: full_config(),
-            protocol: Default::default(),
-            vrings: vec![
-                VringState {
-                    num: 256,
-                    addrs: None,
-                    base: 0,
-                    enabled: true,
-                    started: false
-                };
-                5
-            ],
-            regions: vec![],
-            tap: TapState {
-                name: "tap0".into(),
-                queues: 2,
-            },
-            link_up: true,
-            socket_paths: vec![],
-        },
-        device_state: NetDevice::new(full_config()).unwrap().save(),
+        host: host.clone(),
         fds: vec![
             FdRole::Connection,
             FdRole::Kick(0),
@@ -144,8 +144,15 @@ fn offer_frame() -> Vec<u8> {
             FdRole::TapQueue(1),
         ],
     };
+    let commit = Commit {
+        stopped_at_ns: 1,
+        host,
+        device_state: NetDevice::new(full_config()).unwrap().save(),
+        fds: vec![],
+    };
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     sandnic_host::handover::stream::send(&a, &offer).unwrap();
+    sandnic_host::handover::stream::send(&a, &commit).unwrap();
     drop(a);
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut &b, &mut bytes).unwrap();

@@ -4,13 +4,17 @@
 //! a handover that fails must leave the source running as before.
 
 use sandnic::frames;
-use sandnic::frontend::NicConfig;
+use sandnic::frontend::{NicConfig, QueueId};
 use sandnic::harness::{Rig, Sandnic, RIG_GUEST_IP, RIG_GUEST_MAC, RIG_HOST_IP};
 use sandnic::require_network;
 use sandnic::traffic;
+use sandnic_host::handover::state::{Commit, Offer, Reply};
+use sandnic_host::handover::stream;
 use serde_json::json;
 use std::net::UdpSocket;
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Frames per second in each direction: the 50 000 the handover issue asks
@@ -128,6 +132,106 @@ fn destination_answers_a_control_command_sent_right_after_handover() {
     const RX_PROMISC_ON: [u8; 3] = [0, 0, 1];
     let ack = rig.nic.ctrl(&RX_PROMISC_ON);
     assert_eq!(ack.ok(), Some(0), "{}", destination.log());
+}
+
+/// Relays one handover from the source (connecting at `listener`) to the
+/// destination waiting at `destination`, frame by frame, and holds the
+/// destination's `Prepared` until `between` has run: what the frontend does
+/// then happens while the destination prepares and the source still runs.
+/// Returns how many fds the commit carried.
+fn relay_handover(
+    listener: UnixListener,
+    destination: PathBuf,
+    between: impl FnOnce(),
+) -> std::thread::JoinHandle<usize> {
+    let (prepared_tx, prepared_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let relay = std::thread::spawn(move || {
+        let t = Duration::from_secs(10);
+        let (source, _) = listener.accept().unwrap();
+        let dest = UnixStream::connect(&destination).unwrap();
+        let pass_fds = |from: &UnixStream, to: &UnixStream, count: usize| {
+            let fds = stream::recv_fds(from, count, t).unwrap();
+            let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            stream::send_fds(to, &raw).unwrap();
+        };
+        let offer: Offer = stream::recv(&source, t).unwrap();
+        stream::send(&dest, &offer).unwrap();
+        pass_fds(&source, &dest, offer.fds.len());
+        let prepared: Reply = stream::recv(&dest, t).unwrap();
+        assert!(matches!(prepared, Reply::Prepared), "{prepared:?}");
+        prepared_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        stream::send(&source, &prepared).unwrap();
+        let commit: Commit = stream::recv(&source, t).unwrap();
+        stream::send(&dest, &commit).unwrap();
+        pass_fds(&source, &dest, commit.fds.len());
+        for _ in 0..2 {
+            // Ready, then Resumed.
+            let reply: Reply = stream::recv(&dest, t).unwrap();
+            stream::send(&source, &reply).unwrap();
+        }
+        commit.fds.len()
+    });
+    prepared_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the destination prepared");
+    between();
+    go_tx.send(()).unwrap();
+    relay
+}
+
+/// A handover through `relay_handover`, with `between` run while the
+/// destination prepares; returns the API reply and the commit's fd count.
+fn relayed_handover(rig: &mut Rig, between: impl FnOnce(&mut Rig)) -> (serde_json::Value, usize) {
+    let args = ["--busy-poll-us", "0"];
+    let (destination, dest_path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &args).unwrap();
+    let relay_path = rig.dir.path("relay.handover");
+    let listener = UnixListener::bind(&relay_path).unwrap();
+    let api = rig.sandnic.api.clone();
+    let asked = std::thread::spawn(move || {
+        sandnic_host::api::client(&api, json!({"cmd": "handover", "path": relay_path}))
+            .map(|(v, _)| v)
+    });
+    let relay = relay_handover(listener, dest_path, || between(rig));
+    let reply = asked.join().unwrap().unwrap();
+    let resent = relay.join().unwrap();
+    assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
+    assert_eq!(
+        rig.sandnic.wait_exited(Duration::from_secs(5)),
+        Some(Some(0))
+    );
+    rig.sandnic = destination;
+    (reply, resent)
+}
+
+/// Nothing changed while the destination prepared: only the state and the
+/// ring positions cross the pause, no fd.
+#[test]
+fn an_unchanged_device_crosses_the_pause_without_fds() {
+    require_network!("an_unchanged_device_crosses_the_pause_without_fds");
+    let mut rig = Rig::new(&["--busy-poll-us", "0"], NicConfig::default()).expect("rig");
+    let (reply, resent) = relayed_handover(&mut rig, |_| ());
+    assert_eq!(resent, 0, "{reply}");
+    assert!(reply["prepare_us"].as_u64().is_some(), "{reply}");
+    still_serving(&mut rig);
+}
+
+/// The frontend gives the TX ring a new kick fd after the offer went out
+/// (the destination prepared with the old one): the pause carries the new
+/// set, and the destination wakes on the new kick. With the datapath never
+/// busy-polling, a destination left with the old kick fd would never see a
+/// frame the guest sends.
+#[test]
+fn a_kick_fd_changed_while_the_destination_prepares_crosses_the_pause() {
+    require_network!("a_kick_fd_changed_while_the_destination_prepares_crosses_the_pause");
+    let mut rig = Rig::new(&["--busy-poll-us", "0"], NicConfig::default()).expect("rig");
+    let (reply, resent) = relayed_handover(&mut rig, |rig| {
+        rig.nic.replace_kick(QueueId::Tx(0)).unwrap();
+    });
+    assert!(resent > 0, "the commit carried no fds: {reply}");
+    still_serving(&mut rig);
 }
 
 #[test]
@@ -285,7 +389,6 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
     let offer = sandnic_host::handover::state::Offer {
         magic: sandnic_host::handover::stream::MAGIC.into(),
         version: sandnic_host::handover::stream::VERSION,
-        stopped_at_ns: 0,
         source_component: sandnic_host::sandbox::ComponentInfo {
             name: "x".into(),
             version: "0".into(),
@@ -310,7 +413,6 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
             link_up: true,
             socket_paths: vec![],
         },
-        device_state: vec![],
         fds: vec![],
     };
     sandnic_host::handover::stream::send(&sock, &offer).unwrap();

@@ -3,7 +3,7 @@
 
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sandnic_host::handover::state::{self, Offer, Reply};
+use sandnic_host::handover::state::{self, Commit, Offer, Reply};
 use sandnic_host::handover::stream;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -16,10 +16,22 @@ fuzz_target!(|data: &[u8]| {
     let (mut tx, rx) = UnixStream::pair().expect("socketpair");
     tx.write_all(data).expect("write");
     drop(tx);
+    // As the destination reads it: an offer, then a commit checked
+    // against the offer.
     if let Ok(offer) = stream::recv::<Offer>(&rx, Duration::from_millis(50)) {
         let _ = state::validate(&offer, false);
         let _ = state::validate(&offer, true);
-        let _ = stream::recv_fds(&rx, offer.fds.len().min(8), Duration::from_millis(10));
+        if let Ok(commit) = stream::recv::<Commit>(&rx, Duration::from_millis(10)) {
+            let _ = state::validate_commit(&commit, &offer.host, false);
+            let _ = state::validate_commit(&commit, &offer.host, true);
+        }
+    }
+    // A commit on its own, and the fds a manifest announces.
+    let (mut tx, rx) = UnixStream::pair().expect("socketpair");
+    tx.write_all(data).expect("write");
+    drop(tx);
+    if let Ok(commit) = stream::recv::<Commit>(&rx, Duration::from_millis(50)) {
+        let _ = stream::recv_fds(&rx, commit.fds.len().min(8), Duration::from_millis(10));
     }
     let (mut tx, rx) = UnixStream::pair().expect("socketpair");
     tx.write_all(data).expect("write");

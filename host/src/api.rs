@@ -84,6 +84,9 @@ pub struct ApiContext<'a> {
     pub backend: &'a mut NetBackend,
     pub runtime: &'a Arc<Runtime>,
     pub connected: bool,
+    /// A handover was asked for and is not over: another handover or a
+    /// swap would change the device under it.
+    pub handover_under_way: bool,
     /// Set by `handover`.
     pub handover: Option<HandoverRequest>,
 }
@@ -101,6 +104,9 @@ pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
     let Some(cmd) = request.get("cmd").and_then(Value::as_str) else {
         return error("request has no \"cmd\"");
     };
+    if ctx.handover_under_way && matches!(cmd, "handover" | "swap") {
+        return error(format!("cannot {cmd} now: a handover is under way"));
+    }
     match cmd {
         "status" => status(ctx),
         "stats" => stats(ctx),

@@ -7,7 +7,8 @@ use crate::backend::{NetBackend, Outcome, SessionId};
 use crate::daemon::inherited_sockets;
 use crate::daemon::notify::Notifier;
 use crate::datapath::DatapathOptions;
-use crate::handover::{destination, source};
+use crate::handover::stream::StreamError;
+use crate::handover::{destination, source, HandoverReport};
 use crate::hardening::allowlists::Role;
 use crate::hardening::privileges::{self, Target};
 use crate::hardening::seccomp::{self, Mode};
@@ -72,6 +73,8 @@ const LISTENER: u64 = 1;
 const CTRL_KICK: u64 = 3;
 const API_LISTENER: u64 = 4;
 const SIGNALS: u64 = 5;
+/// The handover socket, while a destination prepares.
+const HANDOVER: u64 = 6;
 const API_CLIENT: u64 = 100;
 /// Frontend connections: this plus their session id.
 const FRONTEND: u64 = 1 << 32;
@@ -364,6 +367,9 @@ struct Server {
     socket_files: SocketFiles,
     /// A handover the API asked for, and the API client slot to answer.
     handover_request: Option<(HandoverRequest, usize)>,
+    /// A handover offered and being prepared by its destination, and the
+    /// API client slot to answer when it is over.
+    handover: Option<(source::Pending, usize)>,
 }
 
 impl Server {
@@ -397,6 +403,7 @@ impl Server {
             ctrl_kick: None,
             socket_files,
             handover_request: None,
+            handover: None,
         }
     }
 
@@ -431,11 +438,12 @@ impl Server {
             // command the driver sends before anything else wakes this loop
             // would otherwise wait unseen (Linux spins on it holding RTNL).
             self.sync_ctrl_kick(&epoll);
-            let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+            let n = match epoll.wait(&mut events, self.wait_timeout()) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
+            let mut destination_answered = false;
             for event in &events[..n] {
                 match event.data() {
                     SIGNALS => {
@@ -443,6 +451,7 @@ impl Server {
                         return Ok(Exit::Signal);
                     }
                     LISTENER => self.accept_frontend(&epoll)?,
+                    HANDOVER => destination_answered = true,
                     token if token >= FRONTEND => self.serve_message(token - FRONTEND, &epoll),
                     CTRL_KICK => self.backend.process_ctrl_queue(),
                     API_LISTENER => self.accept_api(&epoll),
@@ -453,55 +462,93 @@ impl Server {
                 }
             }
             if let Some((request, client)) = self.handover_request.take() {
-                if self.hand_over(&request, client) {
-                    return Ok(Exit::HandedOver);
-                }
+                self.offer_handover(&request, client, &epoll);
+            }
+            let out_of_time = self
+                .handover
+                .as_ref()
+                .is_some_and(|(pending, _)| pending.time_left().is_zero());
+            if (destination_answered || out_of_time) && self.finish_handover(&epoll) {
+                return Ok(Exit::HandedOver);
             }
         }
     }
 
-    /// Hands the device to the process waiting at `path`; answers the API
-    /// client that asked. True when the destination took over.
-    fn hand_over(&mut self, request: &HandoverRequest, client: usize) -> bool {
+    /// Sleep until an event, or until a pending handover's destination is
+    /// out of time.
+    fn wait_timeout(&self) -> EpollTimeout {
+        match &self.handover {
+            Some((pending, _)) => {
+                // Rounded up: a timeout rounded down to 0 ms would spin.
+                let left = pending.time_left() + Duration::from_millis(1);
+                EpollTimeout::try_from(left).unwrap_or(EpollTimeout::MAX)
+            }
+            None => EpollTimeout::NONE,
+        }
+    }
+
+    /// The connection and listeners that travel with the device.
+    fn sockets(&self) -> Option<source::Sockets> {
         use std::os::fd::AsRawFd;
-        let Some(listener) = &self.listener else {
-            return false;
-        };
-        let sockets = source::Sockets {
+        Some(source::Sockets {
             connection: self.frontends.first().map(|f| f.stream.as_raw_fd()),
-            listener: listener.as_raw_fd(),
+            listener: self.listener.as_ref()?.as_raw_fd(),
             api_listener: self.api_listener.as_ref().map(|l| l.as_raw_fd()),
             paths: self.socket_files.0.clone(),
+        })
+    }
+
+    /// Offers the device to the process waiting at the request's path; the
+    /// loop goes on serving while the destination prepares.
+    fn offer_handover(&mut self, request: &HandoverRequest, client: usize, epoll: &Epoll) {
+        let Some(sockets) = self.sockets() else {
+            self.answer_api(client, &api_error("no listening socket to hand over"));
+            return;
         };
-        let (reply, done) = match source::hand_over(
-            &mut self.backend,
+        let pending = source::offer(
+            &self.backend,
             sockets,
             &request.destination,
             request.new_tap,
-        ) {
-            Ok(report) => (
-                serde_json::json!({
-                    "ok": true,
-                    "downtime_us": report.downtime.map(|d| d.as_micros() as u64),
-                    "to": report.to,
-                    "fds": report.fds,
-                    "phases_us": report
-                        .phases
-                        .iter()
-                        .map(|(name, took)| (name.to_string(), (took.as_micros() as u64).into()))
-                        .collect::<serde_json::Map<_, _>>(),
-                }),
-                true,
-            ),
-            Err(e) => (
-                serde_json::json!({ "ok": false, "error": e.to_string() }),
-                false,
-            ),
-        };
-        if let Some(Some(c)) = self.api_clients.get_mut(client) {
-            let _ = c.reply(&reply);
+        );
+        let registered = pending.and_then(|pending| {
+            epoll
+                .add(
+                    pending.socket(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, HANDOVER),
+                )
+                .map_err(|e| source::HandoverError::Stream(StreamError::Io(e)))?;
+            Ok(pending)
+        });
+        match registered {
+            Ok(pending) => self.handover = Some((pending, client)),
+            Err(e) => self.answer_api(client, &api_error(e)),
         }
+    }
+
+    /// The destination answered the offer (or ran out of time): pause,
+    /// commit, and answer the API client. True when the destination took
+    /// over.
+    fn finish_handover(&mut self, epoll: &Epoll) -> bool {
+        let Some((pending, client)) = self.handover.take() else {
+            return false;
+        };
+        let _ = epoll.delete(pending.socket());
+        let Some(sockets) = self.sockets() else {
+            return false;
+        };
+        let (reply, done) = match pending.finish(&mut self.backend, sockets) {
+            Ok(report) => (handover_reply(&report), true),
+            Err(e) => (api_error(e), false),
+        };
+        self.answer_api(client, &reply);
         done
+    }
+
+    fn answer_api(&mut self, client: usize, reply: &serde_json::Value) {
+        if let Some(Some(c)) = self.api_clients.get_mut(client) {
+            let _ = c.reply(reply);
+        }
     }
 
     fn accept_frontend(&mut self, epoll: &Epoll) -> anyhow::Result<()> {
@@ -667,6 +714,7 @@ impl Server {
                 backend: &mut self.backend,
                 runtime: &self.runtime,
                 connected: !self.frontends.is_empty(),
+                handover_under_way: self.handover.is_some() || self.handover_request.is_some(),
                 handover: None,
             };
             let reply = api::handle_line(&line, &mut ctx);
@@ -685,6 +733,27 @@ impl Server {
             }
         }
     }
+}
+
+fn api_error(e: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "error": e.to_string() })
+}
+
+/// The API's answer to a handover that went through.
+fn handover_reply(report: &HandoverReport) -> serde_json::Value {
+    let micros = |d: Duration| d.as_micros() as u64;
+    serde_json::json!({
+        "ok": true,
+        "downtime_us": report.downtime.map(micros),
+        "prepare_us": report.prepared_in.map(micros),
+        "to": report.to,
+        "fds": report.fds,
+        "phases_us": report
+            .phases
+            .iter()
+            .map(|(name, took)| (name.to_string(), micros(*took).into()))
+            .collect::<serde_json::Map<_, _>>(),
+    })
 }
 
 /// Replies as the protocol asks: a body for GET requests, also when they

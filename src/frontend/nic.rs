@@ -69,7 +69,7 @@ impl Default for NicConfig {
 }
 
 /// Which queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueId {
     Rx(usize),
     Tx(usize),
@@ -642,6 +642,18 @@ impl TestNic {
             };
             self.frontend.set_vring_addr(index, &data)?;
         }
+        Ok(())
+    }
+
+    /// Gives queue `id` a new kick eventfd (SET_VRING_KICK), as a VMM may
+    /// at any time; the old one is closed and never written again.
+    pub fn replace_kick(&mut self, id: QueueId) -> anyhow::Result<()> {
+        let Some((index, _)) = self.queue_indices().into_iter().find(|(_, q)| *q == id) else {
+            bail!("no queue {id:?}");
+        };
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        self.frontend.set_vring_kick(index, &kick)?;
+        self.queue(id).kick = kick;
         Ok(())
     }
 

@@ -157,45 +157,100 @@ impl NetBackend {
         (host, fds)
     }
 
-    /// Rebuilds a device from a handover: the loaded device model, the TAP,
-    /// the host state and its fds. Rings stay stopped until
-    /// `resume_datapath`.
-    pub fn import(
+    /// Builds the device in a handover's destination from what the source
+    /// sent while its device still runs: the memory mapped and the pages of
+    /// the rings touched, the datapath threads created (idle: no ring runs),
+    /// the fds in place. The TAP is left exactly as the source has it: its
+    /// queues still serve the source. `adopt_stopped_state` finishes the job
+    /// inside the pause.
+    pub fn prepare(
         device: SandboxedDevice,
         tap: Arc<Tap>,
         host: &HostState,
         fds: &mut HashMap<FdRole, OwnedFd>,
-        load_effects: Vec<Effect>,
         options: DatapathOptions,
     ) -> anyhow::Result<Self> {
-        let mut b = Self::new(device, tap, options)?;
-        b.session.proto = host.protocol.clone();
-        for (i, v) in host.vrings.iter().enumerate() {
+        let mut b = Self::with_datapath(device, tap, options)?;
+        b.adopt_fds(host, fds)?;
+        b.adopt_positions(host);
+        b.prefault_rings();
+        Ok(b)
+    }
+
+    /// Takes the fds that carry the device: the memory table (mapped here),
+    /// every ring's kick, call and err, the backend channel. Used when
+    /// preparing, and again in the pause when the source's set changed
+    /// after the preparation (a new memory table, a new kick fd, …).
+    pub fn adopt_fds(
+        &mut self,
+        host: &HostState,
+        fds: &mut HashMap<FdRole, OwnedFd>,
+    ) -> anyhow::Result<()> {
+        for (i, setup) in self.session.vrings.iter_mut().enumerate() {
             let q = i as u16;
-            let setup = &mut b.session.vrings[i];
-            setup.num = v.num;
-            setup.addrs = v.addrs;
-            setup.base = v.base;
-            setup.enabled = v.enabled;
-            setup.started = v.started;
             setup.kick = fds.remove(&FdRole::Kick(q)).map(Arc::new);
             setup.call = fds.remove(&FdRole::Call(q)).map(Arc::new);
             setup.err = fds.remove(&FdRole::Err(q));
         }
-        if !host.regions.is_empty() {
+        self.session.memory = if host.regions.is_empty() {
+            None
+        } else {
             let region_fds = (0..host.regions.len() as u32)
                 .map(|i| {
                     fds.remove(&FdRole::MemoryRegion(i))
                         .ok_or_else(|| anyhow::anyhow!("memory region {i} has no fd"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let memory = Arc::new(GuestMemory::map(host.regions.clone(), region_fds)?);
-            b.session.memory = Some(memory);
+            Some(Arc::new(GuestMemory::map(
+                host.regions.clone(),
+                region_fds,
+            )?))
+        };
+        self.session.backend_channel = fds.remove(&FdRole::BackendChannel);
+        Ok(())
+    }
+
+    /// The plain-data half of the host state: negotiated protocol, each
+    /// ring's size, addresses and position, the link. No fd, no mapping.
+    fn adopt_positions(&mut self, host: &HostState) {
+        self.session.proto = host.protocol.clone();
+        for (setup, v) in self.session.vrings.iter_mut().zip(&host.vrings) {
+            setup.num = v.num;
+            setup.addrs = v.addrs;
+            setup.base = v.base;
+            setup.enabled = v.enabled;
+            setup.started = v.started;
         }
-        b.session.backend_channel = fds.remove(&FdRole::BackendChannel);
-        b.settings.mergeable = b.session.proto.device_features() & features::MRG_RXBUF != 0;
-        b.settings.link_up = host.link_up;
-        b.apply(load_effects);
-        Ok(b)
+        self.settings.mergeable = self.session.proto.device_features() & features::MRG_RXBUF != 0;
+        self.settings.link_up = host.link_up;
+    }
+
+    /// Finishes a prepared device with what the source saved once stopped:
+    /// where every ring continues, and the loaded device model's effects
+    /// (filters, offloads, active pairs). Nothing here maps, spawns or
+    /// compiles: it runs inside the handover's pause.
+    pub fn adopt_stopped_state(&mut self, host: &HostState, load_effects: Vec<Effect>) {
+        self.adopt_positions(host);
+        self.apply(load_effects);
+        self.datapath.set_settings(&self.settings);
+    }
+
+    /// Touches every page of every ring once, so that the first pass over a
+    /// ring after the pause takes no page fault on the fresh mapping.
+    fn prefault_rings(&self) {
+        let Some(memory) = &self.session.memory else {
+            return;
+        };
+        for setup in &self.session.vrings {
+            let Some(addrs) = setup.addrs else { continue };
+            let n = u64::from(setup.num);
+            for (va, len) in [
+                (addrs.desc, 16 * n),
+                (addrs.avail, 6 + 2 * n),
+                (addrs.used, 6 + 8 * n),
+            ] {
+                memory.prefault(va, len);
+            }
+        }
     }
 }

@@ -65,11 +65,29 @@ pub struct NetBackend {
     /// Device features offered (cached: asked once per component).
     offered: u64,
     active_pairs: u16,
+    /// Bumped by anything that may change what a handover carries as fds:
+    /// every vhost-user request, a frontend connecting or leaving. A
+    /// handover prepared before a change sends the whole set again.
+    setup_changes: u64,
     pub counters: ControlCounters,
 }
 
 impl NetBackend {
+    /// A fresh device: only pair 0's TAP queue stays attached until the
+    /// device model enables more.
     pub fn new(
+        device: SandboxedDevice,
+        tap: Arc<Tap>,
+        options: DatapathOptions,
+    ) -> anyhow::Result<Self> {
+        let backend = Self::with_datapath(device, tap, options)?;
+        backend.datapath.set_active_pairs(1);
+        Ok(backend)
+    }
+
+    /// The device with its datapath threads started (idle), leaving the
+    /// TAP's queues as they are.
+    fn with_datapath(
         device: SandboxedDevice,
         tap: Arc<Tap>,
         options: DatapathOptions,
@@ -89,6 +107,7 @@ impl NetBackend {
             settings: Settings::default(),
             offered,
             active_pairs: 1,
+            setup_changes: 0,
             counters: ControlCounters::default(),
         })
     }
@@ -96,6 +115,11 @@ impl NetBackend {
     /// Virtqueues: `2 * max_queue_pairs` data queues and the control queue.
     fn queue_count(device: &SandboxedDevice) -> usize {
         2 * usize::from(device.config().max_queue_pairs) + 1
+    }
+
+    /// See `setup_changes`: equal values mean the same fds.
+    pub fn setup_changes(&self) -> u64 {
+        self.setup_changes
     }
 
     pub fn device(&self) -> &SandboxedDevice {
@@ -161,6 +185,7 @@ impl NetBackend {
     /// A frontend connected: it gets a session of its own, or `None` when
     /// two are connected already (a third has no role in a migration).
     pub fn connect(&mut self) -> Option<SessionId> {
+        self.setup_changes += 1;
         if !self.session.connected && self.other.is_none() {
             self.session.connected = true;
             return Some(self.session.id);
@@ -207,6 +232,7 @@ impl NetBackend {
     /// device is reset only when no frontend is left, so a migration's
     /// other side keeps it as it is.
     pub fn disconnected(&mut self, id: SessionId) {
+        self.setup_changes += 1;
         if !self.focus(id) {
             return;
         }

@@ -38,6 +38,7 @@ impl NetBackend {
     /// Handles one request of session `id`.
     pub fn handle(&mut self, id: SessionId, request: Request) -> Outcome {
         self.counters.requests += 1;
+        self.setup_changes += 1;
         debug!(session = id, ?request, "vhost-user request");
         if !self.focus(id) {
             return Outcome::Failed(format!("no session {id}"));

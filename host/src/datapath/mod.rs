@@ -142,8 +142,9 @@ pub enum Direction {
 }
 
 impl Datapath {
-    /// Starts one thread per TAP queue. Only pair 0 is active until the
-    /// device model enables more.
+    /// Starts one thread per TAP queue, idle until a ring is installed.
+    /// Only pair 0 is active until the device model enables more; the TAP's
+    /// queue attachment is left to `set_active_pairs`.
     pub fn start(tap: Arc<Tap>, options: DatapathOptions) -> std::io::Result<Self> {
         let mut pairs = Vec::new();
         let mut threads = Vec::new();
@@ -179,9 +180,6 @@ impl Datapath {
                     .spawn(move || worker::run(s, t))?,
             );
             pairs.push(shared);
-        }
-        for index in 1..tap.queue_count() {
-            let _ = tap.set_queue_attached(index, false);
         }
         Ok(Self {
             tap,

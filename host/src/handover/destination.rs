@@ -1,14 +1,19 @@
 //! The new process's side of a handover (`sandnic serve --incoming PATH`).
 //!
-//! It opens nothing of its own: it waits on PATH for one source, receives
-//! the offer and the fds, validates every section, loads the device state
-//! into its own (possibly newer) component, rebuilds memory, rings and the
-//! TAP from the received fds, and only then answers `Ready`. Any failure
-//! before that answers `Refused` (the source keeps running) and ends here.
+//! It opens nothing of its own: it waits on PATH for one source and
+//! receives the offer and its fds while the source's device still runs.
+//! It validates every section and builds its device from them: component
+//! instantiated, memory mapped, datapath threads created, idle. It answers
+//! `Prepared` and waits for the commit, which crosses the source's pause:
+//! it loads the device state into its own (possibly newer) component,
+//! takes the ring positions (and a new fd set, if the source's changed),
+//! and only then answers `Ready`. Any failure before that answers
+//! `Refused` (the source keeps running) and ends here.
 
 use super::monotonic_ns;
 use super::phases::DestinationMarks;
-use super::state::{self, FdRole, Offer, Reply};
+use super::source;
+use super::state::{self, Commit, FdRole, HostState, Offer, Reply};
 use super::stream::{self, StreamError};
 use crate::backend::NetBackend;
 use crate::datapath::DatapathOptions;
@@ -82,76 +87,155 @@ pub fn receive(
         return Err(IncomingError::Refused(format!("the source: {reason}")));
     }
     let offer: Offer = stream::recv(&sock, FRAME_TIMEOUT)?;
-    let refuse = |sock: &UnixStream, reason: String| {
-        let _ = stream::send(
-            sock,
-            &Reply::Refused {
-                reason: reason.clone(),
-            },
-        );
-        IncomingError::Refused(reason)
-    };
     if let Err(reason) = state::validate(&offer, new_tap) {
         return Err(refuse(&sock, reason));
     }
-    let received = stream::recv_fds(&sock, offer.fds.len(), FRAME_TIMEOUT)?;
-    let mut fds: HashMap<FdRole, OwnedFd> = offer.fds.iter().copied().zip(received).collect();
-    let mut marks = DestinationMarks {
-        received_ns: monotonic_ns(),
-        ..DestinationMarks::default()
-    };
-    let taken = take_over(
-        &offer, &mut fds, runtime, component, new_tap, options, &mut marks,
+    let mut fds = receive_fds(&sock, &offer.fds)?;
+    let prepared = Prepared::build(&offer, &mut fds, runtime, component, new_tap, options)
+        .map_err(|reason| refuse(&sock, reason))?;
+    stream::send(&sock, &Reply::Prepared)?;
+    // The source serves its frontend until it reads `Prepared`, then pauses.
+    let commit: Commit = stream::recv(&sock, source::PREPARE_TIMEOUT)?;
+    let mut marks = DestinationMarks::default();
+    if let Err(reason) = state::validate_commit(&commit, &offer.host, new_tap) {
+        return Err(refuse(&sock, reason));
+    }
+    let changed = !commit.fds.is_empty();
+    if changed {
+        fds = receive_fds(&sock, &commit.fds)?;
+    }
+    marks.received_ns = monotonic_ns();
+    let backend = prepared
+        .finish(&commit, &mut fds, changed, &mut marks)
+        .map_err(|reason| refuse(&sock, reason))?;
+    marks.rebuilt_ns = monotonic_ns();
+    stream::send(&sock, &Reply::Ready)?;
+    marks.ready_ns = monotonic_ns();
+    let unix = |fd: Option<OwnedFd>| fd.map(UnixStream::from);
+    let listener = |fd: Option<OwnedFd>| fd.map(UnixListener::from);
+    Ok(Incoming {
+        backend,
+        connection: unix(fds.remove(&FdRole::Connection)),
+        listener: listener(fds.remove(&FdRole::Listener)),
+        api_listener: listener(fds.remove(&FdRole::ApiListener)),
+        socket_paths: commit.host.socket_paths.clone(),
+        source: sock,
+        stopped_at_ns: commit.stopped_at_ns,
+        marks,
+    })
+}
+
+/// Tells the source why, and ends the handover here.
+fn refuse(sock: &UnixStream, reason: String) -> IncomingError {
+    let _ = stream::send(
+        sock,
+        &Reply::Refused {
+            reason: reason.clone(),
+        },
     );
-    match taken {
-        Ok(backend) => {
-            marks.rebuilt_ns = monotonic_ns();
-            stream::send(&sock, &Reply::Ready)?;
-            marks.ready_ns = monotonic_ns();
-            let unix = |fd: Option<OwnedFd>| fd.map(UnixStream::from);
-            let listener = |fd: Option<OwnedFd>| fd.map(UnixListener::from);
-            Ok(Incoming {
-                backend,
-                connection: unix(fds.remove(&FdRole::Connection)),
-                listener: listener(fds.remove(&FdRole::Listener)),
-                api_listener: listener(fds.remove(&FdRole::ApiListener)),
-                socket_paths: offer.host.socket_paths.clone(),
-                source: sock,
-                stopped_at_ns: offer.stopped_at_ns,
-                marks,
-            })
+    IncomingError::Refused(reason)
+}
+
+/// The fds a manifest announces, by role.
+fn receive_fds(
+    sock: &UnixStream,
+    roles: &[FdRole],
+) -> Result<HashMap<FdRole, OwnedFd>, IncomingError> {
+    let received = stream::recv_fds(sock, roles.len(), FRAME_TIMEOUT)?;
+    Ok(roles.iter().copied().zip(received).collect())
+}
+
+/// What the destination built from the offer, before the pause.
+enum Prepared {
+    /// The whole device on the TAP queues the source passed.
+    Device(Box<NetBackend>),
+    /// `--new-tap`, or a source that sent no TAP fds: the TAP is opened by
+    /// name inside the pause (opened earlier, its new queues would take
+    /// frames from the source's), so only the device model is ready.
+    Model {
+        device: Box<SandboxedDevice>,
+        options: DatapathOptions,
+    },
+}
+
+impl Prepared {
+    fn build(
+        offer: &Offer,
+        fds: &mut HashMap<FdRole, OwnedFd>,
+        runtime: Arc<Runtime>,
+        component: Arc<DeviceComponent>,
+        new_tap: bool,
+        options: DatapathOptions,
+    ) -> Result<Self, String> {
+        let host = &offer.host;
+        let device = SandboxedDevice::new(runtime, component, host.config.clone())
+            .map_err(|e| format!("{e:#}"))?;
+        let tap_fds: Vec<OwnedFd> = (0..host.tap.queues)
+            .filter_map(|q| fds.remove(&FdRole::TapQueue(q)))
+            .collect();
+        if new_tap || tap_fds.is_empty() {
+            return Ok(Self::Model {
+                device: Box::new(device),
+                options,
+            });
         }
-        Err(reason) => Err(refuse(&sock, reason)),
+        let tap = checked_tap(Tap::adopt(tap_fds), host)?;
+        let backend =
+            NetBackend::prepare(device, tap, host, fds, options).map_err(|e| format!("{e:#}"))?;
+        Ok(Self::Device(Box::new(backend)))
+    }
+
+    /// Applies the commit: the device state loaded into the component, the
+    /// new fd set if the source's changed, every ring's position.
+    fn finish(
+        self,
+        commit: &Commit,
+        fds: &mut HashMap<FdRole, OwnedFd>,
+        changed: bool,
+        marks: &mut DestinationMarks,
+    ) -> Result<NetBackend, String> {
+        let host = &commit.host;
+        let load = |device: &mut SandboxedDevice| {
+            device
+                .load(&commit.device_state)
+                .map_err(|e| format!("device state: {e}"))
+        };
+        match self {
+            Self::Device(mut backend) => {
+                let effects = load(backend.device_mut())?;
+                marks.loaded_ns = monotonic_ns();
+                if changed {
+                    backend.adopt_fds(host, fds).map_err(|e| format!("{e:#}"))?;
+                }
+                backend.adopt_stopped_state(host, effects);
+                Ok(*backend)
+            }
+            Self::Model {
+                mut device,
+                options,
+            } => {
+                let effects = load(&mut device)?;
+                marks.loaded_ns = monotonic_ns();
+                let tap = checked_tap(
+                    Tap::open(&host.tap.name, usize::from(host.tap.queues)),
+                    host,
+                )?;
+                let mut backend =
+                    NetBackend::new(*device, tap, options).map_err(|e| format!("{e:#}"))?;
+                backend.adopt_fds(host, fds).map_err(|e| format!("{e:#}"))?;
+                backend.adopt_stopped_state(host, effects);
+                Ok(backend)
+            }
+        }
     }
 }
 
-/// Builds the device from the offer; nothing runs yet.
-fn take_over(
-    offer: &Offer,
-    fds: &mut HashMap<FdRole, OwnedFd>,
-    runtime: Arc<Runtime>,
-    component: Arc<DeviceComponent>,
-    new_tap: bool,
-    options: DatapathOptions,
-    marks: &mut DestinationMarks,
-) -> Result<NetBackend, String> {
-    let host = &offer.host;
-    let mut device = SandboxedDevice::new(runtime, component, host.config.clone())
-        .map_err(|e| format!("{e:#}"))?;
-    let effects = device
-        .load(&offer.device_state)
-        .map_err(|e| format!("device state: {e}"))?;
-    marks.loaded_ns = monotonic_ns();
-    let tap_fds: Vec<OwnedFd> = (0..host.tap.queues)
-        .filter_map(|q| fds.remove(&FdRole::TapQueue(q)))
-        .collect();
-    let tap = if new_tap || tap_fds.is_empty() {
-        drop(tap_fds);
-        Tap::open(&host.tap.name, usize::from(host.tap.queues))
-    } else {
-        Tap::adopt(tap_fds)
-    }
-    .map_err(|e| format!("TAP: {e}"))?;
+/// The TAP, if it has a queue for every pair the device may use.
+fn checked_tap(
+    tap: Result<Tap, crate::tap::TapError>,
+    host: &HostState,
+) -> Result<Arc<Tap>, String> {
+    let tap = tap.map_err(|e| format!("TAP: {e}"))?;
     if tap.queue_count() < usize::from(host.config.max_queue_pairs) {
         return Err(format!(
             "{} TAP queues for {} pairs",
@@ -159,8 +243,7 @@ fn take_over(
             host.config.max_queue_pairs
         ));
     }
-    NetBackend::import(device, Arc::new(tap), host, fds, effects, options)
-        .map_err(|e| format!("{e:#}"))
+    Ok(Arc::new(tap))
 }
 
 impl Incoming {

@@ -2,8 +2,10 @@
 //!
 //! - `stream.rs` — framing and fd passing over the handover socket
 //! - `state.rs` — the host state, the fd manifest, their validation
-//! - `source.rs` — the old process: stop, send, wait for `Ready`, or resume
-//! - `destination.rs` — the new process: receive, validate, rebuild, resume
+//! - `source.rs` — the old process: offer while running; then stop, commit,
+//!   wait for `Ready`, or resume
+//! - `destination.rs` — the new process: prepare from the offer while the
+//!   source runs; then apply the commit and resume
 //! - `phases.rs` — where the pause went, step by step
 //!
 //! Nothing is reconnected and nothing is reopened: the connected vhost-user
@@ -29,6 +31,8 @@ pub struct HandoverReport {
     pub fds: usize,
     /// The pause step by step (empty if the destination gave no marks).
     pub phases: Vec<(&'static str, Duration)>,
+    /// Offer sent → destination prepared (the device ran meanwhile).
+    pub prepared_in: Option<Duration>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one host.

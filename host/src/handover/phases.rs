@@ -10,11 +10,12 @@ use std::time::Duration;
 /// The destination's marks (0: not reported, e.g. by an older release).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestinationMarks {
-    /// Offer and fds received and validated.
+    /// Commit (and any new fds) received and validated.
     pub received_ns: u64,
     /// Device state loaded into the component.
     pub loaded_ns: u64,
-    /// Memory mapped, rings, TAP and worker threads rebuilt.
+    /// Ring positions and the loaded state's effects applied (and, if the
+    /// source's fds changed after the offer, the new ones taken).
     pub rebuilt_ns: u64,
     /// `Ready` sent.
     pub ready_ns: u64,
@@ -29,7 +30,7 @@ pub struct SourceMarks {
     pub stopped_ns: u64,
     /// Device state saved, host state exported.
     pub saved_ns: u64,
-    /// Offer and fds written to the socket.
+    /// Commit (and any new fds) written to the socket.
     pub sent_ns: u64,
 }
 

@@ -1,25 +1,36 @@
-//! The old process's side of a handover.
+//! The old process's side of a handover, in two steps.
 //!
-//! Stop the datapath at a batch boundary, save the device model's state,
-//! send everything (state, fd manifest, fds) and wait for the destination's
-//! `Ready`. Until then the running device is only paused: any failure — the
+//! 1. `offer`: while the device keeps running, send the destination what
+//!    does not change when it stops (connection, memory, eventfds, TAP
+//!    queues, host state) so it can build its device ahead of the pause.
+//!    The serve loop goes on serving requests meanwhile.
+//! 2. `Pending::finish`, once the destination answers `Prepared`: stop the
+//!    datapath at a batch boundary, save the device model's state, send it
+//!    with the ring positions (and the whole fd set again if any request
+//!    came in since the offer), and wait for `Ready`.
+//!
+//! Until `Ready` the running device is at most paused: any failure — the
 //! destination refuses, dies, times out, or the stream breaks — resumes it
 //! exactly where it stopped. After `Ready` the destination owns the device;
 //! the caller exits without touching anything.
 
 use super::phases::{self, SourceMarks};
-use super::state::{FdRole, Offer, Reply};
+use super::state::{Commit, FdRole, HostState, Offer, Reply};
 use super::stream::{self, StreamError};
 use super::{monotonic_ns, HandoverReport};
 use crate::backend::NetBackend;
 use crate::sandbox::DeviceError;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-/// How long the destination may take to validate and rebuild everything.
+/// How long the destination may take to validate the offer and build its
+/// device (it may have to compile a component it has not cached).
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take from the commit to `Ready`: the
+/// device is paused meanwhile.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the destination to report its datapath running.
 const RESUMED_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,6 +46,9 @@ pub enum HandoverError {
     /// A VM migration is under way; nothing was stopped or sent.
     #[error("cannot hand over now: {0}")]
     Busy(String),
+    /// The destination did not prepare in time; nothing was stopped.
+    #[error("the destination did not prepare within {0:?}")]
+    NotPrepared(Duration),
     /// The device model could not save its state; the device resumed.
     #[error("saving the device state failed: {0}")]
     Save(DeviceError),
@@ -55,13 +69,24 @@ pub struct Sockets {
     pub paths: Vec<PathBuf>,
 }
 
-/// Hands the device over to the process listening at `destination`.
-pub fn hand_over(
-    backend: &mut NetBackend,
+/// A handover offered to a destination that is building its device; the
+/// device here still runs.
+pub struct Pending {
+    sock: UnixStream,
+    /// `NetBackend::setup_changes` when the offer's fds were collected.
+    setup_changes: u64,
+    new_tap: bool,
+    offered_ns: u64,
+    deadline: Instant,
+}
+
+/// Offers the device to the process listening at `destination`.
+pub fn offer(
+    backend: &NetBackend,
     sockets: Sockets,
     destination: &Path,
     new_tap: bool,
-) -> Result<HandoverReport, HandoverError> {
+) -> Result<Pending, HandoverError> {
     if let Some(why) = backend.handover_blocker() {
         return Err(HandoverError::Busy(why));
     }
@@ -71,68 +96,160 @@ pub fn hand_over(
     })?;
     // The device's memory and TAP go only to a process of our own user.
     crate::hardening::peer::same_user(&sock).map_err(HandoverError::Busy)?;
-    let mut marks = SourceMarks {
-        stopping_ns: monotonic_ns(),
-        ..SourceMarks::default()
+    let offered_ns = monotonic_ns();
+    let (host, fds) = collect(backend, sockets, new_tap);
+    let offer = Offer {
+        magic: stream::MAGIC.into(),
+        version: stream::VERSION,
+        source_component: backend.device().info().clone(),
+        host,
+        fds: fds.iter().map(|(role, _)| *role).collect(),
     };
-    backend.stop_datapath();
-    marks.stopped_ns = monotonic_ns();
-    match send_and_wait_ready(backend, &sock, sockets, &mut marks, new_tap) {
-        Ok(fd_count) => {
-            // Committed: the destination runs the device now.
-            let resumed = stream::recv::<Reply>(&sock, RESUMED_TIMEOUT);
-            let report = match resumed {
-                Ok(Reply::Resumed {
-                    at_ns,
-                    component,
-                    marks: theirs,
-                }) => HandoverReport {
-                    downtime: Some(Duration::from_nanos(
-                        at_ns.saturating_sub(marks.stopping_ns),
-                    )),
-                    to: Some(component),
-                    fds: fd_count,
-                    phases: phases::breakdown(marks, theirs, at_ns),
-                },
-                _ => HandoverReport {
-                    downtime: None,
-                    to: None,
-                    fds: fd_count,
-                    phases: Vec::new(),
-                },
-            };
-            info!(
-                downtime_us = report.downtime.map(|d| d.as_micros() as u64),
-                "handed over"
-            );
-            debug!("handover pause by step (µs): {}", describe(&report.phases));
-            Ok(report)
+    stream::send(&sock, &offer)?;
+    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+    stream::send_fds(&sock, &raw)?;
+    Ok(Pending {
+        sock,
+        setup_changes: backend.setup_changes(),
+        new_tap,
+        offered_ns,
+        deadline: Instant::now() + PREPARE_TIMEOUT,
+    })
+}
+
+impl Pending {
+    /// Readable when the destination has answered the offer.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Time left for the destination to answer the offer.
+    pub fn time_left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Reads the destination's answer to the offer (call when `socket` is
+    /// readable or `time_left` is zero) and, if it is `Prepared`, hands the
+    /// device over: stop, save, commit, wait for `Ready`.
+    pub fn finish(
+        self,
+        backend: &mut NetBackend,
+        sockets: Sockets,
+    ) -> Result<HandoverReport, HandoverError> {
+        let wait = self.time_left().max(Duration::from_millis(1));
+        match stream::recv::<Reply>(&self.sock, wait) {
+            Ok(Reply::Prepared) => {}
+            Ok(Reply::Refused { reason }) => return Err(HandoverError::Refused(reason)),
+            Ok(_) => {
+                return Err(HandoverError::Refused(
+                    "destination answered out of order".into(),
+                ))
+            }
+            Err(StreamError::Timeout) => return Err(HandoverError::NotPrepared(PREPARE_TIMEOUT)),
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => {
-            warn!("handover failed, resuming: {e}");
-            backend.resume_datapath();
-            Err(e)
+        let prepared_in = Duration::from_nanos(monotonic_ns().saturating_sub(self.offered_ns));
+        // A standby or a dirty log may have come while the destination
+        // prepared: their state does not travel.
+        if let Some(why) = backend.handover_blocker() {
+            return Err(HandoverError::Busy(why));
+        }
+        let mut report = self.pause_and_commit(backend, sockets)?;
+        report.prepared_in = Some(prepared_in);
+        Ok(report)
+    }
+
+    fn pause_and_commit(
+        &self,
+        backend: &mut NetBackend,
+        sockets: Sockets,
+    ) -> Result<HandoverReport, HandoverError> {
+        let mut marks = SourceMarks {
+            stopping_ns: monotonic_ns(),
+            ..SourceMarks::default()
+        };
+        backend.stop_datapath();
+        marks.stopped_ns = monotonic_ns();
+        let fd_count = match self.commit_and_wait_ready(backend, sockets, &mut marks) {
+            Ok(fd_count) => fd_count,
+            Err(e) => {
+                warn!("handover failed, resuming: {e}");
+                backend.resume_datapath();
+                return Err(e);
+            }
+        };
+        // Committed: the destination runs the device now.
+        let report = match stream::recv::<Reply>(&self.sock, RESUMED_TIMEOUT) {
+            Ok(Reply::Resumed {
+                at_ns,
+                component,
+                marks: theirs,
+            }) => HandoverReport {
+                downtime: Some(Duration::from_nanos(
+                    at_ns.saturating_sub(marks.stopping_ns),
+                )),
+                to: Some(component),
+                fds: fd_count,
+                phases: phases::breakdown(marks, theirs, at_ns),
+                prepared_in: None,
+            },
+            _ => HandoverReport {
+                downtime: None,
+                to: None,
+                fds: fd_count,
+                phases: Vec::new(),
+                prepared_in: None,
+            },
+        };
+        info!(
+            downtime_us = report.downtime.map(|d| d.as_micros() as u64),
+            "handed over"
+        );
+        debug!("handover pause by step (µs): {}", describe(&report.phases));
+        Ok(report)
+    }
+
+    /// Saves the stopped device and sends the commit; the number of fds the
+    /// destination holds of ours.
+    fn commit_and_wait_ready(
+        &self,
+        backend: &mut NetBackend,
+        sockets: Sockets,
+        marks: &mut SourceMarks,
+    ) -> Result<usize, HandoverError> {
+        let device_state = backend.device_mut().save().map_err(HandoverError::Save)?;
+        let (host, fds) = collect(backend, sockets, self.new_tap);
+        let changed = backend.setup_changes() != self.setup_changes;
+        let resent: Vec<(FdRole, RawFd)> = if changed { fds.clone() } else { Vec::new() };
+        let commit = Commit {
+            stopped_at_ns: marks.stopping_ns,
+            host,
+            device_state,
+            fds: resent.iter().map(|(role, _)| *role).collect(),
+        };
+        marks.saved_ns = monotonic_ns();
+        stream::send(&self.sock, &commit)?;
+        if changed {
+            let raw: Vec<RawFd> = resent.iter().map(|(_, fd)| *fd).collect();
+            stream::send_fds(&self.sock, &raw)?;
+        }
+        marks.sent_ns = monotonic_ns();
+        match stream::recv::<Reply>(&self.sock, READY_TIMEOUT)? {
+            Reply::Ready => Ok(fds.len()),
+            Reply::Refused { reason } => Err(HandoverError::Refused(reason)),
+            _ => Err(HandoverError::Refused(
+                "destination answered out of order".into(),
+            )),
         }
     }
 }
 
-/// `stop=12 save=40 …` for the log.
-fn describe(phases: &[(&str, Duration)]) -> String {
-    let steps: Vec<String> = phases
-        .iter()
-        .map(|(name, took)| format!("{name}={}", took.as_micros()))
-        .collect();
-    steps.join(" ")
-}
-
-fn send_and_wait_ready(
-    backend: &mut NetBackend,
-    sock: &UnixStream,
+/// The host state and every fd that carries the device, sockets included.
+fn collect(
+    backend: &NetBackend,
     sockets: Sockets,
-    marks: &mut SourceMarks,
     new_tap: bool,
-) -> Result<usize, HandoverError> {
-    let device_state = backend.device_mut().save().map_err(HandoverError::Save)?;
+) -> (HostState, Vec<(FdRole, RawFd)>) {
     let (mut host, mut fds) = backend.export(!new_tap);
     host.socket_paths = sockets.paths;
     if let Some(conn) = sockets.connection {
@@ -142,25 +259,14 @@ fn send_and_wait_ready(
     if let Some(api) = sockets.api_listener {
         fds.push((FdRole::ApiListener, api));
     }
-    let offer = Offer {
-        magic: stream::MAGIC.into(),
-        version: stream::VERSION,
-        stopped_at_ns: marks.stopping_ns,
-        source_component: backend.device().info().clone(),
-        host,
-        device_state,
-        fds: fds.iter().map(|(role, _)| *role).collect(),
-    };
-    marks.saved_ns = monotonic_ns();
-    stream::send(sock, &offer)?;
-    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
-    stream::send_fds(sock, &raw)?;
-    marks.sent_ns = monotonic_ns();
-    match stream::recv::<Reply>(sock, READY_TIMEOUT)? {
-        Reply::Ready => Ok(raw.len()),
-        Reply::Refused { reason } => Err(HandoverError::Refused(reason)),
-        Reply::Resumed { .. } => Err(HandoverError::Refused(
-            "destination answered out of order".into(),
-        )),
-    }
+    (host, fds)
+}
+
+/// `stop=12 save=40 …` for the log.
+fn describe(phases: &[(&str, Duration)]) -> String {
+    let steps: Vec<String> = phases
+        .iter()
+        .map(|(name, took)| format!("{name}={}", took.as_micros()))
+        .collect();
+    steps.join(" ")
 }

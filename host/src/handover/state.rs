@@ -17,25 +17,41 @@ use std::collections::HashSet;
 
 pub use crate::backend::handover::{FdRole, HostState, TapState, VringState};
 
-/// The first frame of a handover.
+/// The first frame of a handover, sent while the source's device still
+/// runs: everything that does not change when the device stops, so the
+/// destination can build its device before the pause. Its fds follow.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Offer {
     pub magic: String,
     pub version: u32,
+    pub source_component: ComponentInfo,
+    /// As of the offer; ring positions are final only in the `Commit`.
+    pub host: HostState,
+    pub fds: Vec<FdRole>,
+}
+
+/// The frame that crosses the pause, after `Prepared`: the device stopped,
+/// its model's state, where every ring continues.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Commit {
     /// CLOCK_MONOTONIC when the source's datapath stopped (same machine:
     /// comparable with the destination's clock).
     pub stopped_at_ns: u64,
-    pub source_component: ComponentInfo,
     pub host: HostState,
     #[serde(with = "serde_bytes_compat")]
     pub device_state: Vec<u8>,
+    /// Empty when nothing that travels as an fd changed since the offer.
+    /// Otherwise the whole set again (it follows this frame): the
+    /// destination drops what it prepared with and takes these.
     pub fds: Vec<FdRole>,
 }
 
 /// The destination's answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
-    /// Everything validated and built; the destination runs from now on.
+    /// The offer is accepted and the device built; waiting for the commit.
+    Prepared,
+    /// The commit is applied; the destination runs from now on.
     Ready,
     /// Refused; the source keeps running.
     Refused { reason: String },
@@ -64,7 +80,30 @@ pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
             super::stream::VERSION
         ));
     }
-    let h = &offer.host;
+    validate_host(&offer.host)?;
+    validate_manifest(&offer.host, &offer.fds, new_tap)
+}
+
+/// Checks a commit against the offer the destination prepared with: the
+/// device's identity (config, TAP) cannot change in between, and without
+/// new fds neither can the memory table they map.
+pub fn validate_commit(commit: &Commit, offered: &HostState, new_tap: bool) -> Result<(), String> {
+    let h = &commit.host;
+    validate_host(h)?;
+    if h.config != offered.config || h.tap != offered.tap || h.vrings.len() != offered.vrings.len()
+    {
+        return Err("the commit describes another device than the offer".into());
+    }
+    if commit.fds.is_empty() {
+        if h.regions != offered.regions {
+            return Err("the memory table changed but no fds came with it".into());
+        }
+        return Ok(());
+    }
+    validate_manifest(h, &commit.fds, new_tap)
+}
+
+fn validate_host(h: &HostState) -> Result<(), String> {
     h.config
         .validate()
         .map_err(|e| format!("device config: {e}"))?;
@@ -92,16 +131,15 @@ pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
             h.tap.name, h.tap.queues
         ));
     }
-    validate_manifest(offer, new_tap)
+    Ok(())
 }
 
-fn validate_manifest(offer: &Offer, new_tap: bool) -> Result<(), String> {
-    let h = &offer.host;
-    if offer.fds.len() > MAX_FDS {
-        return Err(format!("{} fds (at most {MAX_FDS})", offer.fds.len()));
+fn validate_manifest(h: &HostState, fds: &[FdRole], new_tap: bool) -> Result<(), String> {
+    if fds.len() > MAX_FDS {
+        return Err(format!("{} fds (at most {MAX_FDS})", fds.len()));
     }
     let mut seen = HashSet::new();
-    for role in &offer.fds {
+    for role in fds {
         let in_range = match *role {
             FdRole::MemoryRegion(i) => (i as usize) < h.regions.len(),
             FdRole::Kick(q) | FdRole::Call(q) | FdRole::Err(q) => usize::from(q) < h.vrings.len(),
@@ -112,8 +150,7 @@ fn validate_manifest(offer: &Offer, new_tap: bool) -> Result<(), String> {
             return Err(format!("fd manifest: {role:?} out of range or repeated"));
         }
     }
-    let regions = offer
-        .fds
+    let regions = fds
         .iter()
         .filter(|r| matches!(r, FdRole::MemoryRegion(_)))
         .count();
@@ -123,8 +160,7 @@ fn validate_manifest(offer: &Offer, new_tap: bool) -> Result<(), String> {
             h.regions.len()
         ));
     }
-    let taps = offer
-        .fds
+    let taps = fds
         .iter()
         .filter(|r| matches!(r, FdRole::TapQueue(_)))
         .count();

@@ -16,7 +16,7 @@ use std::time::Duration;
 /// Stream magic ("sandnic handover") and the format version this build
 /// speaks.
 pub const MAGIC: &str = "sandnic-handover";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame accepted. The biggest section is the device state (64 KiB
 /// at most) plus the host state: far below this.
 pub const MAX_FRAME: usize = 1 << 20;

@@ -9,8 +9,8 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 /// One SET_MEM_TABLE region as sent (without its fd).
@@ -126,6 +126,25 @@ impl GuestMemory {
             (offset.checked_add(len)? <= r.memory_size)
                 .then(|| GuestAddress(r.guest_phys_addr + offset))
         })
+    }
+
+    /// Reads one byte of every page of a frontend virtual address range
+    /// (a ring), so that its page-table entries exist before they are
+    /// needed. Addresses outside guest memory are skipped: the ring's own
+    /// checks report them when it starts.
+    pub fn prefault(&self, va: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let Some(start) = self.va_to_gpa(va, len) else {
+            return;
+        };
+        let mut offset = 0;
+        while offset < len {
+            let Some(gpa) = start.0.checked_add(offset) else {
+                return;
+            };
+            let _ = self.mem.read_obj::<u8>(GuestAddress(gpa));
+            offset += PAGE - gpa % PAGE;
+        }
     }
 }
 
