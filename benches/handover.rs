@@ -145,6 +145,15 @@ fn busy_handovers() {
         "| downtime | {p50} µs | {p90} µs | {p99} µs | {max} µs | {} |",
         report.lost()
     );
+    let prepare = |r: &Value| r["prepare_us"].as_u64().unwrap_or(0);
+    let mut prepares: Vec<u64> = report.result.iter().map(prepare).collect();
+    println!(
+        "| preparation, device running (not in the pause) | {} µs | {} µs | {} µs | {} µs | |",
+        percentile(&mut prepares, 50.0),
+        percentile(&mut prepares, 90.0),
+        percentile(&mut prepares, 99.0),
+        percentile(&mut prepares, 100.0),
+    );
     let mut slowest = report.result.clone();
     slowest.sort_by_key(|r| std::cmp::Reverse(downtime(r)));
     println!();

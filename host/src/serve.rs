@@ -175,6 +175,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 /// Gives up root if `--user` asks for it (before any filter goes on), and
 /// forbids new privileges either way.
 fn drop_privileges(opts: &ServeOptions) -> Result<(), ServeError> {
+    // Still root: keep the handover's pause at real-time priority possible.
+    crate::handover::priority::allow_after_drop();
     let result = match opts.user {
         Some(target) => privileges::drop_to(target).map(|()| {
             info!(

@@ -25,7 +25,7 @@ use rx::RxPending;
 use rx_filter::NativeFilter;
 use stats::{QueueStats, StatsSnapshot};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use virtio_queue::QueueT;
@@ -103,6 +103,8 @@ pub struct PairShared {
     confinement: Mutex<Option<Arc<seccompiler::BpfProgram>>>,
     /// The thread has put its filter on.
     confined: AtomicBool,
+    /// The thread's id once it runs (0 before).
+    tid: AtomicI32,
 }
 
 impl PairShared {
@@ -166,6 +168,7 @@ impl Datapath {
                 busy_poll: options.busy_poll,
                 confinement: Mutex::new(None),
                 confined: AtomicBool::new(false),
+                tid: AtomicI32::new(0),
                 wake: EventFd::from_value_and_flags(
                     0,
                     EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -190,6 +193,16 @@ impl Datapath {
 
     pub fn tap(&self) -> &Arc<Tap> {
         &self.tap
+    }
+
+    /// The ids of the threads that run so far (a handover raises their
+    /// priority for its pause: see `handover::priority`).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.pairs
+            .iter()
+            .map(|p| p.tid.load(Ordering::Acquire))
+            .filter(|&tid| tid != 0)
+            .collect()
     }
 
     pub fn pair_count(&self) -> usize {

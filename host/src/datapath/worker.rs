@@ -59,6 +59,9 @@ struct Pass {
 }
 
 pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
+    shared
+        .tid
+        .store(nix::unistd::gettid().as_raw(), Ordering::Release);
     let Some(tap_fd) = tap.queue(usize::from(shared.index)) else {
         error!(pair = shared.index, "no TAP queue for this pair");
         return;

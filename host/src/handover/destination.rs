@@ -12,6 +12,7 @@
 
 use super::monotonic_ns;
 use super::phases::DestinationMarks;
+use super::priority::PauseAtRealTime;
 use super::source;
 use super::state::{self, Commit, FdRole, HostState, Offer, Reply};
 use super::stream::{self, StreamError};
@@ -42,6 +43,8 @@ pub struct Incoming {
     pub stopped_at_ns: u64,
     /// When each step here ended, for the source's breakdown.
     pub marks: DestinationMarks,
+    /// Real-time priority until the datapath runs again.
+    realtime: Option<PauseAtRealTime>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,8 @@ pub fn receive(
     let mut fds = receive_fds(&sock, &offer.fds)?;
     let prepared = Prepared::build(&offer, &mut fds, runtime, component, new_tap, options)
         .map_err(|reason| refuse(&sock, reason))?;
+    // From here to the resume, a commit wakes this thread at once.
+    let realtime = PauseAtRealTime::raise();
     stream::send(&sock, &Reply::Prepared)?;
     // The source serves its frontend until it reads `Prepared`, then pauses.
     let commit: Commit = stream::recv(&sock, source::PREPARE_TIMEOUT)?;
@@ -122,6 +127,7 @@ pub fn receive(
         source: sock,
         stopped_at_ns: commit.stopped_at_ns,
         marks,
+        realtime: Some(realtime),
     })
 }
 
@@ -258,6 +264,7 @@ impl Incoming {
             marks: self.marks,
         };
         let _ = stream::send(&self.source, &resumed);
+        self.realtime = None;
         info!(
             downtime_us = at_ns.saturating_sub(self.stopped_at_ns) / 1000,
             "took over the device"

@@ -7,6 +7,7 @@
 //! - `destination.rs` — the new process: prepare from the offer while the
 //!   source runs; then apply the commit and resume
 //! - `phases.rs` — where the pause went, step by step
+//! - `priority.rs` — the pause at real-time priority, and only the pause
 //!
 //! Nothing is reconnected and nothing is reopened: the connected vhost-user
 //! socket, guest memory, kick/call fds and the TAP queues themselves move.
@@ -14,6 +15,7 @@
 
 pub mod destination;
 pub mod phases;
+pub mod priority;
 pub mod source;
 pub mod state;
 pub mod stream;

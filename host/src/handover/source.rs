@@ -15,6 +15,7 @@
 //! the caller exits without touching anything.
 
 use super::phases::{self, SourceMarks};
+use super::priority::PauseAtRealTime;
 use super::state::{Commit, FdRole, HostState, Offer, Reply};
 use super::stream::{self, StreamError};
 use super::{monotonic_ns, HandoverReport};
@@ -164,6 +165,7 @@ impl Pending {
         backend: &mut NetBackend,
         sockets: Sockets,
     ) -> Result<HandoverReport, HandoverError> {
+        let realtime = PauseAtRealTime::raise_with(&backend.datapath().thread_ids());
         let mut marks = SourceMarks {
             stopping_ns: monotonic_ns(),
             ..SourceMarks::default()
@@ -178,6 +180,7 @@ impl Pending {
                 return Err(e);
             }
         };
+        drop(realtime);
         // Committed: the destination runs the device now.
         let report = match stream::recv::<Reply>(&self.sock, RESUMED_TIMEOUT) {
             Ok(Reply::Resumed {

@@ -126,6 +126,16 @@ fn control(rules: &mut Rules) {
             libc::SYS_getpid,
         ],
     );
+    // A handover's pause runs at real-time priority and back
+    // (`handover/priority.rs`), on this thread only.
+    allow(
+        rules,
+        &[
+            libc::SYS_sched_getscheduler,
+            libc::SYS_sched_getparam,
+            libc::SYS_sched_setscheduler,
+        ],
+    );
     // The handover source connects a new UNIX socket; no other family.
     allow_if(
         rules,
