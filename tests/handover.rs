@@ -316,6 +316,42 @@ fn destination_dying_before_ready_leaves_the_source_running() {
     still_serving(&mut rig);
 }
 
+/// A destination that prepares, takes the commit and then hangs: the source
+/// resumes by itself once `Ready` is overdue, and the device serves again.
+#[test]
+fn destination_hanging_after_the_commit_is_given_up_and_the_source_resumes() {
+    require_network!("destination_hanging_after_the_commit_is_given_up_and_the_source_resumes");
+    let mut rig = rig();
+    let path = rig.dir.path("hang.handover");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let t = Duration::from_secs(10);
+        let (sock, _) = listener.accept().unwrap();
+        let offer: Offer = stream::recv(&sock, t).unwrap();
+        let _fds = stream::recv_fds(&sock, offer.fds.len(), t).unwrap();
+        stream::send(&sock, &Reply::Prepared).unwrap();
+        let _commit: Commit = stream::recv(&sock, t).unwrap();
+        // Hangs: no Ready, the stream stays open until the source gives up.
+        let mut byte = [0u8; 1];
+        let _ = std::io::Read::read(&mut &sock, &mut byte);
+    });
+    let asked = Instant::now();
+    let reply = rig.sandnic.handover(&path, false).unwrap();
+    let took = asked.elapsed();
+    fake.join().unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("timed out"),
+        "{reply}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "the source waited {took:?} for Ready"
+    );
+    assert!(rig.sandnic.exited().is_none(), "the source keeps running");
+    still_serving(&mut rig);
+}
+
 #[test]
 fn destination_that_cannot_load_the_state_refuses_and_the_source_resumes() {
     require_network!("destination_that_cannot_load_the_state_refuses_and_the_source_resumes");

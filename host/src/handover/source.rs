@@ -30,9 +30,11 @@ use tracing::{debug, info, warn};
 /// How long the destination may take to validate the offer and build its
 /// device (it may have to compile a component it has not cached).
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the destination may take from the commit to `Ready`: the
-/// device is paused meanwhile.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take from the commit to `Ready`. The
+/// device is paused meanwhile, and the work left is about 100 µs (more on
+/// the new-TAP path, which opens the TAP and starts threads): a destination
+/// this late is stuck, and the source resumes rather than wait longer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for the destination to report its datapath running.
 const RESUMED_TIMEOUT: Duration = Duration::from_secs(2);
 
