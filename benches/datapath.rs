@@ -623,7 +623,7 @@ fn bench(c: &mut Criterion) {
         drop(sandnic);
 
         // testpmd busy-polls a core: it runs only for its own measurements.
-        if let Some(testpmd) = Testpmd::start(&ns, &dir, "testpmd", "dtap0", DATAPATH_CPU) {
+        if let Some(testpmd) = Testpmd::start(&ns, &dir, "testpmd", "dtap0", DATAPATH_CPU, 1) {
             let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false))
                 .expect("testpmd frontend");
             let mut g = group(c, "tx", case, tx_frame.len());

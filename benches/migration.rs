@@ -280,7 +280,7 @@ fn copy_migration(on_sandnic: bool, round: usize) -> Option<Outcome> {
         for i in 0..2 {
             let name = format!("testpmd{round}{i}");
             let tap = format!("dtap{i}");
-            let t = Testpmd::start(&ns, &dir, &name, &tap, 1)?;
+            let t = Testpmd::start(&ns, &dir, &name, &tap, 1, 1)?;
             ns.ip(&["link", "set", &tap, "master", "br0"]).unwrap();
             sockets.push(t.socket.clone());
             testpmds.push(t);

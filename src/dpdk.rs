@@ -1,5 +1,7 @@
-//! DPDK's `dpdk-testpmd` as a peer vhost-user backend (its vhost PMD
-//! forwarding to its `net_tap` PMD), for the benches' comparisons.
+//! DPDK's `dpdk-testpmd` for the benches' comparisons, in both roles: as a
+//! peer vhost-user backend (`Testpmd`: its vhost PMD forwarding to its
+//! `net_tap` PMD) and as a vhost-user frontend written elsewhere
+//! (`VirtioUser`: its `virtio_user` PMD generating or counting frames).
 
 use crate::harness::{NetNs, ScratchDir};
 use std::path::PathBuf;
@@ -25,15 +27,9 @@ impl Testpmd {
         name: &str,
         tap: &str,
         lcore: usize,
+        queues: usize,
     ) -> Option<Self> {
-        if Command::new("dpdk-testpmd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!("\n*** dpdk-testpmd missing (apt-get install dpdk-dev): skipping the DPDK comparison ***\n");
+        if !installed() {
             return None;
         }
         let socket = dir.path(&format!("{name}.sock"));
@@ -45,7 +41,10 @@ impl Testpmd {
             .args(["--no-huge", "-m", "1024", "--no-pci", "--file-prefix"])
             .arg(format!("sandnic-{name}-{}", std::process::id()))
             .arg("--vdev")
-            .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+            .arg(format!(
+                "net_vhost0,iface={},queues={queues}",
+                socket.display()
+            ))
             .arg("--vdev")
             .arg(format!("net_tap0,iface={tap}"))
             .args([
@@ -53,6 +52,8 @@ impl Testpmd {
                 "--forward-mode=io",
                 "--total-num-mbufs=16384",
                 "--nb-cores=1",
+                &format!("--rxq={queues}"),
+                &format!("--txq={queues}"),
                 "-a",
             ])
             .stdin(Stdio::piped())
@@ -74,6 +75,165 @@ impl Testpmd {
         }
         let _ = ns.ip(&["link", "set", tap, "up"]);
         Some(me)
+    }
+}
+
+impl Testpmd {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Whether `dpdk-testpmd` runs here (said loudly when not).
+pub fn installed() -> bool {
+    let found = Command::new("dpdk-testpmd")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        eprintln!("\n*** dpdk-testpmd missing (apt-get install dpdk-dev): skipping the DPDK comparison ***\n");
+    }
+    found
+}
+
+/// What the `virtio_user` frontend does with its queues.
+#[derive(Debug, Clone, Copy)]
+pub enum FrontendMode {
+    /// Sends UDP frames of this length as fast as the rings take them.
+    TxOnly { len: usize },
+    /// Receives and counts.
+    RxOnly,
+}
+
+/// `dpdk-testpmd` as the vhost-user frontend of the backend at a socket:
+/// its `virtio_user` PMD, forwarding on one core. Runs until `finish`.
+pub struct VirtioUser {
+    child: Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// testpmd's totals when it stopped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrontendTotals {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl VirtioUser {
+    /// Connects to `socket` with `queues` queue pairs, forwarding on
+    /// `lcore`; returns once it forwards. `None` (said loudly) when it does
+    /// not come up.
+    pub fn start(
+        socket: &std::path::Path,
+        name: &str,
+        queues: usize,
+        mode: FrontendMode,
+        lcore: usize,
+    ) -> Option<Self> {
+        let main_lcore = if lcore == 0 { 1 } else { 0 };
+        // Line-buffered: testpmd's "Press enter to exit" would otherwise
+        // wait in its stdio buffer until it exits.
+        let mut cmd = Command::new("stdbuf");
+        cmd.args(["-oL", "dpdk-testpmd", "-l"])
+            .arg(format!("{main_lcore},{lcore}"))
+            .args(["--main-lcore", &main_lcore.to_string()])
+            .args(["--no-huge", "-m", "1024", "--no-pci", "--file-prefix"])
+            .arg(format!("sandnic-{name}-{}", std::process::id()))
+            .arg("--vdev")
+            .arg(format!(
+                "net_virtio_user0,path={},queues={queues}",
+                socket.display()
+            ))
+            .args([
+                "--",
+                "--total-num-mbufs=16384",
+                "--nb-cores=1",
+                &format!("--rxq={queues}"),
+                &format!("--txq={queues}"),
+                "-a",
+            ]);
+        match mode {
+            FrontendMode::TxOnly { len } => {
+                cmd.args(["--forward-mode=txonly", &format!("--txpkts={len}")])
+            }
+            FrontendMode::RxOnly => cmd.arg("--forward-mode=rxonly"),
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = crate::harness::spawn(cmd).ok()?;
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stdout = child.stdout.take()?;
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut all = sink.lock().unwrap_or_else(|p| p.into_inner());
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let me = Self { child, output };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !me.printed("Press enter to exit") {
+            if Instant::now() > deadline || me.printed("EAL: Error") {
+                eprintln!(
+                    "\n*** dpdk-testpmd (virtio_user) did not start forwarding:\n{}***\n",
+                    me.text()
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(me)
+    }
+
+    fn text(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn printed(&self, what: &str) -> bool {
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(what)
+    }
+
+    /// Stops forwarding and returns testpmd's accumulated totals.
+    pub fn finish(mut self) -> Option<FrontendTotals> {
+        use std::io::Write;
+        let _ = self.child.stdin.as_mut()?.write_all(b"\n");
+        crate::harness::wait_for_exit(&mut self.child, Duration::from_secs(20))?;
+        totals(&self.text())
+    }
+}
+
+/// The "Accumulated forward statistics" block of testpmd's output.
+fn totals(output: &str) -> Option<FrontendTotals> {
+    let block = &output[output.find("Accumulated forward statistics")?..];
+    let number_after = |label: &str| -> Option<u64> {
+        let rest = &block[block.find(label)? + label.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    Some(FrontendTotals {
+        rx_packets: number_after("RX-packets:")?,
+        tx_packets: number_after("TX-packets:")?,
+    })
+}
+
+impl Drop for VirtioUser {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
