@@ -4,6 +4,7 @@
 //!
 //! - `vring.rs` — ring setup and start, defensive chain walking
 //! - `tx.rs` / `rx.rs` — the two directions
+//! - `tap_io.rs` — readv/writev on a TAP queue as raw system calls
 //! - `rx_filter.rs` — the native receive filter
 //! - `worker.rs` — the per-pair thread and its epoll loop
 //! - `notify.rs` — kick/call fds
@@ -13,6 +14,7 @@ pub mod notify;
 pub mod rx;
 pub mod rx_filter;
 pub mod stats;
+pub mod tap_io;
 pub mod tx;
 pub mod vring;
 mod worker;

@@ -9,6 +9,7 @@
 //! one. Pending chains are rewound (given back to the available ring) when
 //! the ring stops, so the guest loses no buffers.
 
+use super::tap_io;
 use super::rx_filter::NativeFilter;
 use super::stats::Batch;
 use super::vring::{chain_iovecs, log_iov_write, read_iov, write_iov, Vring};
@@ -213,11 +214,10 @@ pub fn process_rx(
 
 /// One `readv` from the TAP into `iov` (at most MAX_READ_SEGMENTS long).
 fn read_frame(tap: BorrowedFd<'_>, iov: &[IoVec]) -> Result<usize, Errno> {
-    let raw = IoVec::as_raw(iov);
     // SAFETY: the iovecs point into guest buffers the guest handed to the
     // device (device-writable, inside the guest memory the caller keeps
     // mapped for the call); the kernel writes at most their total length.
-    let n = unsafe { libc::readv(tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
+    let n = unsafe { tap_io::readv(tap, iov) };
     if n < 0 {
         Err(Errno::last())
     } else {

@@ -2,10 +2,11 @@
 //! TAP with one `writev` straight from guest memory; the TAP was told the
 //! header length, so the header passes through untouched.
 
+use super::tap_io;
 use super::stats::Batch;
 use super::vring::{chain_iovecs, Vring};
 use crate::memory::guest_memory::IoVec;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -99,12 +100,10 @@ fn send(ctx: &TxContext<'_>, iov: &[IoVec], len: u64, batch: &mut Batch) {
         batch.drops += 1;
         return;
     }
-    let raw = IoVec::as_raw(iov);
     // SAFETY: every iovec points into guest memory mapped by `ctx.mem`
     // (checked by `chain_iovecs`), which stays mapped for the call; writev
     // only reads from them.
-    let written =
-        unsafe { libc::writev(ctx.tap.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) };
+    let written = unsafe { tap_io::writev(ctx.tap, iov) };
     if written < 0 {
         batch.drops += 1;
     } else {
