@@ -12,7 +12,7 @@
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use sandnic::dpdk::Testpmd;
+use sandnic::dpdk::{Peer, Testpmd};
 use sandnic::frames;
 use sandnic::frontend::{NicConfig, TestNic};
 use sandnic::harness::{NetNs, Sandnic, ScratchDir};
@@ -623,7 +623,9 @@ fn bench(c: &mut Criterion) {
         drop(sandnic);
 
         // testpmd busy-polls a core: it runs only for its own measurements.
-        if let Some(testpmd) = Testpmd::start(&ns, &dir, "testpmd", "dtap0", DATAPATH_CPU, 1) {
+        if let Some(testpmd) =
+            Testpmd::start(&ns, &dir, "testpmd", Peer::Tap("dtap0"), DATAPATH_CPU, 1)
+        {
             let mut nic = TestNic::connect(&testpmd.socket, &nic_config(case, false))
                 .expect("testpmd frontend");
             let mut g = group(c, "tx", case, tx_frame.len());

@@ -16,7 +16,7 @@
 //!
 //! `scripts/bench migration` (needs root and QEMU; DPDK for its part).
 
-use sandnic::dpdk::Testpmd;
+use sandnic::dpdk::{Peer, Testpmd};
 use sandnic::guest::{self, Kind, QemuOptions};
 use sandnic::harness::{network_unavailable, NetNs, Sandnic, ScratchDir};
 use sandnic::migration::{
@@ -280,7 +280,7 @@ fn copy_migration(on_sandnic: bool, round: usize) -> Option<Outcome> {
         for i in 0..2 {
             let name = format!("testpmd{round}{i}");
             let tap = format!("dtap{i}");
-            let t = Testpmd::start(&ns, &dir, &name, &tap, 1, 1)?;
+            let t = Testpmd::start(&ns, &dir, &name, Peer::Tap(&tap), 1, 1)?;
             ns.ip(&["link", "set", &tap, "master", "br0"]).unwrap();
             sockets.push(t.socket.clone());
             testpmds.push(t);

@@ -16,16 +16,27 @@ pub struct Testpmd {
     pub tap: String,
 }
 
+/// What the vhost PMD forwards to.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer<'a> {
+    /// A TAP of this name, created in the namespace (`net_tap`).
+    Tap(&'a str),
+    /// Nothing (`net_null`): for measuring memory with 8 queue pairs,
+    /// which `net_tap` of DPDK 22.11 cannot take (it aborts: "Cannot send
+    /// more than 8 FDs", then a stack-smashing abort).
+    Null,
+}
+
 impl Testpmd {
     /// `dpdk-testpmd` as a vhost-user server forwarding (io mode) between
-    /// `dir/NAME.sock` and a TAP `tap` it creates in `ns`, polling on
-    /// `lcore`. Its stdin stays open: testpmd exits when it closes. `None`
-    /// (said loudly) when testpmd is missing or does not come up.
+    /// `dir/NAME.sock` and `peer`, polling on `lcore`. Its stdin stays open:
+    /// testpmd exits when it closes. `None` (said loudly) when testpmd is
+    /// missing or does not come up.
     pub fn start(
         ns: &NetNs,
         dir: &ScratchDir,
         name: &str,
-        tap: &str,
+        peer: Peer<'_>,
         lcore: usize,
         queues: usize,
     ) -> Option<Self> {
@@ -46,7 +57,10 @@ impl Testpmd {
                 socket.display()
             ))
             .arg("--vdev")
-            .arg(format!("net_tap0,iface={tap}"))
+            .arg(match peer {
+                Peer::Tap(tap) => format!("net_tap0,iface={tap}"),
+                Peer::Null => "net_null0".into(),
+            })
             .args([
                 "--",
                 "--forward-mode=io",
@@ -60,20 +74,27 @@ impl Testpmd {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = crate::harness::spawn(cmd).ok()?;
+        let tap = match peer {
+            Peer::Tap(tap) => tap,
+            Peer::Null => "",
+        };
         let me = Self {
             child,
             socket,
             tap: tap.to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !me.socket.exists() || ns.ip(&["link", "show", tap]).is_err() {
+        let tap_missing = || !tap.is_empty() && ns.ip(&["link", "show", tap]).is_err();
+        while !me.socket.exists() || tap_missing() {
             if Instant::now() > deadline {
                 eprintln!("\n*** dpdk-testpmd did not come up: skipping the DPDK comparison ***\n");
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = ns.ip(&["link", "set", tap, "up"]);
+        if !tap.is_empty() {
+            let _ = ns.ip(&["link", "set", tap, "up"]);
+        }
         Some(me)
     }
 }

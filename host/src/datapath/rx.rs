@@ -9,9 +9,9 @@
 //! one. Pending chains are rewound (given back to the available ring) when
 //! the ring stops, so the guest loses no buffers.
 
-use super::tap_io;
 use super::rx_filter::NativeFilter;
 use super::stats::Batch;
+use super::tap_io;
 use super::vring::{chain_iovecs, log_iov_write, read_iov, write_iov, Vring};
 use crate::memory::dirty_log::DirtyLog;
 use crate::memory::guest_memory::IoVec;

@@ -2,8 +2,8 @@
 //! TAP with one `writev` straight from guest memory; the TAP was told the
 //! header length, so the header passes through untouched.
 
-use super::tap_io;
 use super::stats::Batch;
+use super::tap_io;
 use super::vring::{chain_iovecs, Vring};
 use crate::memory::guest_memory::IoVec;
 use std::os::fd::BorrowedFd;
