@@ -145,3 +145,37 @@ fn frames_wait_in_the_tap_until_the_guest_gives_buffers() {
     assert_eq!(got, (0..48u8).collect::<Vec<_>>(), "every frame, in order");
     assert_eq!(rig.stat(0, "rx_drops"), 0);
 }
+
+/// A frontend that keeps the control queue itself (QEMU, Cloud Hypervisor,
+/// DPDK's virtio_user) never sends VQ_PAIRS_SET: it switches queue pairs
+/// on with SET_VRING_ENABLE alone. Every pair it enabled must carry
+/// traffic; before, pair 1 stayed inactive and its TX frames were dropped.
+#[test]
+fn pairs_enabled_by_a_frontend_that_keeps_the_control_queue_carry_traffic() {
+    require_network!("pairs_enabled_by_a_frontend_that_keeps_the_control_queue_carry_traffic");
+    let config = NicConfig {
+        pairs: 2,
+        ctrl_in_frontend: true,
+        ..NicConfig::default()
+    };
+    let mut rig = rig(&["--queues", "2"], config);
+    let status = rig
+        .sandnic
+        .api(serde_json::json!({"cmd": "status"}))
+        .unwrap();
+    assert_eq!(status["queue_pairs"]["active"], 2, "{status}");
+    let sock = host_udp(&rig.ns, 6004);
+    let frame = frames::udp_frame(
+        rig.tap_mac,
+        GUEST_MAC,
+        (GUEST_IP, HOST_IP),
+        (5000, 6004),
+        b"on pair 1",
+    );
+    rig.nic.send(1, &frame).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("pair 1 → host: {e}\n{}", rig.sandnic.log()));
+    assert_eq!(&buf[..n], b"on pair 1");
+}

@@ -40,6 +40,10 @@ pub struct NicConfig {
     pub backend_channel: bool,
     /// RX buffers kept posted (default: the whole ring).
     pub rx_posted: Option<usize>,
+    /// Keep the control queue in the frontend, as QEMU, Cloud Hypervisor
+    /// and DPDK's virtio_user do: no control ring on the backend, queue
+    /// pairs switched on with SET_VRING_ENABLE only.
+    pub ctrl_in_frontend: bool,
 }
 
 impl Default for NicConfig {
@@ -64,6 +68,7 @@ impl Default for NicConfig {
             ram_size: 64 << 20,
             backend_channel: true,
             rx_posted: None,
+            ctrl_in_frontend: false,
         }
     }
 }
@@ -186,7 +191,7 @@ impl Standby {
             nic.rx.push(rx);
             nic.tx.push(tx);
         }
-        if acked & f::CTRL_VQ != 0 {
+        if acked & f::CTRL_VQ != 0 && !config.ctrl_in_frontend {
             let index = if acked & f::MQ != 0 {
                 2 * usize::from(config.pairs)
             } else {

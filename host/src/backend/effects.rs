@@ -38,9 +38,8 @@ impl NetBackend {
                     Err(e) => notify |= self.tap_refused(&e),
                 },
                 Effect::EnableQueuePairs(pairs) => {
-                    let pairs = pairs.min(self.datapath.pair_count() as u16);
-                    self.datapath.set_active_pairs(usize::from(pairs));
-                    self.active_pairs = pairs;
+                    self.model_pairs = pairs;
+                    self.sync_active_pairs();
                 }
                 Effect::ConfigChanged => notify = true,
                 Effect::NeedsReset => {

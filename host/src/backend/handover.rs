@@ -232,6 +232,7 @@ impl NetBackend {
     pub fn adopt_stopped_state(&mut self, host: &HostState, load_effects: Vec<Effect>) {
         self.adopt_positions(host);
         self.apply(load_effects);
+        self.sync_active_pairs();
         self.datapath.set_settings(&self.settings);
     }
 

@@ -64,7 +64,11 @@ pub struct NetBackend {
     settings: Settings,
     /// Device features offered (cached: asked once per component).
     offered: u64,
+    /// Queue pairs the datapath serves (see `sync_active_pairs`).
     active_pairs: u16,
+    /// Queue pairs the device model enabled (VQ_PAIRS_SET through a
+    /// control queue the frontend forwards).
+    model_pairs: u16,
     /// Bumped by anything that may change what a handover carries as fds:
     /// every vhost-user request, a frontend connecting or leaving. A
     /// handover prepared before a change sends the whole set again.
@@ -107,6 +111,7 @@ impl NetBackend {
             settings: Settings::default(),
             offered,
             active_pairs: 1,
+            model_pairs: 1,
             setup_changes: 0,
             counters: ControlCounters::default(),
         })

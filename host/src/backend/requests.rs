@@ -44,6 +44,7 @@ impl NetBackend {
             return Outcome::Failed(format!("no session {id}"));
         }
         let outcome = self.dispatch(request);
+        self.sync_active_pairs();
         match &outcome {
             Outcome::Failed(why) => {
                 self.counters.bad_requests += 1;

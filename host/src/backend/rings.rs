@@ -157,6 +157,50 @@ impl NetBackend {
         }
     }
 
+    /// Sets how many queue pairs the datapath serves. A frontend that
+    /// forwards the control queue (UML's virtio_uml, crosvm) sets the count
+    /// with VQ_PAIRS_SET, which the device model answers. One that keeps
+    /// the control queue itself (QEMU, Cloud Hypervisor, DPDK's
+    /// virtio_user) never sends it: it enables each pair's rings with
+    /// SET_VRING_ENABLE instead, so there the enabled rings decide. Only
+    /// the driving session's rings count.
+    pub(super) fn sync_active_pairs(&mut self) {
+        if self.other_drives() {
+            return;
+        }
+        let wanted = if self.ctrl_in_backend() {
+            self.model_pairs
+        } else {
+            self.enabled_pairs()
+        };
+        let wanted = wanted.clamp(1, self.datapath.pair_count().max(1) as u16);
+        if wanted != self.active_pairs {
+            self.datapath.set_active_pairs(usize::from(wanted));
+            self.active_pairs = wanted;
+        }
+    }
+
+    /// The frontend forwards the control queue: its ring was set up here.
+    fn ctrl_in_backend(&self) -> bool {
+        self.session
+            .vrings
+            .get(self.ctrl_index())
+            .is_some_and(|v| v.started)
+    }
+
+    /// The leading pairs whose two rings the frontend enabled (one pair
+    /// without MQ).
+    fn enabled_pairs(&self) -> u16 {
+        if self.session.proto.device_features() & features::MQ == 0 {
+            return 1;
+        }
+        let rings = &self.session.vrings;
+        let enabled = |i: usize| rings.get(i).is_some_and(|v| v.enabled);
+        (0..self.datapath.pair_count())
+            .take_while(|&p| enabled(2 * p) && enabled(2 * p + 1))
+            .count() as u16
+    }
+
     /// Points the datapath at `memory` (the focused session's, about to
     /// drive) unless it already works on it.
     fn install_memory(&mut self, memory: &Arc<GuestMemory>) {
