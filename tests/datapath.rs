@@ -147,23 +147,29 @@ fn frames_wait_in_the_tap_until_the_guest_gives_buffers() {
 }
 
 /// A frontend that keeps the control queue itself (QEMU, Cloud Hypervisor,
-/// DPDK's virtio_user) never sends VQ_PAIRS_SET: it switches queue pairs
-/// on with SET_VRING_ENABLE alone. Every pair it enabled must carry
-/// traffic; before, pair 1 stayed inactive and its TX frames were dropped.
+/// DPDK's virtio_user) acks no CTRL_VQ — virtio_user still acks CTRL_RX,
+/// CTRL_VLAN and CTRL_MAC_ADDR, which the device once refused, leaving it no
+/// features at all — and switches queue pairs with SET_VRING_ENABLE alone.
+/// Every pair it enabled must carry traffic, and a pair it disables must
+/// stop taking frames from the TAP.
 #[test]
-fn pairs_enabled_by_a_frontend_that_keeps_the_control_queue_carry_traffic() {
-    require_network!("pairs_enabled_by_a_frontend_that_keeps_the_control_queue_carry_traffic");
+fn pairs_follow_a_frontend_that_keeps_the_control_queue() {
+    require_network!("pairs_follow_a_frontend_that_keeps_the_control_queue");
     let config = NicConfig {
         pairs: 2,
         ctrl_in_frontend: true,
         ..NicConfig::default()
     };
     let mut rig = rig(&["--queues", "2"], config);
-    let status = rig
-        .sandnic
-        .api(serde_json::json!({"cmd": "status"}))
-        .unwrap();
-    assert_eq!(status["queue_pairs"]["active"], 2, "{status}");
+    let active = |rig: &Rig| {
+        let status = rig
+            .sandnic
+            .api(serde_json::json!({"cmd": "status"}))
+            .unwrap();
+        assert!(status["features_acked"].is_array(), "{status}");
+        status["queue_pairs"]["active"].as_u64().unwrap()
+    };
+    assert_eq!(active(&rig), 2);
     let sock = host_udp(&rig.ns, 6004);
     let frame = frames::udp_frame(
         rig.tap_mac,
@@ -178,4 +184,7 @@ fn pairs_enabled_by_a_frontend_that_keeps_the_control_queue_carry_traffic() {
         .recv_from(&mut buf)
         .unwrap_or_else(|e| panic!("pair 1 → host: {e}\n{}", rig.sandnic.log()));
     assert_eq!(&buf[..n], b"on pair 1");
+    // The guest goes back to one pair: the frontend disables pair 1.
+    rig.nic.enable_pair(1, false).unwrap();
+    assert_eq!(active(&rig), 1);
 }

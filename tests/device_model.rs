@@ -141,7 +141,7 @@ fn invalid_acked_set_is_refused_and_features_ok_cleared<D: Dut>(make: impl Fn(De
     let mut d = make(full_config());
     for bad in [
         VERSION_1 | GUEST_TSO4,
-        VERSION_1 | CTRL_RX,
+        VERSION_1 | CTRL_RX_EXTRA,
         VERSION_1 | CTRL_RX_EXTRA | CTRL_VQ,
         VERSION_1 | 1 << 40,
     ] {

@@ -52,15 +52,6 @@ const HOST_OFFLOAD_MAP: [(u64, Offloads); 5] = [
     (HOST_UFO, Offloads::UFO),
 ];
 
-/// Features that only make sense with a control queue. A vhost-user frontend
-/// that runs the control queue itself (QEMU does) strips CTRL_VQ and most of
-/// these before forwarding the driver's acked set, but keeps MQ and
-/// GUEST_ANNOUNCE because the backend must still serve the queue pairs and
-/// must not send its own RARP.
-const NEEDS_CTRL_VQ: u64 =
-    CTRL_RX | CTRL_VLAN | GUEST_ANNOUNCE | MQ | CTRL_MAC_ADDR | CTRL_GUEST_OFFLOADS;
-const FRONTEND_MANAGED_CTRL: u64 = MQ | GUEST_ANNOUNCE;
-
 /// `(feature, requires any of)` — virtio 1.2 §5.1.3.1.
 const DEPENDENCIES: [(u64, u64); 11] = [
     (GUEST_TSO4, GUEST_CSUM),
@@ -187,31 +178,26 @@ impl std::fmt::Display for NegotiationError {
 
 /// Checks an acked set against the offer and the dependency rules.
 ///
-/// Features needing CTRL_VQ are refused without it, except MQ and
-/// GUEST_ANNOUNCE: that is the shape a vhost-user frontend sends when it
-/// handles the control queue itself (see [`control_queue_in_frontend`]).
+/// Without CTRL_VQ the control queue is not this device's: a vhost-user
+/// frontend that runs it itself (QEMU, Cloud Hypervisor) or has none
+/// (DPDK's virtio_user) still acks the features that name control commands
+/// — QEMU forwards MQ and GUEST_ANNOUNCE, virtio_user also CTRL_RX,
+/// CTRL_VLAN and CTRL_MAC_ADDR. No command can reach the device then, so
+/// those features mean nothing here and are accepted rather than refused
+/// (a refusal would leave such a frontend with no features at all).
 pub fn validate_acked(offered: u64, acked: u64) -> Result<(), NegotiationError> {
     let not_offered = acked & !offered;
     if not_offered != 0 {
         return Err(NegotiationError::NotOffered(not_offered));
     }
-    if let Some((feature, needs)) = DEPENDENCIES
-        .iter()
-        .find(|(feature, needs)| acked & feature != 0 && acked & needs == 0)
-    {
+    let no_ctrl_vq = acked & CTRL_VQ == 0;
+    if let Some((feature, needs)) = DEPENDENCIES.iter().find(|(feature, needs)| {
+        acked & feature != 0 && acked & needs == 0 && !(no_ctrl_vq && *needs == CTRL_VQ)
+    }) {
         return Err(NegotiationError::MissingDependency {
             feature: *feature,
             needs: *needs,
         });
-    }
-    if acked & CTRL_VQ == 0 {
-        let orphaned = acked & NEEDS_CTRL_VQ & !FRONTEND_MANAGED_CTRL;
-        if orphaned != 0 {
-            return Err(NegotiationError::MissingDependency {
-                feature: orphaned,
-                needs: CTRL_VQ,
-            });
-        }
     }
     Ok(())
 }
@@ -332,9 +318,7 @@ mod tests {
         assert!(validate_acked(offer, CSUM | HOST_UFO).is_ok());
         assert!(validate_acked(offer, CTRL_RX_EXTRA | CTRL_RX | CTRL_VQ).is_ok());
         assert!(validate_acked(offer, CTRL_RX_EXTRA | CTRL_VQ).is_err());
-        assert!(validate_acked(offer, CTRL_RX).is_err());
-        assert!(validate_acked(offer, CTRL_MAC_ADDR).is_err());
-        assert!(validate_acked(offer, CTRL_GUEST_OFFLOADS | GUEST_CSUM).is_err());
+        assert!(validate_acked(offer, CTRL_RX_EXTRA).is_err());
     }
 
     #[test]
@@ -344,6 +328,11 @@ mod tests {
         assert_eq!(validate_acked(offer, qemu_like), Ok(()));
         assert!(control_queue_in_frontend(qemu_like));
         assert!(!control_queue_in_frontend(qemu_like | CTRL_VQ));
+        // DPDK's virtio_user (no control queue at all) acks these too.
+        let virtio_user_like =
+            VERSION_1 | INDIRECT_DESC | MQ | CTRL_RX | CTRL_VLAN | CTRL_MAC_ADDR | MRG_RXBUF;
+        assert_eq!(validate_acked(offer, virtio_user_like), Ok(()));
+        assert!(control_queue_in_frontend(virtio_user_like));
     }
 
     #[test]

@@ -41,8 +41,9 @@ pub struct NicConfig {
     /// RX buffers kept posted (default: the whole ring).
     pub rx_posted: Option<usize>,
     /// Keep the control queue in the frontend, as QEMU, Cloud Hypervisor
-    /// and DPDK's virtio_user do: no control ring on the backend, queue
-    /// pairs switched on with SET_VRING_ENABLE only.
+    /// and DPDK's virtio_user do: CTRL_VQ not acked (the other control
+    /// features still are, as virtio_user does), no control ring on the
+    /// backend, queue pairs switched with SET_VRING_ENABLE only.
     pub ctrl_in_frontend: bool,
 }
 
@@ -130,7 +131,10 @@ impl Standby {
         } = self;
         let config = &config;
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let acked = offered & (config.features | PROTOCOL_FEATURES);
+        let mut acked = offered & (config.features | PROTOCOL_FEATURES);
+        if config.ctrl_in_frontend {
+            acked &= !f::CTRL_VQ;
+        }
         fe.set_features(acked)?;
         let hdr_len = if acked & (f::VERSION_1 | f::MRG_RXBUF) != 0 {
             12
@@ -647,6 +651,14 @@ impl TestNic {
             };
             self.frontend.set_vring_addr(index, &data)?;
         }
+        Ok(())
+    }
+
+    /// Switches queue pair `pair` on or off as a frontend that keeps the
+    /// control queue does for VQ_PAIRS_SET: SET_VRING_ENABLE on both rings.
+    pub fn enable_pair(&mut self, pair: usize, enable: bool) -> anyhow::Result<()> {
+        self.frontend.set_vring_enable(2 * pair, enable)?;
+        self.frontend.set_vring_enable(2 * pair + 1, enable)?;
         Ok(())
     }
 
