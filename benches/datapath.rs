@@ -430,14 +430,10 @@ fn paired(
         ratios.push(raw_time.as_secs_f64() / sandnic_time.as_secs_f64());
     }
     // In round order; `scripts/bench-report` computes median and range.
-    let name = format!("{dir}-{}", case.name);
-    let dir_path = std::path::Path::new("target/criterion/paired");
-    let json = serde_json::json!({ "frames_per_round": frames, "ratios": ratios }).to_string();
-    if let Err(e) = std::fs::create_dir_all(dir_path)
-        .and_then(|()| std::fs::write(dir_path.join(format!("{name}.json")), json))
-    {
-        eprintln!("cannot record the paired rounds of {name}: {e}");
-    }
+    sandnic::harness::record_paired(
+        &format!("{dir}-{}", case.name),
+        &serde_json::json!({ "frames_per_round": frames, "ratios": ratios }),
+    );
 }
 
 /// Sandnic with dirty logging on (a VM migration copying RAM: every page

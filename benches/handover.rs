@@ -10,7 +10,7 @@
 
 use sandnic::frontend::NicConfig;
 use sandnic::guest::{self, GuestRig, Kind};
-use sandnic::harness::{network_unavailable, Rig, Sandnic};
+use sandnic::harness::{bench_should_run, network_unavailable, Rig, Sandnic};
 use sandnic::ping::FloodPing;
 use sandnic::traffic;
 use serde_json::{json, Value};
@@ -20,11 +20,7 @@ const RUNS: usize = 20;
 const RATE: u64 = 50_000;
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return;
-    }
-    if let Some(why) = network_unavailable() {
-        eprintln!("\n*** SKIPPED handover benches: {why} ***\n");
+    if !bench_should_run("handover benches", network_unavailable) {
         return;
     }
     println!("| measurement ({RUNS} runs, {RATE} frames/s each way) | median | p99 | max | frames lost |");

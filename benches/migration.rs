@@ -18,7 +18,7 @@
 
 use sandnic::dpdk::{Peer, Testpmd};
 use sandnic::guest::{self, Kind, QemuOptions};
-use sandnic::harness::{network_unavailable, NetNs, Sandnic, ScratchDir};
+use sandnic::harness::{bench_should_run, network_unavailable, NetNs, Sandnic, ScratchDir};
 use sandnic::migration::{
     guest_script, migrate, switch_gap, MigrationReport, SharedRam, Vm, GUEST_IP, GUEST_MAC,
 };
@@ -45,11 +45,9 @@ struct Outcome {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return;
-    }
-    if let Some(why) = network_unavailable().or_else(|| guest::unavailable(Kind::Qemu)) {
-        eprintln!("\n*** SKIPPED migration benches: {why} ***\n");
+    if !bench_should_run("migration benches", || {
+        network_unavailable().or_else(|| guest::unavailable(Kind::Qemu))
+    }) {
         return;
     }
     let mut sandnic_local = Vec::new();

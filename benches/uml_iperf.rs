@@ -4,7 +4,7 @@
 //! `cargo bench --bench uml_iperf`; needs root, user-mode-linux, iperf3.
 
 use sandnic::guest::{self, GuestRig, Kind};
-use sandnic::harness::{network_unavailable, spawn};
+use sandnic::harness::{bench_should_run, network_unavailable, spawn};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -17,11 +17,9 @@ echo $? > /mnt/iperf.rc
 "#;
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return;
-    }
-    if let Some(why) = network_unavailable().or_else(|| guest::unavailable(Kind::Uml)) {
-        eprintln!("\n*** SKIPPED uml_iperf: {why} ***\n");
+    if !bench_should_run("uml_iperf", || {
+        network_unavailable().or_else(|| guest::unavailable(Kind::Uml))
+    }) {
         return;
     }
     let GuestRig {

@@ -28,7 +28,9 @@
 
 use sandnic::dpdk::{self, FrontendMode, Peer, Testpmd, VirtioUser};
 use sandnic::frames::{self, Mac};
-use sandnic::harness::{network_unavailable, NetNs, Sandnic, ScratchDir};
+use sandnic::harness::{
+    bench_should_run, network_unavailable, record_paired, NetNs, Sandnic, ScratchDir,
+};
 use serde_json::{json, Value};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -180,16 +182,17 @@ struct Sample {
     rss_kib: u64,
 }
 
-fn tx_round(backend: Backend, len: usize, queues: usize) -> Option<Sample> {
+/// `backend` with `queues` pairs, DPDK's frontend connected to it in
+/// `mode`, after WARM_UP.
+fn connected(backend: Backend, queues: usize, mode: FrontendMode) -> Option<(Bed, VirtioUser)> {
     let bed = Bed::start(backend, queues)?;
-    let frontend = VirtioUser::start(
-        &bed.socket,
-        "tx",
-        queues,
-        FrontendMode::TxOnly { len },
-        FRONTEND_CPU,
-    )?;
+    let frontend = VirtioUser::start(&bed.socket, "frontend", queues, mode, FRONTEND_CPU)?;
     std::thread::sleep(WARM_UP);
+    Some((bed, frontend))
+}
+
+fn tx_round(backend: Backend, len: usize, queues: usize) -> Option<Sample> {
+    let (bed, frontend) = connected(backend, queues, FrontendMode::TxOnly { len })?;
     let (frames0, cpu0, t0) = (bed.tap_frames_in(), cpu_seconds(bed.pid), Instant::now());
     std::thread::sleep(WINDOW);
     let (frames1, cpu1, took) = (bed.tap_frames_in(), cpu_seconds(bed.pid), t0.elapsed());
@@ -247,16 +250,8 @@ fn inject(sock: &OwnedFd, len: usize, rate: Option<u64>) -> u64 {
 }
 
 fn rx_round(backend: Backend, len: usize, queues: usize, rate: Option<u64>) -> Option<Sample> {
-    let bed = Bed::start(backend, queues)?;
-    let frontend = VirtioUser::start(
-        &bed.socket,
-        "rx",
-        queues,
-        FrontendMode::RxOnly,
-        FRONTEND_CPU,
-    )?;
+    let (bed, frontend) = connected(backend, queues, FrontendMode::RxOnly)?;
     let sock = bed.ns.packet_socket(&bed.tap).ok()?;
-    std::thread::sleep(WARM_UP);
     let (cpu0, t0) = (cpu_seconds(bed.pid), Instant::now());
     let sent = inject(&sock, len, rate);
     let (cpu1, took) = (cpu_seconds(bed.pid), t0.elapsed());
@@ -301,7 +296,7 @@ fn paired(case: &str, mut round: impl FnMut(Backend) -> Option<Sample>) -> Optio
         }
         ratios.push(this[0].frames_per_s / this[1].frames_per_s.max(1.0));
     }
-    record_ratios(case, &ratios);
+    record_paired(&format!("virtio-user-{case}"), &json!({ "ratios": ratios }));
     let summary = |s: &[Sample]| {
         let pick = |f: fn(&Sample) -> f64| median(&mut s.iter().map(f).collect::<Vec<_>>());
         json!({
@@ -332,28 +327,10 @@ fn paired(case: &str, mut round: impl FnMut(Backend) -> Option<Sample>) -> Optio
     Some(row)
 }
 
-fn record_ratios(case: &str, ratios: &[f64]) {
-    let dir = std::path::Path::new("target/criterion/paired");
-    let json = json!({ "ratios": ratios }).to_string();
-    if let Err(e) = std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(dir.join(format!("virtio-user-{case}.json")), json))
-    {
-        eprintln!("cannot record the paired rounds of {case}: {e}");
-    }
-}
-
 /// CPU over 10 s and private memory with the frontend connected and no
 /// traffic; `queues` pairs configured.
 fn idle(backend: Backend, queues: usize, measure_cpu: bool) -> Option<Value> {
-    let bed = Bed::start(backend, queues)?;
-    let frontend = VirtioUser::start(
-        &bed.socket,
-        "idle",
-        queues,
-        FrontendMode::RxOnly,
-        FRONTEND_CPU,
-    )?;
-    std::thread::sleep(WARM_UP);
+    let (bed, frontend) = connected(backend, queues, FrontendMode::RxOnly)?;
     let window = Duration::from_secs(10);
     let cpu = if measure_cpu {
         let cpu0 = cpu_seconds(bed.pid);
@@ -368,14 +345,7 @@ fn idle(backend: Backend, queues: usize, measure_cpu: bool) -> Option<Value> {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return;
-    }
-    if let Some(why) = network_unavailable() {
-        eprintln!("\n*** SKIPPED virtio_user benches: {why} ***\n");
-        return;
-    }
-    if !dpdk::installed() {
+    if !bench_should_run("virtio_user benches", network_unavailable) || !dpdk::installed() {
         return;
     }
     let mut cases = Vec::new();

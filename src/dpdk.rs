@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Testpmd {
-    child: Child,
+    process: Process,
     /// The vhost-user socket testpmd listens on.
     pub socket: PathBuf,
     /// The TAP testpmd created in the namespace.
@@ -44,32 +44,14 @@ impl Testpmd {
             return None;
         }
         let socket = dir.path(&format!("{name}.sock"));
-        let main_lcore = if lcore == 0 { 1 } else { 0 };
         let mut cmd = ns.command("dpdk-testpmd");
-        cmd.arg("-l")
-            .arg(format!("{main_lcore},{lcore}"))
-            .args(["--main-lcore", &main_lcore.to_string()])
-            .args(["--no-huge", "-m", "1024", "--no-pci", "--file-prefix"])
-            .arg(format!("sandnic-{name}-{}", std::process::id()))
-            .arg("--vdev")
-            .arg(format!(
-                "net_vhost0,iface={},queues={queues}",
-                socket.display()
-            ))
-            .arg("--vdev")
-            .arg(match peer {
-                Peer::Tap(tap) => format!("net_tap0,iface={tap}"),
-                Peer::Null => "net_null0".into(),
-            })
-            .args([
-                "--",
-                "--forward-mode=io",
-                "--total-num-mbufs=16384",
-                "--nb-cores=1",
-                &format!("--rxq={queues}"),
-                &format!("--txq={queues}"),
-                "-a",
-            ])
+        let vhost = format!("net_vhost0,iface={},queues={queues}", socket.display());
+        let forward_to = match peer {
+            Peer::Tap(tap) => format!("net_tap0,iface={tap}"),
+            Peer::Null => "net_null0".into(),
+        };
+        testpmd_args(&mut cmd, name, lcore, &[vhost, forward_to], queues);
+        cmd.arg("--forward-mode=io")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -79,7 +61,7 @@ impl Testpmd {
             Peer::Null => "",
         };
         let me = Self {
-            child,
+            process: Process(child),
             socket,
             tap: tap.to_string(),
         };
@@ -101,7 +83,42 @@ impl Testpmd {
 
 impl Testpmd {
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.0.id()
+    }
+}
+
+/// testpmd's arguments for both roles: forwarding on `lcore` (its main
+/// lcore, idle, on the other CPU), no hugepages (1 GiB of plain memory,
+/// 16 384 mbufs), the `vdevs`, `queues` queue pairs, one forwarding core,
+/// forwarding from the start. The caller adds `--forward-mode`.
+fn testpmd_args(cmd: &mut Command, name: &str, lcore: usize, vdevs: &[String], queues: usize) {
+    let main_lcore = if lcore == 0 { 1 } else { 0 };
+    cmd.arg("-l")
+        .arg(format!("{main_lcore},{lcore}"))
+        .args(["--main-lcore", &main_lcore.to_string()])
+        .args(["--no-huge", "-m", "1024", "--no-pci", "--file-prefix"])
+        .arg(format!("sandnic-{name}-{}", std::process::id()));
+    for vdev in vdevs {
+        cmd.arg("--vdev").arg(vdev);
+    }
+    cmd.args([
+        "--",
+        "--total-num-mbufs=16384",
+        "--nb-cores=1",
+        &format!("--rxq={queues}"),
+        &format!("--txq={queues}"),
+        "-a",
+    ]);
+}
+
+/// A testpmd process, ended with its owner: stdin closed, then killed.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -131,7 +148,7 @@ pub enum FrontendMode {
 /// `dpdk-testpmd` as the vhost-user frontend of the backend at a socket:
 /// its `virtio_user` PMD, forwarding on one core. Runs until `finish`.
 pub struct VirtioUser {
-    child: Child,
+    process: Process,
     output: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -153,28 +170,12 @@ impl VirtioUser {
         mode: FrontendMode,
         lcore: usize,
     ) -> Option<Self> {
-        let main_lcore = if lcore == 0 { 1 } else { 0 };
         // Line-buffered: testpmd's "Press enter to exit" would otherwise
         // wait in its stdio buffer until it exits.
         let mut cmd = Command::new("stdbuf");
-        cmd.args(["-oL", "dpdk-testpmd", "-l"])
-            .arg(format!("{main_lcore},{lcore}"))
-            .args(["--main-lcore", &main_lcore.to_string()])
-            .args(["--no-huge", "-m", "1024", "--no-pci", "--file-prefix"])
-            .arg(format!("sandnic-{name}-{}", std::process::id()))
-            .arg("--vdev")
-            .arg(format!(
-                "net_virtio_user0,path={},queues={queues}",
-                socket.display()
-            ))
-            .args([
-                "--",
-                "--total-num-mbufs=16384",
-                "--nb-cores=1",
-                &format!("--rxq={queues}"),
-                &format!("--txq={queues}"),
-                "-a",
-            ]);
+        cmd.args(["-oL", "dpdk-testpmd"]);
+        let virtio_user = format!("net_virtio_user0,path={},queues={queues}", socket.display());
+        testpmd_args(&mut cmd, name, lcore, &[virtio_user], queues);
         match mode {
             FrontendMode::TxOnly { len } => {
                 cmd.args(["--forward-mode=txonly", &format!("--txpkts={len}")])
@@ -199,7 +200,10 @@ impl VirtioUser {
                 all.push('\n');
             }
         });
-        let me = Self { child, output };
+        let me = Self {
+            process: Process(child),
+            output,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !me.printed("Press enter to exit") {
             if Instant::now() > deadline || me.printed("EAL: Error") {
@@ -231,8 +235,9 @@ impl VirtioUser {
     /// Stops forwarding and returns testpmd's accumulated totals.
     pub fn finish(mut self) -> Option<FrontendTotals> {
         use std::io::Write;
-        let _ = self.child.stdin.as_mut()?.write_all(b"\n");
-        crate::harness::wait_for_exit(&mut self.child, Duration::from_secs(20))?;
+        let child = &mut self.process.0;
+        let _ = child.stdin.as_mut()?.write_all(b"\n");
+        crate::harness::wait_for_exit(child, Duration::from_secs(20))?;
         totals(&self.text())
     }
 }
@@ -248,20 +253,4 @@ fn totals(output: &str) -> Option<FrontendTotals> {
         rx_packets: number_after("RX-packets:")?,
         tx_packets: number_after("TX-packets:")?,
     })
-}
-
-impl Drop for VirtioUser {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -81,6 +81,31 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     reply_rx.recv().map_err(std::io::Error::other)?
 }
 
+/// For a bench binary's `main`: whether to measure. Not when cargo only
+/// lists or tests the benches, nor (said loudly) when `missing` names a
+/// prerequisite this machine lacks.
+pub fn bench_should_run(what: &str, missing: impl FnOnce() -> Option<String>) -> bool {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return false;
+    }
+    if let Some(why) = missing() {
+        eprintln!("\n*** SKIPPED {what}: {why} ***\n");
+        return false;
+    }
+    true
+}
+
+/// Records one case's paired rounds in `target/criterion/paired/NAME.json`,
+/// where `scripts/bench-report` reads them; a failure is said, not fatal.
+pub fn record_paired(name: &str, record: &serde_json::Value) {
+    let dir = Path::new("target/criterion/paired");
+    if let Err(e) = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{name}.json")), record.to_string()))
+    {
+        eprintln!("cannot record the paired rounds of {name}: {e}");
+    }
+}
+
 /// The user the guest tests run sandnic as (`--user`): nothing in them
 /// needs root once the TAP and the sockets are open.
 pub const UNPRIVILEGED_USER: &str = "nobody";

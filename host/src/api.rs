@@ -91,7 +91,8 @@ pub struct ApiContext<'a> {
     pub handover: Option<HandoverRequest>,
 }
 
-fn error(message: impl std::fmt::Display) -> Value {
+/// `{"ok": false, "error": …}`.
+pub fn error(message: impl std::fmt::Display) -> Value {
     json!({ "ok": false, "error": message.to_string() })
 }
 

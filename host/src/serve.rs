@@ -504,7 +504,7 @@ impl Server {
     /// loop goes on serving while the destination prepares.
     fn offer_handover(&mut self, request: &HandoverRequest, client: usize, epoll: &Epoll) {
         let Some(sockets) = self.sockets() else {
-            self.answer_api(client, &api_error("no listening socket to hand over"));
+            self.answer_api(client, &api::error("no listening socket to hand over"));
             return;
         };
         let pending = source::offer(
@@ -524,7 +524,7 @@ impl Server {
         });
         match registered {
             Ok(pending) => self.handover = Some((pending, client)),
-            Err(e) => self.answer_api(client, &api_error(e)),
+            Err(e) => self.answer_api(client, &api::error(e)),
         }
     }
 
@@ -537,11 +537,12 @@ impl Server {
         };
         let _ = epoll.delete(pending.socket());
         let Some(sockets) = self.sockets() else {
+            self.answer_api(client, &api::error("no listening socket to hand over"));
             return false;
         };
         let (reply, done) = match pending.finish(&mut self.backend, sockets) {
             Ok(report) => (handover_reply(&report), true),
-            Err(e) => (api_error(e), false),
+            Err(e) => (api::error(e), false),
         };
         self.answer_api(client, &reply);
         done
@@ -735,10 +736,6 @@ impl Server {
             }
         }
     }
-}
-
-fn api_error(e: impl std::fmt::Display) -> serde_json::Value {
-    serde_json::json!({ "ok": false, "error": e.to_string() })
 }
 
 /// The API's answer to a handover that went through.

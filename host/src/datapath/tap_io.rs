@@ -15,17 +15,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// Every `IoVec` must point into guest memory that stays mapped for the
 /// call (the kernel reads from it).
 pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
-    let raw = IoVec::as_raw(iov);
-    // SAFETY: `raw` is a live array of `raw.len()` iovecs; the memory they
-    // point to is mapped for the call (the caller's contract).
-    unsafe {
-        libc::syscall(
-            libc::SYS_writev,
-            fd.as_raw_fd(),
-            raw.as_ptr(),
-            raw.len() as libc::c_int,
-        ) as isize
-    }
+    // SAFETY: the caller's contract is writev's.
+    unsafe { vectored(libc::SYS_writev, fd, iov) }
 }
 
 /// readv(2) from `fd` into `iov`: bytes read, or -1 with errno set.
@@ -34,15 +25,18 @@ pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
 /// Every `IoVec` must point into device-writable guest memory that stays
 /// mapped for the call (the kernel writes up to their total length).
 pub unsafe fn readv(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
+    // SAFETY: the caller's contract is readv's.
+    unsafe { vectored(libc::SYS_readv, fd, iov) }
+}
+
+/// System call `nr` (readv or writev) on `fd` with `iov`.
+///
+/// # Safety
+/// As `readv` or `writev`, whichever `nr` is.
+unsafe fn vectored(nr: libc::c_long, fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
     let raw = IoVec::as_raw(iov);
-    // SAFETY: as in `writev`, and the buffers may be written (the caller's
-    // contract).
-    unsafe {
-        libc::syscall(
-            libc::SYS_readv,
-            fd.as_raw_fd(),
-            raw.as_ptr(),
-            raw.len() as libc::c_int,
-        ) as isize
-    }
+    // SAFETY: `raw` is a live array of `raw.len()` iovecs; the memory they
+    // point to is mapped for the call, and writable for readv (the
+    // caller's contract).
+    unsafe { libc::syscall(nr, fd.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) as isize }
 }
