@@ -9,7 +9,7 @@ use sandnic::frontend::{NicConfig, TestNic};
 use sandnic::harness::{sandnic_binary, spawn, wait_for_exit, NetNs, Rig, Sandnic, ScratchDir};
 use sandnic::require_network;
 use serde_json::json;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -196,8 +196,8 @@ fn sockets_named_by_fd_are_served() {
         dir.path("api.sock"),
         dir.path("sandnic.log"),
     );
-    let vhost_listener = UnixListener::bind(&vhost).unwrap();
-    let api_listener = UnixListener::bind(&api).unwrap();
+    let vhost_listener = above_the_passed_numbers(UnixListener::bind(&vhost).unwrap());
+    let api_listener = above_the_passed_numbers(UnixListener::bind(&api).unwrap());
     let (v, a) = (vhost_listener.as_raw_fd(), api_listener.as_raw_fd());
     let mut cmd = ns.command(sandnic_binary().to_str().unwrap());
     cmd.args(["serve", "--tap", "tap0", "--mac", GUEST_MAC])
@@ -238,6 +238,23 @@ fn sockets_named_by_fd_are_served() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("fd 1"), "{stderr}");
     drop((vhost_listener, api_listener));
+}
+
+/// `fd` moved to a number of 100 or more (close-on-exec, as before).
+///
+/// The child `dup2`s its listeners onto the fixed numbers 10 and 11. Other
+/// tests in this process open files at the same time, so a listener could
+/// itself sit at 10 or 11: one `dup2` would then overwrite the other's
+/// source, or `dup2(10, 10)` would do nothing and leave close-on-exec set,
+/// and sandnic would get the wrong socket or none.
+fn above_the_passed_numbers(fd: UnixListener) -> OwnedFd {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+        .map(|raw| {
+            // SAFETY: fcntl just returned `raw` as a new descriptor that
+            // nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })
+        .unwrap()
 }
 
 /// systemd follows the device to the new process (`NotifyAccess=all`):
