@@ -2,13 +2,23 @@
 //! migration test does) and what its output says: reply times, gaps,
 //! losses and when the lost probes went out.
 
-use crate::harness::{spawn, NetNs};
+use crate::harness::{spawn, wait_for_exit, NetNs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::time::Duration;
 
 pub struct FloodPing {
     child: Child,
     log: PathBuf,
+}
+
+/// A test that fails before `stop` leaves no ping flooding the machine
+/// while the other tests of its binary run.
+impl Drop for FloodPing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// What a finished flood ping saw.
@@ -47,7 +57,12 @@ impl FloodPing {
     pub fn stop(mut self) -> anyhow::Result<PingReport> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let _ = self.child.wait();
+        if wait_for_exit(&mut self.child, Duration::from_secs(5)).is_none() {
+            // Its summary is lost, but the test goes on to fail instead of
+            // waiting for ever.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
         Ok(parse(&std::fs::read_to_string(&self.log)?))
     }
 }

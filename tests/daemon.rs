@@ -9,7 +9,7 @@ use sandnic::frontend::{NicConfig, TestNic};
 use sandnic::harness::{sandnic_binary, spawn, wait_for_exit, NetNs, Rig, Sandnic, ScratchDir};
 use sandnic::require_network;
 use serde_json::json;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -196,23 +196,26 @@ fn sockets_named_by_fd_are_served() {
         dir.path("api.sock"),
         dir.path("sandnic.log"),
     );
-    let vhost_listener = above_the_passed_numbers(UnixListener::bind(&vhost).unwrap());
-    let api_listener = above_the_passed_numbers(UnixListener::bind(&api).unwrap());
+    let vhost_listener = UnixListener::bind(&vhost).unwrap();
+    let api_listener = UnixListener::bind(&api).unwrap();
     let (v, a) = (vhost_listener.as_raw_fd(), api_listener.as_raw_fd());
     let mut cmd = ns.command(sandnic_binary().to_str().unwrap());
     cmd.args(["serve", "--tap", "tap0", "--mac", GUEST_MAC])
-        .args(["--socket-fd", "10", "--api-fd", "11"])
+        .args(["--socket-fd", &v.to_string(), "--api-fd", &a.to_string()])
         .env("SANDNIC_CACHE_DIR", test_cache())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: between fork and exec the child only calls dup2, which is
-    // async-signal-safe; the duplicates (without CLOEXEC) are what a
-    // manager such as libvirt would pass.
+    // The listeners keep their numbers and lose close-on-exec in the child
+    // only, as a manager such as libvirt passes them. (No dup2 onto fixed
+    // numbers: another test's file, or std's own exec-status pipe, may sit
+    // at any number in the child.)
+    // SAFETY: between fork and exec the child only calls fcntl, which is
+    // async-signal-safe, on two descriptors it inherited.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            for (from, to) in [(v, 10), (a, 11)] {
-                if libc::dup2(from, to) < 0 {
+            for fd in [v, a] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -220,6 +223,9 @@ fn sockets_named_by_fd_are_served() {
         });
     }
     let mut child = spawn(cmd).unwrap();
+    // sandnic has its own copies now. Were it gone, connecting fails
+    // instead of waiting in a backlog nobody accepts from.
+    drop((vhost_listener, api_listener));
     let mut nic = TestNic::connect(&vhost, &NicConfig::default()).unwrap();
     let status = sandnic_host::api::client(&api, json!({"cmd": "status"}))
         .unwrap()
@@ -237,24 +243,6 @@ fn sockets_named_by_fd_are_served() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("fd 1"), "{stderr}");
-    drop((vhost_listener, api_listener));
-}
-
-/// `fd` moved to a number of 100 or more (close-on-exec, as before).
-///
-/// The child `dup2`s its listeners onto the fixed numbers 10 and 11. Other
-/// tests in this process open files at the same time, so a listener could
-/// itself sit at 10 or 11: one `dup2` would then overwrite the other's
-/// source, or `dup2(10, 10)` would do nothing and leave close-on-exec set,
-/// and sandnic would get the wrong socket or none.
-fn above_the_passed_numbers(fd: UnixListener) -> OwnedFd {
-    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
-        .map(|raw| {
-            // SAFETY: fcntl just returned `raw` as a new descriptor that
-            // nothing else owns.
-            unsafe { OwnedFd::from_raw_fd(raw) }
-        })
-        .unwrap()
 }
 
 /// systemd follows the device to the new process (`NotifyAccess=all`):

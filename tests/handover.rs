@@ -303,7 +303,6 @@ fn destination_dying_before_ready_leaves_the_source_running() {
         drop(sock);
     });
     let reply = rig.sandnic.handover(&path, false).unwrap();
-    fake.join().unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(
         reply["error"]
@@ -312,6 +311,9 @@ fn destination_dying_before_ready_leaves_the_source_running() {
             .contains("before the destination took over"),
         "{reply}"
     );
+    // Only now: had the source never connected, the fake would still be
+    // waiting in accept.
+    fake.join().unwrap();
     assert!(rig.sandnic.exited().is_none(), "the source keeps running");
     still_serving(&mut rig);
 }
@@ -338,12 +340,12 @@ fn destination_hanging_after_the_commit_is_given_up_and_the_source_resumes() {
     let asked = Instant::now();
     let reply = rig.sandnic.handover(&path, false).unwrap();
     let took = asked.elapsed();
-    fake.join().unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(
         reply["error"].as_str().unwrap().contains("timed out"),
         "{reply}"
     );
+    fake.join().unwrap();
     assert!(
         took < Duration::from_secs(8),
         "the source waited {took:?} for Ready"
