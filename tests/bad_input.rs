@@ -302,6 +302,67 @@ fn a_bad_rx_chain_ahead_of_good_ones_does_not_stall_rx() {
     assert_eq!(rig.stat(0, "bad_chains"), 1);
 }
 
+/// TX chains split into many buffers arrive whole. The datapath copies
+/// the first bytes of every frame out of guest memory and sends the rest
+/// from the buffers, so the split must come out right wherever it falls:
+/// inside the virtio-net header, at its end, or inside a large first
+/// buffer. The last chain is at the segment limit with a first buffer
+/// larger than that copy: one iovec more would pass writev's limit, so it
+/// has to go as it is.
+#[test]
+fn tx_chains_of_many_buffers_arrive_whole() {
+    require_network!("tx_chains_of_many_buffers_arrive_whole");
+    let mut rig = rig();
+    let sock = host_udp(&rig, 6101);
+    let hdr = rig.nic.hdr_len;
+    // (payload length, first buffer's length); every later buffer is 1 byte.
+    // The last chain has 1024 buffers.
+    for (tag, payload_len, first) in [(1u8, 300, 1), (2, 100, hdr), (3, 300, 200), (4, 1169, 200)] {
+        let payload: Vec<u8> = (0..payload_len).map(|i| tag ^ i as u8).collect();
+        let mut chain = vec![0u8; hdr];
+        chain.extend(rig.guest_udp(6101, &payload));
+        let pieces: Vec<(usize, usize)> = std::iter::once((0, first))
+            .chain((first..chain.len()).map(|at| (at, 1)))
+            .collect();
+        assert!(pieces.len() <= 1024, "within the segment limit");
+        send_indirect(&mut rig, QueueId::Tx(0), &chain, &pieces);
+        let mut buf = [0u8; 2048];
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("chain {tag} not sent ({e}): {}", rig.sandnic.log()));
+        assert_eq!(&buf[..n], &payload[..], "chain {tag}");
+    }
+    assert_eq!(rig.stat(0, "bad_chains"), 0);
+}
+
+/// Publishes `bytes` on `queue` as one device-readable chain: an indirect
+/// table with one descriptor per `(offset, length)` piece.
+fn send_indirect(rig: &mut Rig, queue: QueueId, bytes: &[u8], pieces: &[(usize, usize)]) {
+    use vm_memory::Bytes;
+    let buf = rig.nic.scratch(bytes.len() as u64);
+    let table = rig.nic.scratch(pieces.len() as u64 * 16);
+    let mem = rig.nic.ram.mem();
+    mem.write_slice(bytes, buf).unwrap();
+    for (j, &(at, len)) in pieces.iter().enumerate() {
+        let last = j + 1 == pieces.len();
+        let mut desc = [0u8; 16];
+        desc[..8].copy_from_slice(&(buf.0 + at as u64).to_le_bytes());
+        desc[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        desc[12..14].copy_from_slice(&(if last { 0 } else { F_NEXT }).to_le_bytes());
+        desc[14..16].copy_from_slice(&((j + 1) as u16).to_le_bytes());
+        mem.write_slice(&desc, vm_memory::GuestAddress(table.0 + j as u64 * 16))
+            .unwrap();
+    }
+    let slots = rig.nic.reserve(queue, 1);
+    let head = RawDesc {
+        addr: table.0,
+        len: (pieces.len() * 16) as u32,
+        flags: F_INDIRECT,
+        next: 0,
+    };
+    rig.nic.raw_chain(queue, &[head], &slots, slots[0]);
+}
+
 /// RX chains made of many tiny buffers (indirect tables of 2-byte
 /// descriptors): enough of them to hold one frame add up to more segments
 /// than one `readv` takes (IOV_MAX). Uncapped, `readv` failed with EINVAL,

@@ -12,9 +12,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// writev(2) of `iov` to `fd`: bytes written, or -1 with errno set.
 ///
 /// # Safety
-/// Every `IoVec` must point into guest memory that stays mapped for the
-/// call (the kernel reads from it).
-pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
+/// Every entry must point to memory that stays mapped for the call (the
+/// kernel reads from it): guest memory, or the sender's own buffers.
+pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[libc::iovec]) -> isize {
     // SAFETY: the caller's contract is writev's.
     unsafe { vectored(libc::SYS_writev, fd, iov) }
 }
@@ -26,17 +26,16 @@ pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
 /// mapped for the call (the kernel writes up to their total length).
 pub unsafe fn readv(fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
     // SAFETY: the caller's contract is readv's.
-    unsafe { vectored(libc::SYS_readv, fd, iov) }
+    unsafe { vectored(libc::SYS_readv, fd, IoVec::as_raw(iov)) }
 }
 
 /// System call `nr` (readv or writev) on `fd` with `iov`.
 ///
 /// # Safety
 /// As `readv` or `writev`, whichever `nr` is.
-unsafe fn vectored(nr: libc::c_long, fd: BorrowedFd<'_>, iov: &[IoVec]) -> isize {
-    let raw = IoVec::as_raw(iov);
-    // SAFETY: `raw` is a live array of `raw.len()` iovecs; the memory they
+unsafe fn vectored(nr: libc::c_long, fd: BorrowedFd<'_>, iov: &[libc::iovec]) -> isize {
+    // SAFETY: `iov` is a live array of `iov.len()` iovecs; the memory they
     // point to is mapped for the call, and writable for readv (the
     // caller's contract).
-    unsafe { libc::syscall(nr, fd.as_raw_fd(), raw.as_ptr(), raw.len() as libc::c_int) as isize }
+    unsafe { libc::syscall(nr, fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) as isize }
 }
