@@ -321,11 +321,13 @@ fn tx_chains_of_many_buffers_arrive_whole() {
         let payload: Vec<u8> = (0..payload_len).map(|i| tag ^ i as u8).collect();
         let mut chain = vec![0u8; hdr];
         chain.extend(rig.guest_udp(6101, &payload));
-        let pieces: Vec<(usize, usize)> = std::iter::once((0, first))
-            .chain((first..chain.len()).map(|at| (at, 1)))
+        let pieces: Vec<(u64, u64)> = std::iter::once((0, first as u64))
+            .chain((first as u64..chain.len() as u64).map(|at| (at, 1)))
             .collect();
         assert!(pieces.len() <= 1024, "within the segment limit");
-        send_indirect(&mut rig, QueueId::Tx(0), &chain, &pieces);
+        let buf = rig.nic.scratch(chain.len() as u64);
+        vm_memory::Bytes::write_slice(rig.nic.ram.mem(), &chain, buf).unwrap();
+        post_indirect(&mut rig, QueueId::Tx(0), buf, &pieces, 0);
         let mut buf = [0u8; 2048];
         let (n, _) = sock
             .recv_from(&mut buf)
@@ -335,22 +337,31 @@ fn tx_chains_of_many_buffers_arrive_whole() {
     assert_eq!(rig.stat(0, "bad_chains"), 0);
 }
 
-/// Publishes `bytes` on `queue` as one device-readable chain: an indirect
-/// table with one descriptor per `(offset, length)` piece.
-fn send_indirect(rig: &mut Rig, queue: QueueId, bytes: &[u8], pieces: &[(usize, usize)]) {
+/// Publishes one chain on `queue`: a descriptor at the returned slot
+/// pointing to an indirect table with one descriptor per `(offset,
+/// length)` piece of the buffer at `buf`, each with `flags` (and NEXT but
+/// the last).
+fn post_indirect(
+    rig: &mut Rig,
+    queue: QueueId,
+    buf: vm_memory::GuestAddress,
+    pieces: &[(u64, u64)],
+    flags: u16,
+) -> u16 {
     use vm_memory::Bytes;
-    let buf = rig.nic.scratch(bytes.len() as u64);
     let table = rig.nic.scratch(pieces.len() as u64 * 16);
-    let mem = rig.nic.ram.mem();
-    mem.write_slice(bytes, buf).unwrap();
     for (j, &(at, len)) in pieces.iter().enumerate() {
         let last = j + 1 == pieces.len();
         let mut desc = [0u8; 16];
-        desc[..8].copy_from_slice(&(buf.0 + at as u64).to_le_bytes());
+        desc[..8].copy_from_slice(&(buf.0 + at).to_le_bytes());
         desc[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-        desc[12..14].copy_from_slice(&(if last { 0 } else { F_NEXT }).to_le_bytes());
+        let flags = if last { flags } else { flags | F_NEXT };
+        desc[12..14].copy_from_slice(&flags.to_le_bytes());
         desc[14..16].copy_from_slice(&((j + 1) as u16).to_le_bytes());
-        mem.write_slice(&desc, vm_memory::GuestAddress(table.0 + j as u64 * 16))
+        rig.nic
+            .ram
+            .mem()
+            .write_slice(&desc, vm_memory::GuestAddress(table.0 + j as u64 * 16))
             .unwrap();
     }
     let slots = rig.nic.reserve(queue, 1);
@@ -361,6 +372,7 @@ fn send_indirect(rig: &mut Rig, queue: QueueId, bytes: &[u8], pieces: &[(usize, 
         next: 0,
     };
     rig.nic.raw_chain(queue, &[head], &slots, slots[0]);
+    slots[0]
 }
 
 /// RX chains made of many tiny buffers (indirect tables of 2-byte
@@ -386,31 +398,10 @@ fn rx_chains_of_many_tiny_buffers_do_not_stall_rx() {
     let sock = host_udp(&rig, 6100);
     let mut buffers = std::collections::HashMap::new();
     for _ in 0..16 {
-        let table = rig.nic.scratch(PIECES * 16);
         let buf = rig.nic.scratch(PIECES * PIECE);
-        for j in 0..PIECES {
-            let last = j + 1 == PIECES;
-            let mut desc = [0u8; 16];
-            desc[..8].copy_from_slice(&(buf.0 + j * PIECE).to_le_bytes());
-            desc[8..12].copy_from_slice(&(PIECE as u32).to_le_bytes());
-            let flags = if last { F_WRITE } else { F_WRITE | F_NEXT };
-            desc[12..14].copy_from_slice(&flags.to_le_bytes());
-            desc[14..16].copy_from_slice(&((j + 1) as u16).to_le_bytes());
-            rig.nic
-                .ram
-                .mem()
-                .write_slice(&desc, vm_memory::GuestAddress(table.0 + j * 16))
-                .unwrap();
-        }
-        let slots = rig.nic.reserve(QueueId::Rx(0), 1);
-        buffers.insert(slots[0], buf);
-        let head = RawDesc {
-            addr: table.0,
-            len: (PIECES * 16) as u32,
-            flags: F_INDIRECT,
-            next: 0,
-        };
-        rig.nic.raw_chain(QueueId::Rx(0), &[head], &slots, slots[0]);
+        let pieces: Vec<(u64, u64)> = (0..PIECES).map(|j| (j * PIECE, PIECE)).collect();
+        let slot = post_indirect(&mut rig, QueueId::Rx(0), buf, &pieces, F_WRITE);
+        buffers.insert(slot, buf);
     }
     let mut got = Vec::new();
     for i in 0..4u8 {
