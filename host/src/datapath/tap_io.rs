@@ -1,4 +1,4 @@
-//! `readv` and `writev` on a TAP queue, as raw system calls.
+//! `readv` and `writev` (or `write`) on a TAP queue, as raw system calls.
 //!
 //! glibc's wrappers are cancellation points: each call switches the thread's
 //! asynchronous cancellation on and off around the system call, two atomic
@@ -11,10 +11,22 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// writev(2) of `iov` to `fd`: bytes written, or -1 with errno set.
 ///
+/// A frame in one piece (every small frame, once TX copied its head) goes
+/// with write(2): writev first copies the iovec array in from user memory,
+/// about 4 % of a TX thread's time at 64 B in a profile under DPDK's
+/// virtio_user.
+///
 /// # Safety
 /// Every entry must point to memory that stays mapped for the call (the
 /// kernel reads from it): guest memory, or the sender's own buffers.
 pub unsafe fn writev(fd: BorrowedFd<'_>, iov: &[libc::iovec]) -> isize {
+    if let [one] = iov {
+        // SAFETY: `one` points to `iov_len` readable bytes that stay mapped
+        // for the call (the caller's contract).
+        return unsafe {
+            libc::syscall(libc::SYS_write, fd.as_raw_fd(), one.iov_base, one.iov_len) as isize
+        };
+    }
     // SAFETY: the caller's contract is writev's.
     unsafe { vectored(libc::SYS_writev, fd, iov) }
 }
