@@ -1,8 +1,8 @@
 //! Transmit: guest → TAP. Each chain (virtio-net header + frame) goes to the
-//! TAP with one `writev`; the TAP was told the header length, so the header
-//! passes through untouched. The first bytes of each frame are copied out
-//! of guest memory first (see `HEAD_COPY`); the rest goes straight from
-//! guest memory.
+//! TAP with one system call (`tap_io::writev`); the TAP was told the header
+//! length, so the header passes through untouched. The first bytes of each
+//! frame are copied out of guest memory first (see `HEAD_COPY`); the rest
+//! goes straight from guest memory.
 
 use super::stats::Batch;
 use super::tap_io;
