@@ -85,8 +85,18 @@ impl Bed {
             Backend::Sandnic => {
                 ns.add_tap("tap0", "10.78.0.1/24").ok()?;
                 let queues_arg = queues.to_string();
-                let sandnic =
-                    Sandnic::serve(&ns, &dir, &["--tap", "tap0", "--queues", &queues_arg]).ok()?;
+                // One datapath thread for the one backend CPU, as DPDK
+                // gets one lcore for all its queues (a thread per pair
+                // would only take turns on that CPU).
+                let args = [
+                    "--tap",
+                    "tap0",
+                    "--queues",
+                    &queues_arg,
+                    "--datapath-threads",
+                    "1",
+                ];
+                let sandnic = Sandnic::serve(&ns, &dir, &args).ok()?;
                 let pid = sandnic.child.id();
                 pin_all_threads(pid, BACKEND_CPU);
                 Some(Self {

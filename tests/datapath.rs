@@ -188,3 +188,77 @@ fn pairs_follow_a_frontend_that_keeps_the_control_queue() {
     rig.nic.enable_pair(1, false).unwrap();
     assert_eq!(active(&rig), 1);
 }
+
+/// Three pairs on two datapath threads (`--datapath-threads 2`): one thread
+/// serves pairs 0 and 2, the other pair 1. Every pair carries a frame to the
+/// host, and every reply reaches the guest (the TAP steers it to the queue
+/// its flow came from, so a thread that did not watch a TAP of its second
+/// pair would leave the reply there). With busy polling off the threads
+/// sleep between frames, so each reply must wake its thread through the
+/// TAP it sits on.
+#[test]
+fn pairs_share_datapath_threads() {
+    require_network!("pairs_share_datapath_threads");
+    let config = NicConfig {
+        pairs: 3,
+        ctrl_in_frontend: true,
+        ..NicConfig::default()
+    };
+    let args = [
+        "--queues",
+        "3",
+        "--datapath-threads",
+        "2",
+        "--busy-poll-us",
+        "0",
+    ];
+    let mut rig = rig(&args, config);
+    let status = rig
+        .sandnic
+        .api(serde_json::json!({"cmd": "status"}))
+        .unwrap();
+    assert_eq!(status["datapath_threads"], 2, "{status}");
+    assert_eq!(status["queue_pairs"]["active"], 3, "{status}");
+    for pair in 0..3u16 {
+        let (guest_port, host_port) = (5100 + pair, 6100 + pair);
+        let sock = host_udp(&rig.ns, host_port);
+        let payload = format!("from pair {pair}");
+        let frame = frames::udp_frame(
+            rig.tap_mac,
+            GUEST_MAC,
+            (GUEST_IP, HOST_IP),
+            (guest_port, host_port),
+            payload.as_bytes(),
+        );
+        rig.nic.send(usize::from(pair), &frame).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("pair {pair} → host: {e}\n{}", rig.sandnic.log()));
+        assert_eq!(&buf[..n], payload.as_bytes());
+        let reply = format!("reply to pair {pair}");
+        sock.send_to(reply.as_bytes(), format!("10.77.0.2:{guest_port}"))
+            .unwrap();
+        let got = recv_udp_on_any_pair(&mut rig.nic, 3, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("reply to pair {pair} lost\n{}", rig.sandnic.log()));
+        assert_eq!(got, reply.as_bytes());
+        assert_eq!(rig.stat(usize::from(pair), "tx_packets"), 1);
+    }
+}
+
+/// The next UDP payload the guest receives on any of `pairs`.
+fn recv_udp_on_any_pair(nic: &mut TestNic, pairs: usize, timeout: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        for pair in 0..pairs {
+            if let Some(payload) = nic
+                .try_recv(pair)
+                .and_then(|f| frames::udp_payload(&f).map(<[u8]>::to_vec))
+            {
+                return Some(payload);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}

@@ -38,10 +38,12 @@ fn thread_status(pid: u32, field: &str) -> Vec<(String, String)> {
 #[test]
 fn every_thread_of_a_running_sandnic_is_confined() {
     require_network!("every_thread_of_a_running_sandnic_is_confined");
+    // Three pairs on two datapath threads: one thread confines itself for
+    // the two pairs it serves.
     let rig = Rig::new(
-        &["--queues", "2"],
+        &["--queues", "3", "--datapath-threads", "2"],
         NicConfig {
-            pairs: 2,
+            pairs: 3,
             ..NicConfig::default()
         },
     )
@@ -52,6 +54,11 @@ fn every_thread_of_a_running_sandnic_is_confined() {
         seccomp.len() >= 3,
         "control thread and two workers: {seccomp:?}"
     );
+    let workers = seccomp
+        .iter()
+        .filter(|(name, _)| name.starts_with("sandnic-dp"))
+        .count();
+    assert_eq!(workers, 2, "datapath threads: {seccomp:?}");
     assert!(
         seccomp.iter().all(|(_, v)| v == "2"),
         "Seccomp per thread: {seccomp:?}"

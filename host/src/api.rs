@@ -165,6 +165,7 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
         "sessions": sessions,
         "sandbox": b.device().stats(),
         "needs_reset": b.device().needs_reset(),
+        "datapath_threads": b.datapath().thread_count(),
         "pairs": b.datapath().pair_states(),
     })
 }

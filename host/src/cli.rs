@@ -74,6 +74,10 @@ pub enum Command {
         /// before it sleeps (0: sleep at once, least CPU).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
         busy_poll_us: u64,
+        /// Datapath threads serving the queue pairs (default: one per pair,
+        /// up to the CPUs sandnic may run on, e.g. as `taskset` sets them).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        datapath_threads: Option<u16>,
         /// Run as USER[:GROUP] once the TAP and the sockets are open.
         #[arg(long)]
         user: Option<Target>,
@@ -167,6 +171,7 @@ pub fn main() -> ExitCode {
             incoming,
             new_tap,
             busy_poll_us,
+            datapath_threads,
             user,
             seccomp,
         } => {
@@ -189,6 +194,8 @@ pub fn main() -> ExitCode {
                 new_tap,
                 datapath: DatapathOptions {
                     busy_poll: std::time::Duration::from_micros(busy_poll_us),
+                    threads: datapath_threads
+                        .and_then(|n| std::num::NonZeroUsize::new(usize::from(n))),
                 },
                 user,
                 seccomp,

@@ -1,12 +1,12 @@
-//! The packet hot path: one thread per queue pair moving frames between the
-//! guest's vrings and the TAP queue, with no calls into wasm and no
-//! allocation per packet.
+//! The packet hot path: threads moving frames between the guest's vrings
+//! and the TAP queues, with no calls into wasm and no allocation per
+//! packet. Each thread serves one or more queue pairs (see `threads_for`).
 //!
 //! - `vring.rs` — ring setup and start, defensive chain walking
 //! - `tx.rs` / `rx.rs` — the two directions
 //! - `tap_io.rs` — readv/writev on a TAP queue as raw system calls
 //! - `rx_filter.rs` — the native receive filter
-//! - `worker.rs` — the per-pair thread and its epoll loop
+//! - `worker.rs` — a datapath thread and its epoll loop
 //! - `notify.rs` — kick/call fds
 //! - `stats.rs` — counters
 
@@ -26,6 +26,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use rx::RxPending;
 use rx_filter::NativeFilter;
 use stats::{QueueStats, StatsSnapshot};
+use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,14 +42,31 @@ pub struct DatapathOptions {
     /// microseconds, and a sleep/wake-up round trip costs more than the
     /// frames it waits for. Zero never polls (least CPU).
     pub busy_poll: std::time::Duration,
+    /// How many datapath threads serve the queue pairs; `None` picks one
+    /// per pair, up to the CPUs this process may run on.
+    pub threads: Option<NonZeroUsize>,
 }
 
 impl Default for DatapathOptions {
     fn default() -> Self {
         Self {
             busy_poll: std::time::Duration::from_micros(50),
+            threads: None,
         }
     }
+}
+
+/// How many threads serve `pairs` queue pairs. More polling threads than
+/// CPUs only take turns on a CPU, each spinning out its slice while the
+/// other's frames wait; fewer threads than pairs share the pairs out, a
+/// thread going round its pairs as a DPDK polling core goes round its
+/// queues. The CPUs counted are those of the affinity mask (and cgroup
+/// quota) the process starts with, as `std::thread::available_parallelism`
+/// reports them: start sandnic under `taskset` or a cpuset to size it.
+/// No pairs need no thread.
+pub fn threads_for(pairs: usize, asked: Option<NonZeroUsize>) -> usize {
+    let cpus = || std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    asked.map_or_else(cpus, NonZeroUsize::get).min(pairs)
 }
 
 /// What every pair needs to know about the negotiated device.
@@ -110,6 +128,31 @@ pub struct PairShared {
 }
 
 impl PairShared {
+    fn new(index: u16, busy_poll: std::time::Duration) -> std::io::Result<Self> {
+        Ok(Self {
+            index,
+            state: Mutex::new(PairState {
+                memory: None,
+                rx: None,
+                tx: None,
+                rx_pending: RxPending::default(),
+                rx_starved: false,
+                settings: Settings::default(),
+                active: index == 0,
+                paused: false,
+                generation: 0,
+            }),
+            stats: QueueStats::default(),
+            busy_poll,
+            confinement: Mutex::new(None),
+            confined: AtomicBool::new(false),
+            tid: AtomicI32::new(0),
+            wake: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(std::io::Error::from)?,
+            stop: AtomicBool::new(false),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, PairState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -146,45 +189,24 @@ pub enum Direction {
 }
 
 impl Datapath {
-    /// Starts one thread per TAP queue, idle until a ring is installed.
+    /// Starts the threads for one pair per TAP queue (`threads_for`),
+    /// idle until a ring is installed. Pair `i` goes to thread `i % n`.
     /// Only pair 0 is active until the device model enables more; the TAP's
     /// queue attachment is left to `set_active_pairs`.
     pub fn start(tap: Arc<Tap>, options: DatapathOptions) -> std::io::Result<Self> {
-        let mut pairs = Vec::new();
-        let mut threads = Vec::new();
-        for index in 0..tap.queue_count() {
-            let shared = Arc::new(PairShared {
-                index: index as u16,
-                state: Mutex::new(PairState {
-                    memory: None,
-                    rx: None,
-                    tx: None,
-                    rx_pending: RxPending::default(),
-                    rx_starved: false,
-                    settings: Settings::default(),
-                    active: index == 0,
-                    paused: false,
-                    generation: 0,
-                }),
-                stats: QueueStats::default(),
-                busy_poll: options.busy_poll,
-                confinement: Mutex::new(None),
-                confined: AtomicBool::new(false),
-                tid: AtomicI32::new(0),
-                wake: EventFd::from_value_and_flags(
-                    0,
-                    EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
-                )
-                .map_err(std::io::Error::from)?,
-                stop: AtomicBool::new(false),
-            });
-            let (s, t) = (shared.clone(), tap.clone());
+        let pairs = (0..tap.queue_count())
+            .map(|index| PairShared::new(index as u16, options.busy_poll).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let n = threads_for(pairs.len(), options.threads);
+        let mut threads = Vec::with_capacity(n);
+        for thread in 0..n {
+            let served: Vec<_> = pairs.iter().skip(thread).step_by(n).cloned().collect();
+            let tap = tap.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("sandnic-q{index}"))
-                    .spawn(move || worker::run(s, t))?,
+                    .name(format!("sandnic-dp{thread}"))
+                    .spawn(move || worker::run(served, tap))?,
             );
-            pairs.push(shared);
         }
         Ok(Self {
             tap,
@@ -200,11 +222,20 @@ impl Datapath {
     /// The ids of the threads that run so far (a handover raises their
     /// priority for its pause: see `handover::priority`).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.pairs
+        let mut ids: Vec<i32> = self
+            .pairs
             .iter()
             .map(|p| p.tid.load(Ordering::Acquire))
             .filter(|&tid| tid != 0)
-            .collect()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// How many threads serve the pairs.
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
     }
 
     pub fn pair_count(&self) -> usize {
@@ -282,7 +313,8 @@ impl Datapath {
     }
 
     /// Has every datapath thread put `program` on itself (a thread can
-    /// only filter itself) and waits until they have. Call once, after
+    /// only filter itself) and waits until they have (each pair reports
+    /// for the thread that serves it). Call once, after
     /// privileges were dropped.
     pub fn confine(&self, program: Arc<seccompiler::BpfProgram>) -> Result<(), String> {
         for p in &self.pairs {
@@ -336,5 +368,29 @@ impl Drop for Datapath {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads_for;
+    use std::num::NonZeroUsize;
+
+    #[test]
+    fn threads_follow_the_option_and_never_outnumber_pairs() {
+        let asked = |n| NonZeroUsize::new(n);
+        assert_eq!(threads_for(4, asked(1)), 1);
+        assert_eq!(threads_for(4, asked(3)), 3);
+        assert_eq!(threads_for(2, asked(8)), 2);
+        // No pairs, no threads (a thread with nothing to serve would
+        // sleep in an empty epoll set for good).
+        assert_eq!(threads_for(0, asked(2)), 0);
+    }
+
+    #[test]
+    fn by_default_one_thread_per_pair_up_to_the_cpus() {
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        assert_eq!(threads_for(1, None), 1);
+        assert_eq!(threads_for(64, None), cpus.min(64));
     }
 }

@@ -1,10 +1,18 @@
-//! The per-queue-pair thread: waits on the TX and RX kick fds, the TAP queue
-//! and a wake fd, and moves packets in batches.
+//! A datapath thread: serves one or more queue pairs, waiting on their TX
+//! and RX kick fds, their TAP queues and their wake fds in one epoll set,
+//! and moving packets in batches.
 //!
-//! All state the thread works on sits in `PairState` behind one mutex that
-//! is held for one batch at a time. The control thread takes the same mutex
-//! to reconfigure the pair, so every change (new memory, a stopped ring, a
-//! pause for handover) lands exactly at a batch boundary.
+//! Why several pairs per thread: when pairs outnumber the CPUs the process
+//! may run on, a thread per pair makes the scheduler switch between
+//! pollers on one CPU, and each poller spins out its slice while the other
+//! pair's frames wait. One thread going round the pairs in turn (as a DPDK
+//! polling core does) spends that CPU on frames. `Datapath::start` decides
+//! how many threads there are.
+//!
+//! All state the thread works on for a pair sits in `PairState` behind the
+//! pair's mutex, held for one batch at a time. The control thread takes the
+//! same mutex to reconfigure the pair, so every change (new memory, a
+//! stopped ring, a pause for handover) lands exactly at a batch boundary.
 
 use super::notify;
 use super::rx::{process_rx, RxContext, RxOutcome};
@@ -15,35 +23,62 @@ use crate::hardening::allowlists::Role;
 use crate::tap::Tap;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tracing::{error, warn};
 
 /// Chains or frames per batch: bounds how long the lock is held and keeps
 /// notifications coalesced.
 pub const BATCH: usize = 256;
-/// How long to sleep, in ms, when the TAP cannot be put in the epoll set.
+/// How long to sleep, in ms, when a TAP cannot be put in the epoll set.
 const RETRY_NAP_MS: u8 = 1;
 
+/// An epoll token is `slot * TOKENS_PER_PAIR + kind`, `slot` being the
+/// pair's place in this thread's list.
+const TOKENS_PER_PAIR: u64 = 4;
 const WAKE: u64 = 0;
 const TX_KICK: u64 = 1;
 const RX_KICK: u64 = 2;
 const TAP: u64 = 3;
 
-/// The fds the thread currently polls; rebuilt when the control thread
-/// changes the pair (its generation moves).
-struct Registration {
-    epoll: Epoll,
-    generation: u64,
-    /// Kick fds with their tokens (held open while registered).
-    kicks: Vec<(u64, Arc<OwnedFd>)>,
-    tap_watched: bool,
-    /// The last `epoll_ctl` on the TAP failed (logged once, not per retry).
-    tap_ctl_failed: bool,
+/// A pair this thread serves.
+struct Served<'tap> {
+    shared: Arc<PairShared>,
+    tap_fd: BorrowedFd<'tap>,
+    last: Pass,
+    last_work: Instant,
+    /// Gets a pass this time round (see `run`).
+    due: bool,
 }
 
-/// What one pass over the pair's rings found.
+impl Served<'_> {
+    /// Worth another pass without sleeping: a budget ran out, or traffic
+    /// moved within the busy-poll window. A failing TAP is never polled
+    /// (that would spin).
+    fn polling(&self, now: Instant) -> bool {
+        !self.last.tap_failing
+            && (self.last.more || now.duration_since(self.last_work) < self.shared.busy_poll)
+    }
+}
+
+/// The fds the thread currently polls; rebuilt when the control thread
+/// changes one of its pairs (the pair's generation moves).
+struct Registration {
+    epoll: Epoll,
+    /// Per slot: the generation the fds were taken from.
+    generations: Vec<u64>,
+    /// Per slot: the TAP is in the set.
+    tap_watched: Vec<bool>,
+    /// Per slot: the last `epoll_ctl` on the TAP failed (logged once, not
+    /// per retry).
+    tap_ctl_failed: Vec<bool>,
+    /// Kick fds with their tokens (held open while registered).
+    kicks: Vec<(u64, Arc<OwnedFd>)>,
+}
+
+/// What one pass over a pair's rings found.
 #[derive(Debug, Clone, Copy, Default)]
 struct Pass {
     /// A budget ran out: more may be waiting right now.
@@ -58,107 +93,149 @@ struct Pass {
     tap_failing: bool,
 }
 
-pub fn run(shared: Arc<PairShared>, tap: Arc<Tap>) {
-    shared
-        .tid
-        .store(nix::unistd::gettid().as_raw(), Ordering::Release);
-    let Some(tap_fd) = tap.queue(usize::from(shared.index)) else {
-        error!(pair = shared.index, "no TAP queue for this pair");
-        return;
-    };
+/// Serves `pairs` until the datapath stops.
+pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
+    let tid = nix::unistd::gettid().as_raw();
+    let mut served = Vec::with_capacity(pairs.len());
+    for shared in pairs {
+        shared.tid.store(tid, Ordering::Release);
+        match tap.queue(usize::from(shared.index)) {
+            Some(tap_fd) => served.push(Served {
+                shared,
+                tap_fd,
+                last: Pass::default(),
+                last_work: Instant::now(),
+                due: true,
+            }),
+            None => error!(pair = shared.index, "no TAP queue for this pair"),
+        }
+    }
     let mut iov = Vec::with_capacity(64);
     let mut reg: Option<Registration> = None;
-    let mut events = [EpollEvent::empty(); 8];
-    let mut last = Pass::default();
-    let mut last_work = std::time::Instant::now();
-    while !shared.stop.load(Ordering::Acquire) {
-        confine_if_asked(&shared);
-        let generation = shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .generation;
-        if reg.as_ref().map(|r| r.generation) != Some(generation) {
-            match register(&shared, generation) {
+    let mut events = [EpollEvent::empty(); 16];
+    while !served.iter().any(|s| s.shared.stop.load(Ordering::Acquire)) {
+        confine_if_asked(&served);
+        if reg.is_none() {
+            match register(&served) {
                 Ok(r) => {
                     reg = Some(r);
-                    // The wake that announced this change may already be
+                    // The wakes that announced the change may already be
                     // consumed: look at the rings once before sleeping.
-                    last.more = true;
+                    served.iter_mut().for_each(|s| s.last.more = true);
                 }
                 Err(e) => {
-                    error!(pair = shared.index, "epoll setup failed: {e}");
+                    error!("datapath epoll setup failed: {e}");
                     return;
                 }
             }
         }
         let r = reg.as_mut().expect("registered above");
-        let busy = last.more || last_work.elapsed() < shared.busy_poll;
-        let sleeping = last.tap_failing || !busy;
-        let watch = last.want_tap && sleeping && !last.tap_failing;
-        let watching = r.watch_tap(tap_fd, watch, shared.index) && !last.tap_failing;
-        let n = match r.epoll.wait(&mut events, wait_timeout(sleeping, watching)) {
+        let now = Instant::now();
+        let sleeping = !served.iter().any(|s| s.polling(now));
+        let mut taps_as_wanted = true;
+        for (slot, s) in served.iter_mut().enumerate() {
+            // A pair that polls reads its TAP on every pass; one that does
+            // not has it watched, even while a busy neighbour keeps the
+            // thread polling.
+            let polling = s.polling(now);
+            let watch = s.last.want_tap && !polling && !s.last.tap_failing;
+            let as_wanted = r.watch_tap(slot, s.tap_fd, watch, s.shared.index);
+            taps_as_wanted &= as_wanted && !s.last.tap_failing;
+            // A pair whose fds all sit in the set gets a pass only when
+            // one of them fires: an idle pair beside a busy one costs no
+            // TAP read per pass.
+            s.due = polling || s.last.tap_failing || !as_wanted;
+        }
+        let n = match r
+            .epoll
+            .wait(&mut events, wait_timeout(sleeping, taps_as_wanted))
+        {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(e) => {
-                error!(pair = shared.index, "epoll_wait: {e}");
+                error!("datapath epoll_wait: {e}");
                 return;
             }
         };
-        r.drain_fired(&events[..n], &shared);
-        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.generation != r.generation {
-            continue;
+        r.drain_fired(&events[..n], &mut served);
+        let mut stale = false;
+        for (slot, s) in served.iter_mut().enumerate().filter(|(_, s)| s.due) {
+            let mut st = s.shared.lock();
+            if st.generation != r.generations[slot] {
+                stale = true;
+                continue;
+            }
+            s.last = one_batch(&s.shared, &mut st, s.tap_fd, &mut iov);
+            drop(st);
+            if s.last.worked {
+                s.last_work = Instant::now();
+            }
         }
-        last = one_batch(&shared, &mut st, tap_fd, &mut iov);
-        drop(st);
-        if last.worked {
-            last_work = std::time::Instant::now();
+        if stale {
+            reg = None;
         }
     }
 }
 
 /// Puts the seccomp filter the control thread handed over on this thread
-/// (once; checked once per pass, under an uncontended lock).
-fn confine_if_asked(shared: &PairShared) {
-    if shared.confined.load(Ordering::Relaxed) {
+/// (once for all its pairs; checked once per pass, under uncontended
+/// locks).
+fn confine_if_asked(served: &[Served<'_>]) {
+    if served
+        .iter()
+        .all(|s| s.shared.confined.load(Ordering::Relaxed))
+    {
         return;
     }
-    let program = shared
-        .confinement
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(program) = program {
-        match crate::hardening::seccomp::apply(Role::Datapath, &program) {
-            Ok(()) => shared.confined.store(true, Ordering::Release),
-            Err(e) => error!(pair = shared.index, "{e}"),
-        }
+    let program = served.iter().find_map(|s| {
+        s.shared
+            .confinement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    });
+    let Some(program) = program else {
+        return;
+    };
+    match crate::hardening::seccomp::apply(Role::Datapath, &program) {
+        Ok(()) => served
+            .iter()
+            .for_each(|s| s.shared.confined.store(true, Ordering::Release)),
+        Err(e) => error!("{e}"),
     }
 }
 
-/// Poll while busy; sleep until an fd fires otherwise — but only nap if the
+/// Poll while busy; sleep until an fd fires otherwise — but only nap if a
 /// TAP should be watched and could not be (or is failing), so frames on it
 /// are still read.
-fn wait_timeout(sleeping: bool, tap_as_wanted: bool) -> EpollTimeout {
+fn wait_timeout(sleeping: bool, taps_as_wanted: bool) -> EpollTimeout {
     if !sleeping {
         EpollTimeout::ZERO
-    } else if tap_as_wanted {
+    } else if taps_as_wanted {
         EpollTimeout::NONE
     } else {
         EpollTimeout::from(RETRY_NAP_MS)
     }
 }
 
+fn token(slot: usize, kind: u64) -> u64 {
+    slot as u64 * TOKENS_PER_PAIR + kind
+}
+
 impl Registration {
-    /// Consumes the notifications epoll reported. Only the fds that fired
-    /// are drained: draining another could swallow a kick that epoll has
-    /// not reported yet.
-    fn drain_fired(&self, events: &[EpollEvent], shared: &PairShared) {
+    /// Consumes the notifications epoll reported and marks their pairs
+    /// due. Only the fds that fired are drained: draining another could
+    /// swallow a kick that epoll has not reported yet.
+    fn drain_fired(&self, events: &[EpollEvent], served: &mut [Served<'_>]) {
         for event in events {
-            match event.data() {
-                WAKE => notify::drain(shared.wake.as_fd()),
-                token @ (TX_KICK | RX_KICK) => {
+            let token = event.data();
+            let Some(s) = served.get_mut((token / TOKENS_PER_PAIR) as usize) else {
+                continue;
+            };
+            s.due = true;
+            match token % TOKENS_PER_PAIR {
+                WAKE => notify::drain(s.shared.wake.as_fd()),
+                TX_KICK | RX_KICK => {
                     if let Some((_, kick)) = self.kicks.iter().find(|(t, _)| *t == token) {
                         notify::drain(kick.as_fd());
                     }
@@ -168,8 +245,9 @@ impl Registration {
         }
     }
 
-    /// Keeps the TAP in the epoll set only while the thread sleeps with
-    /// buffers to fill. While it polls it reads the TAP on every pass
+    /// Keeps a pair's TAP in the epoll set only while the pair is idle
+    /// with buffers to fill. While the pair polls the thread reads its TAP
+    /// on every pass
     /// anyway, and a TAP in an epoll set makes the kernel run epoll's
     /// wake-up callback for every frame queued on it, on the sending CPU,
     /// under locks the polling thread's `epoll_wait` keeps taking too. That
@@ -180,58 +258,65 @@ impl Registration {
     ///
     /// False while the set does not match `watch` (an `epoll_ctl` failed;
     /// retried on the next pass, logged once).
-    fn watch_tap(&mut self, tap_fd: std::os::fd::BorrowedFd<'_>, watch: bool, pair: u16) -> bool {
-        if watch == self.tap_watched {
+    fn watch_tap(&mut self, slot: usize, tap_fd: BorrowedFd<'_>, watch: bool, pair: u16) -> bool {
+        if watch == self.tap_watched[slot] {
             return true;
         }
         let result = if watch {
-            self.epoll
-                .add(tap_fd, EpollEvent::new(EpollFlags::EPOLLIN, TAP))
+            self.epoll.add(
+                tap_fd,
+                EpollEvent::new(EpollFlags::EPOLLIN, token(slot, TAP)),
+            )
         } else {
             self.epoll.delete(tap_fd)
         };
         match result {
             // Already (not) there is what was asked for.
             Ok(()) | Err(Errno::EEXIST) | Err(Errno::ENOENT) => {
-                self.tap_watched = watch;
-                self.tap_ctl_failed = false;
+                self.tap_watched[slot] = watch;
+                self.tap_ctl_failed[slot] = false;
             }
             Err(e) => {
-                if !self.tap_ctl_failed {
+                if !self.tap_ctl_failed[slot] {
                     warn!(pair, "epoll TAP (watch {watch}): {e}; retrying");
                 }
-                self.tap_ctl_failed = true;
+                self.tap_ctl_failed[slot] = true;
             }
         }
-        self.tap_watched == watch
+        self.tap_watched[slot] == watch
     }
 }
 
-/// A fresh epoll set with the wake fd and the pair's kick fds (the TAP is
-/// added only around sleeps: see `Registration::watch_tap`).
-fn register(shared: &PairShared, generation: u64) -> nix::Result<Registration> {
+/// A fresh epoll set with every served pair's wake fd and kick fds (the
+/// TAPs are added only around sleeps: see `Registration::watch_tap`).
+fn register(served: &[Served<'_>]) -> nix::Result<Registration> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    epoll.add(
-        shared.wake.as_fd(),
-        EpollEvent::new(EpollFlags::EPOLLIN, WAKE),
-    )?;
-    let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut generations = Vec::with_capacity(served.len());
     let mut kicks = Vec::new();
-    for (ring, token) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
-        if let Some(ring) = ring {
-            epoll.add(
-                ring.kick.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, token),
-            )?;
-            kicks.push((token, ring.kick.clone()));
+    for (slot, s) in served.iter().enumerate() {
+        epoll.add(
+            s.shared.wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, token(slot, WAKE)),
+        )?;
+        let st = s.shared.lock();
+        generations.push(st.generation);
+        for (ring, kind) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
+            if let Some(ring) = ring {
+                let token = token(slot, kind);
+                epoll.add(
+                    ring.kick.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, token),
+                )?;
+                kicks.push((token, ring.kick.clone()));
+            }
         }
     }
     Ok(Registration {
         epoll,
-        generation,
+        generations,
+        tap_watched: vec![false; served.len()],
+        tap_ctl_failed: vec![false; served.len()],
         kicks,
-        tap_watched: false,
-        tap_ctl_failed: false,
     })
 }
 
