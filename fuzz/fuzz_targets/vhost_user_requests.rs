@@ -48,6 +48,7 @@ fn backend() -> &'static Mutex<NetBackend> {
             .collect();
         let options = DatapathOptions {
             busy_poll: std::time::Duration::ZERO,
+            ..DatapathOptions::default()
         };
         Mutex::new(NetBackend::new(device, Arc::new(Tap::stand_in(queues)), options).expect("backend"))
     })
