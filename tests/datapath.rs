@@ -17,6 +17,16 @@ fn rig(serve_args: &[&str], config: NicConfig) -> Rig {
     Rig::new(serve_args, config).expect("test rig")
 }
 
+/// `pairs` queue pairs under a frontend that keeps the control queue (as
+/// QEMU's and DPDK's do) and switches pairs with SET_VRING_ENABLE.
+fn ctrl_in_frontend(pairs: u16) -> NicConfig {
+    NicConfig {
+        pairs,
+        ctrl_in_frontend: true,
+        ..NicConfig::default()
+    }
+}
+
 fn host_udp(ns: &NetNs, port: u16) -> UdpSocket {
     let sock = ns
         .inside(move || Ok(UdpSocket::bind(("10.77.0.1", port))?))
@@ -155,11 +165,7 @@ fn frames_wait_in_the_tap_until_the_guest_gives_buffers() {
 #[test]
 fn pairs_follow_a_frontend_that_keeps_the_control_queue() {
     require_network!("pairs_follow_a_frontend_that_keeps_the_control_queue");
-    let config = NicConfig {
-        pairs: 2,
-        ctrl_in_frontend: true,
-        ..NicConfig::default()
-    };
+    let config = ctrl_in_frontend(2);
     let mut rig = rig(&["--queues", "2"], config);
     let active = |rig: &Rig| {
         let status = rig
@@ -199,11 +205,7 @@ fn pairs_follow_a_frontend_that_keeps_the_control_queue() {
 #[test]
 fn pairs_share_datapath_threads() {
     require_network!("pairs_share_datapath_threads");
-    let config = NicConfig {
-        pairs: 3,
-        ctrl_in_frontend: true,
-        ..NicConfig::default()
-    };
+    let config = ctrl_in_frontend(3);
     let args = [
         "--queues",
         "3",
@@ -259,6 +261,87 @@ fn recv_udp_on_any_pair(nic: &mut TestNic, pairs: usize, timeout: Duration) -> O
             }
         }
         std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}
+
+/// One thread for two pairs with a long busy-poll window: pair 0 carries a
+/// steady stream, so the thread never sleeps, while pair 1 exchanges single
+/// frames with the host, each after pair 1 went idle (past its own window).
+/// The idle pair must get its pass when its kick fires (TX) and when its
+/// TAP does (RX: the TAP steers the reply to the queue its flow came from).
+#[test]
+fn an_idle_pair_is_served_beside_a_busy_one() {
+    require_network!("an_idle_pair_is_served_beside_a_busy_one");
+    let config = ctrl_in_frontend(2);
+    let busy_poll = Duration::from_millis(10);
+    let args = [
+        "--queues",
+        "2",
+        "--datapath-threads",
+        "1",
+        "--busy-poll-us",
+        "10000",
+    ];
+    let mut rig = rig(&args, config);
+    let _sink = host_udp(&rig.ns, 6200);
+    let sock = host_udp(&rig.ns, 6201);
+    sock.set_nonblocking(true).unwrap();
+    let flood = frames::udp_frame(
+        rig.tap_mac,
+        GUEST_MAC,
+        (GUEST_IP, HOST_IP),
+        (5200, 6200),
+        &[0x5a; 200],
+    );
+    let deadline = Duration::from_secs(5);
+    for i in 0..10 {
+        let payload = format!("pair 1, frame {i}");
+        let frame = frames::udp_frame(
+            rig.tap_mac,
+            GUEST_MAC,
+            (GUEST_IP, HOST_IP),
+            (5201, 6201),
+            payload.as_bytes(),
+        );
+        keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
+        rig.nic.send(1, &frame).unwrap();
+        let mut buf = [0u8; 64];
+        let n = keep_busy_until(&mut rig.nic, &flood, deadline, |_| {
+            sock.recv_from(&mut buf).ok().map(|(n, _)| n)
+        })
+        .unwrap_or_else(|| panic!("pair 1 → host, frame {i}\n{}", rig.sandnic.log()));
+        assert_eq!(&buf[..n], payload.as_bytes());
+        keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
+        let reply = format!("reply {i}");
+        sock.send_to(reply.as_bytes(), "10.77.0.2:5201").unwrap();
+        let got = keep_busy_until(&mut rig.nic, &flood, deadline, |nic| {
+            (0..2).find_map(|pair| {
+                let frame = nic.try_recv(pair)?;
+                frames::udp_payload(&frame).map(<[u8]>::to_vec)
+            })
+        })
+        .unwrap_or_else(|| panic!("reply {i} to pair 1 lost\n{}", rig.sandnic.log()));
+        assert_eq!(got, reply.as_bytes());
+    }
+    assert_eq!(rig.stat(1, "tx_packets"), 10);
+    assert!(rig.stat(0, "tx_packets") > 1000, "pair 0 was not kept busy");
+}
+
+/// Keeps pair 0's TX ring full of `flood` (no pause, so its thread keeps
+/// polling) until `done` gives a value or `timeout` passes.
+fn keep_busy_until<T>(
+    nic: &mut TestNic,
+    flood: &[u8],
+    timeout: Duration,
+    mut done: impl FnMut(&mut TestNic) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        nic.send_batch(0, std::iter::repeat_n(flood, 32));
+        if let Some(value) = done(nic) {
+            return Some(value);
+        }
     }
     None
 }

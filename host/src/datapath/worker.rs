@@ -26,14 +26,16 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 /// Chains or frames per batch: bounds how long the lock is held and keeps
 /// notifications coalesced.
 pub const BATCH: usize = 256;
-/// How long to sleep, in ms, when a TAP cannot be put in the epoll set.
+/// How long to sleep, in ms, when a TAP cannot be put in the epoll set,
+/// and how long a pair whose TAP fails waits before it is read again.
 const RETRY_NAP_MS: u8 = 1;
+const RETRY_NAP: Duration = Duration::from_millis(RETRY_NAP_MS as u64);
 
 /// An epoll token is `slot * TOKENS_PER_PAIR + kind`, `slot` being the
 /// pair's place in this thread's list.
@@ -51,6 +53,9 @@ struct Served<'tap> {
     last_work: Instant,
     /// Gets a pass this time round (see `run`).
     due: bool,
+    /// While its TAP fails: when to read it again (a busy neighbour keeps
+    /// the thread polling, and a failing read each pass would spin).
+    retry_at: Instant,
 }
 
 impl Served<'_> {
@@ -106,10 +111,16 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
                 last: Pass::default(),
                 last_work: Instant::now(),
                 due: true,
+                retry_at: Instant::now(),
             }),
             None => error!(pair = shared.index, "no TAP queue for this pair"),
         }
     }
+    if served.is_empty() {
+        // Nothing would ever wake the thread (and `Drop` joins it).
+        return;
+    }
+    let indices: Vec<u16> = served.iter().map(|s| s.shared.index).collect();
     let mut iov = Vec::with_capacity(64);
     let mut reg: Option<Registration> = None;
     let mut events = [EpollEvent::empty(); 16];
@@ -124,7 +135,7 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
                     served.iter_mut().for_each(|s| s.last.more = true);
                 }
                 Err(e) => {
-                    error!("datapath epoll setup failed: {e}");
+                    error!(pairs = ?indices, "datapath epoll setup failed: {e}");
                     return;
                 }
             }
@@ -142,9 +153,10 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
             let as_wanted = r.watch_tap(slot, s.tap_fd, watch, s.shared.index);
             taps_as_wanted &= as_wanted && !s.last.tap_failing;
             // A pair whose fds all sit in the set gets a pass only when
-            // one of them fires: an idle pair beside a busy one costs no
-            // TAP read per pass.
-            s.due = polling || s.last.tap_failing || !as_wanted;
+            // one of them fires (or, with its TAP failing, once its retry
+            // is due): an idle pair beside a busy one costs no TAP read
+            // per pass.
+            s.due = polling || !as_wanted;
         }
         let n = match r
             .epoll
@@ -153,13 +165,17 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(e) => {
-                error!("datapath epoll_wait: {e}");
+                error!(pairs = ?indices, "datapath epoll_wait: {e}");
                 return;
             }
         };
         r.drain_fired(&events[..n], &mut served);
         let mut stale = false;
-        for (slot, s) in served.iter_mut().enumerate().filter(|(_, s)| s.due) {
+        for (slot, s) in served.iter_mut().enumerate() {
+            let retry = s.last.tap_failing && Instant::now() >= s.retry_at;
+            if !(s.due || retry) {
+                continue;
+            }
             let mut st = s.shared.lock();
             if st.generation != r.generations[slot] {
                 stale = true;
@@ -169,6 +185,9 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
             drop(st);
             if s.last.worked {
                 s.last_work = Instant::now();
+            }
+            if s.last.tap_failing {
+                s.retry_at = Instant::now() + RETRY_NAP;
             }
         }
         if stale {
