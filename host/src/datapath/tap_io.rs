@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// writev(2) of `iov` to `fd`: bytes written, or -1 with errno set.
 ///
-/// A frame in one piece (every small frame, once TX copied its head) goes
-/// with write(2): writev first copies the iovec array in from user memory,
+/// A frame in one piece (every small chain, which TX copies out of guest
+/// memory) goes with write(2): writev first copies the iovec array in from user memory,
 /// about 4 % of a TX thread's time at 64 B in a profile under DPDK's
 /// virtio_user.
 ///

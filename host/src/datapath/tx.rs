@@ -44,6 +44,11 @@ const GATHER: usize = 64;
 /// gained nothing when it had.
 const SMALL_CHAIN: usize = 128;
 
+/// The chain (of `len` bytes, 0 when malformed) is copied whole.
+fn is_small(len: u64) -> bool {
+    len > 0 && len <= SMALL_CHAIN as u64
+}
+
 /// One chain ready for the TAP.
 enum Frame<'a> {
     /// A small chain, copied out of guest memory.
@@ -77,7 +82,7 @@ pub fn process_tx(
             copy_small_chains(group, iov, &mut copies);
             for (k, &(head, first, count, len)) in group.iter().enumerate() {
                 if len > ctx.hdr_len as u64 {
-                    let frame = if len <= SMALL_CHAIN as u64 {
+                    let frame = if is_small(len) {
                         Frame::Copied(&copies[k][..len as usize])
                     } else {
                         Frame::InGuest(&iov[first..first + count])
@@ -137,7 +142,7 @@ fn copy_small_chains(
     copies: &mut [[u8; SMALL_CHAIN]; GATHER],
 ) {
     for (k, &(_, first, count, len)) in group.iter().enumerate() {
-        if len == 0 || len > SMALL_CHAIN as u64 {
+        if !is_small(len) {
             continue;
         }
         // SAFETY: the iovecs were translated against `ctx.mem` by

@@ -72,15 +72,21 @@ impl Served<'_> {
 /// changes one of its pairs (the pair's generation moves).
 struct Registration {
     epoll: Epoll,
-    /// Per slot: the generation the fds were taken from.
-    generations: Vec<u64>,
-    /// Per slot: the TAP is in the set.
-    tap_watched: Vec<bool>,
-    /// Per slot: the last `epoll_ctl` on the TAP failed (logged once, not
-    /// per retry).
-    tap_ctl_failed: Vec<bool>,
+    /// Per slot (a pair's place in the thread's list).
+    slots: Vec<SlotRegistration>,
     /// Kick fds with their tokens (held open while registered).
     kicks: Vec<(u64, Arc<OwnedFd>)>,
+}
+
+/// One pair's part of a `Registration`.
+#[derive(Debug, Clone, Copy)]
+struct SlotRegistration {
+    /// The generation the pair's fds were taken from.
+    generation: u64,
+    /// The TAP is in the set.
+    tap_watched: bool,
+    /// The last `epoll_ctl` on the TAP failed (logged once, not per retry).
+    tap_ctl_failed: bool,
 }
 
 /// What one pass over a pair's rings found.
@@ -142,13 +148,14 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
         }
         let r = reg.as_mut().expect("registered above");
         let now = Instant::now();
-        let sleeping = !served.iter().any(|s| s.polling(now));
+        let mut sleeping = true;
         let mut taps_as_wanted = true;
         for (slot, s) in served.iter_mut().enumerate() {
             // A pair that polls reads its TAP on every pass; one that does
             // not has it watched, even while a busy neighbour keeps the
             // thread polling.
             let polling = s.polling(now);
+            sleeping &= !polling;
             let watch = s.last.want_tap && !polling && !s.last.tap_failing;
             let as_wanted = r.watch_tap(slot, s.tap_fd, watch, s.shared.index);
             taps_as_wanted &= as_wanted && !s.last.tap_failing;
@@ -177,7 +184,7 @@ pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
                 continue;
             }
             let mut st = s.shared.lock();
-            if st.generation != r.generations[slot] {
+            if st.generation != r.slots[slot].generation {
                 stale = true;
                 continue;
             }
@@ -266,19 +273,20 @@ impl Registration {
 
     /// Keeps a pair's TAP in the epoll set only while the pair is idle
     /// with buffers to fill. While the pair polls the thread reads its TAP
-    /// on every pass
-    /// anyway, and a TAP in an epoll set makes the kernel run epoll's
-    /// wake-up callback for every frame queued on it, on the sending CPU,
-    /// under locks the polling thread's `epoll_wait` keeps taking too. That
-    /// cache-line traffic cost whoever sends into the TAP ~200 ns per frame
-    /// (~12 % at 1500 bytes); the two `epoll_ctl` calls per sleep cost far
-    /// less than the wake-up they come with. Level-triggered, so frames that
-    /// arrived before the add still wake the thread.
+    /// on every pass anyway, and a TAP in an epoll set makes the kernel run
+    /// epoll's wake-up callback for every frame queued on it, on the
+    /// sending CPU, under locks the polling thread's `epoll_wait` keeps
+    /// taking too. That cache-line traffic cost whoever sends into the TAP
+    /// ~200 ns per frame (~12 % at 1500 bytes); the two `epoll_ctl` calls
+    /// per sleep cost far less than the wake-up they come with.
+    /// Level-triggered, so frames that arrived before the add still wake
+    /// the thread.
     ///
     /// False while the set does not match `watch` (an `epoll_ctl` failed;
     /// retried on the next pass, logged once).
     fn watch_tap(&mut self, slot: usize, tap_fd: BorrowedFd<'_>, watch: bool, pair: u16) -> bool {
-        if watch == self.tap_watched[slot] {
+        let state = &mut self.slots[slot];
+        if watch == state.tap_watched {
             return true;
         }
         let result = if watch {
@@ -292,17 +300,17 @@ impl Registration {
         match result {
             // Already (not) there is what was asked for.
             Ok(()) | Err(Errno::EEXIST) | Err(Errno::ENOENT) => {
-                self.tap_watched[slot] = watch;
-                self.tap_ctl_failed[slot] = false;
+                state.tap_watched = watch;
+                state.tap_ctl_failed = false;
             }
             Err(e) => {
-                if !self.tap_ctl_failed[slot] {
+                if !state.tap_ctl_failed {
                     warn!(pair, "epoll TAP (watch {watch}): {e}; retrying");
                 }
-                self.tap_ctl_failed[slot] = true;
+                state.tap_ctl_failed = true;
             }
         }
-        self.tap_watched[slot] == watch
+        state.tap_watched == watch
     }
 }
 
@@ -310,7 +318,7 @@ impl Registration {
 /// TAPs are added only around sleeps: see `Registration::watch_tap`).
 fn register(served: &[Served<'_>]) -> nix::Result<Registration> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    let mut generations = Vec::with_capacity(served.len());
+    let mut slots = Vec::with_capacity(served.len());
     let mut kicks = Vec::new();
     for (slot, s) in served.iter().enumerate() {
         epoll.add(
@@ -318,7 +326,11 @@ fn register(served: &[Served<'_>]) -> nix::Result<Registration> {
             EpollEvent::new(EpollFlags::EPOLLIN, token(slot, WAKE)),
         )?;
         let st = s.shared.lock();
-        generations.push(st.generation);
+        slots.push(SlotRegistration {
+            generation: st.generation,
+            tap_watched: false,
+            tap_ctl_failed: false,
+        });
         for (ring, kind) in [(&st.tx, TX_KICK), (&st.rx, RX_KICK)] {
             if let Some(ring) = ring {
                 let token = token(slot, kind);
@@ -332,9 +344,7 @@ fn register(served: &[Served<'_>]) -> nix::Result<Registration> {
     }
     Ok(Registration {
         epoll,
-        generations,
-        tap_watched: vec![false; served.len()],
-        tap_ctl_failed: vec![false; served.len()],
+        slots,
         kicks,
     })
 }

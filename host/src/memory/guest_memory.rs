@@ -192,21 +192,6 @@ impl IoVec {
         self.0.iov_base.cast()
     }
 
-    /// The same buffer without its first `n` bytes (`n` at most its
-    /// length): still inside the range `translate` checked.
-    pub fn skip(&self, n: usize) -> IoVec {
-        let n = n.min(self.len());
-        IoVec(libc::iovec {
-            iov_base: self.host_address().wrapping_add(n).cast(),
-            iov_len: self.len() - n,
-        })
-    }
-
-    /// The entry readv/writev take for this buffer.
-    pub fn raw(&self) -> libc::iovec {
-        self.0
-    }
-
     /// The array readv/writev take.
     pub fn as_raw(iov: &[IoVec]) -> &[libc::iovec] {
         // SAFETY: `IoVec` is a `repr(transparent)` wrapper of
