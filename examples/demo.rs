@@ -82,6 +82,15 @@ fn run() -> anyhow::Result<()> {
 
     let v2_arg = v2.to_str().unwrap_or_default().to_string();
     let next = ["--component", v2_arg.as_str(), "--user", UNPRIVILEGED_USER];
+    // Frontend connections each process accepted, read just before it
+    // hands the device on (a handed-over connection is not accepted).
+    let accepted = |s: &Sandnic| -> anyhow::Result<u64> {
+        let stats = s.stats()?;
+        stats["control"]["frontends_accepted"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no frontends_accepted in {stats}"))
+    };
+    let mut frontends_accepted = accepted(&first)?;
     let (second, path) = Sandnic::incoming(&ns, &dir, "second", &first, &next)?;
     let h1 = first.handover(&path, false)?;
     ok(&h1, "first handover")?;
@@ -93,6 +102,7 @@ fn run() -> anyhow::Result<()> {
     ));
     pause();
 
+    frontends_accepted += accepted(&second)?;
     let (third, path) = Sandnic::incoming(&ns, &dir, "third", &second, &next)?;
     let h2 = second.handover(&path, false)?;
     ok(&h2, "second handover")?;
@@ -108,6 +118,7 @@ fn run() -> anyhow::Result<()> {
     hostdir.release("ready");
     let status = third.api(json!({"cmd": "status"}))?;
     let stats = third.api(json!({"cmd": "stats"}))?;
+    frontends_accepted += accepted(&third)?;
     let status_code = guest.wait(Duration::from_secs(30))?;
 
     let gap_ms = report.largest_gap() * 1000.0;
@@ -131,12 +142,16 @@ fn run() -> anyhow::Result<()> {
         component["state_version"]
     );
     println!(
-        "| frontend connection | {} (never reconnected) |",
-        if status["frontend_connected"] == true {
-            "connected"
+        "| frontend connections accepted, all three processes | {frontends_accepted} ({}) |",
+        if frontends_accepted == 1 {
+            "the guest never reconnected"
         } else {
-            "lost"
+            "the guest reconnected"
         }
+    );
+    println!(
+        "| frontend connected at the end | {} |",
+        status["frontend_connected"]
     );
     println!(
         "| guest frames rx/tx (last process) | {} / {} |",
@@ -147,6 +162,10 @@ fn run() -> anyhow::Result<()> {
     anyhow::ensure!(
         status["frontend_connected"] == true,
         "the frontend connection was lost"
+    );
+    anyhow::ensure!(
+        frontends_accepted == 1,
+        "the frontend connected {frontends_accepted} times"
     );
     Ok(())
 }

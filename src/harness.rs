@@ -562,6 +562,9 @@ impl Drop for Sandnic {
 
 /// A namespace with `tap0` (10.77.0.1/24, guest 10.77.0.2 as a permanent
 /// neighbour), `sandnic serve` on it, and the test frontend connected.
+/// The TAP steers what the host sends by the socket's priority
+/// (`steering`): to pair 0 unless a test asks for another, on every
+/// machine, whatever the flow's hash.
 pub struct Rig {
     pub nic: crate::frontend::TestNic,
     pub sandnic: Sandnic,
@@ -573,12 +576,51 @@ pub struct Rig {
 pub const RIG_GUEST_MAC: crate::frames::Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 pub const RIG_GUEST_IP: [u8; 4] = [10, 77, 0, 2];
 pub const RIG_HOST_IP: [u8; 4] = [10, 77, 0, 1];
+/// The guest's UDP port the rig's tests send to.
+pub const RIG_GUEST_PORT: u16 = 5000;
+
+/// Host UDP ports from `first` on whose flows to the rig's guest
+/// (`RIG_GUEST_IP:RIG_GUEST_PORT`) the kernel's hash would put on each of
+/// `pairs` TAP queues, one per queue: a test that needs host frames on a
+/// given pair runs once with each, and so shows that the hash decides
+/// nothing (the rig's TAP steers by priority; see `steering`).
+pub fn rig_sweep_ports(pairs: usize, first: u16) -> Vec<u16> {
+    crate::steering::ports_covering_every_queue(
+        RIG_HOST_IP,
+        RIG_GUEST_IP,
+        RIG_GUEST_PORT,
+        pairs,
+        first,
+    )
+    .expect("host ports that hash to every queue")
+}
 
 impl Rig {
     pub fn new(serve_args: &[&str], config: crate::frontend::NicConfig) -> anyhow::Result<Self> {
+        Self::build(serve_args, config, true)
+    }
+
+    /// A rig whose TAP has no steering program: the kernel picks the queue
+    /// of a host frame from the flow's hash (or its flow table). Only for
+    /// showing that the hash picks what `steering::natural_queues` says.
+    pub fn unsteered(
+        serve_args: &[&str],
+        config: crate::frontend::NicConfig,
+    ) -> anyhow::Result<Self> {
+        Self::build(serve_args, config, false)
+    }
+
+    fn build(
+        serve_args: &[&str],
+        config: crate::frontend::NicConfig,
+        steered: bool,
+    ) -> anyhow::Result<Self> {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.77.0.1/24")?;
         ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")?;
+        if steered {
+            crate::steering::steer_by_priority(&ns, "tap0")?;
+        }
         let dir = ScratchDir::new()?;
         let mut args = vec!["--tap", "tap0"];
         args.extend_from_slice(serve_args);
@@ -601,7 +643,7 @@ impl Rig {
             self.tap_mac,
             RIG_GUEST_MAC,
             (RIG_GUEST_IP, RIG_HOST_IP),
-            (5000, dst_port),
+            (RIG_GUEST_PORT, dst_port),
             payload,
         )
     }

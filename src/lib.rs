@@ -11,4 +11,5 @@ pub mod harness;
 pub mod migration;
 pub mod ping;
 pub mod qmp;
+pub mod steering;
 pub mod traffic;

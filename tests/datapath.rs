@@ -196,12 +196,13 @@ fn pairs_follow_a_frontend_that_keeps_the_control_queue() {
 }
 
 /// Three pairs on two datapath threads (`--datapath-threads 2`): one thread
-/// serves pairs 0 and 2, the other pair 1. Every pair carries a frame to the
-/// host, and every reply reaches the guest (the TAP steers it to the queue
-/// its flow came from, so a thread that did not watch a TAP of its second
-/// pair would leave the reply there). With busy polling off the threads
-/// sleep between frames, so each reply must wake its thread through the
-/// TAP it sits on.
+/// serves pairs 0 and 2, the other pair 1. Every pair carries frames to the
+/// host, and every reply the host steers to a pair reaches the guest on that
+/// pair (a thread that did not watch the TAP of its second pair would leave
+/// the reply there). With busy polling off the threads sleep between
+/// frames, so each reply must wake its thread through the TAP it sits on.
+/// The host ports are ones the kernel's hash spreads over all three queues:
+/// the rig's steering, not the hash, puts each reply on its pair.
 #[test]
 fn pairs_share_datapath_threads() {
     require_network!("pairs_share_datapath_threads");
@@ -221,35 +222,39 @@ fn pairs_share_datapath_threads() {
         .unwrap();
     assert_eq!(status["datapath_threads"], 2, "{status}");
     assert_eq!(status["queue_pairs"]["active"], 3, "{status}");
+    let ports = sandnic::harness::rig_sweep_ports(3, 6100);
     for pair in 0..3u16 {
-        let (guest_port, host_port) = (5100 + pair, 6100 + pair);
-        let sock = host_udp(&rig.ns, host_port);
-        let payload = format!("from pair {pair}");
-        let frame = frames::udp_frame(
-            rig.tap_mac,
-            GUEST_MAC,
-            (GUEST_IP, HOST_IP),
-            (guest_port, host_port),
-            payload.as_bytes(),
+        for &host_port in &ports {
+            let sock = host_udp(&rig.ns, host_port);
+            sandnic::steering::send_on_pair(&sock, usize::from(pair)).unwrap();
+            let payload = format!("from pair {pair} to port {host_port}");
+            let frame = rig.guest_udp(host_port, payload.as_bytes());
+            rig.nic.send(usize::from(pair), &frame).unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = sock
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("pair {pair} → host: {e}\n{}", rig.sandnic.log()));
+            assert_eq!(&buf[..n], payload.as_bytes());
+            let reply = format!("reply to pair {pair} from port {host_port}");
+            sock.send_to(reply.as_bytes(), "10.77.0.2:5000").unwrap();
+            let (on, got) = recv_udp_on_any_pair(&mut rig.nic, 3, Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("{reply} lost\n{}", rig.sandnic.log()));
+            assert_eq!(got, reply.as_bytes());
+            assert_eq!(on, usize::from(pair), "{reply} arrived on pair {on}");
+        }
+        assert_eq!(
+            rig.stat(usize::from(pair), "tx_packets"),
+            ports.len() as u64
         );
-        rig.nic.send(usize::from(pair), &frame).unwrap();
-        let mut buf = [0u8; 64];
-        let (n, _) = sock
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("pair {pair} → host: {e}\n{}", rig.sandnic.log()));
-        assert_eq!(&buf[..n], payload.as_bytes());
-        let reply = format!("reply to pair {pair}");
-        sock.send_to(reply.as_bytes(), format!("10.77.0.2:{guest_port}"))
-            .unwrap();
-        let got = recv_udp_on_any_pair(&mut rig.nic, 3, Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("reply to pair {pair} lost\n{}", rig.sandnic.log()));
-        assert_eq!(got, reply.as_bytes());
-        assert_eq!(rig.stat(usize::from(pair), "tx_packets"), 1);
     }
 }
 
-/// The next UDP payload the guest receives on any of `pairs`.
-fn recv_udp_on_any_pair(nic: &mut TestNic, pairs: usize, timeout: Duration) -> Option<Vec<u8>> {
+/// The next UDP payload the guest receives on any of `pairs`, and the pair.
+fn recv_udp_on_any_pair(
+    nic: &mut TestNic,
+    pairs: usize,
+    timeout: Duration,
+) -> Option<(usize, Vec<u8>)> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         for pair in 0..pairs {
@@ -257,7 +262,7 @@ fn recv_udp_on_any_pair(nic: &mut TestNic, pairs: usize, timeout: Duration) -> O
                 .try_recv(pair)
                 .and_then(|f| frames::udp_payload(&f).map(<[u8]>::to_vec))
             {
-                return Some(payload);
+                return Some((pair, payload));
             }
         }
         std::thread::sleep(Duration::from_micros(200));
@@ -269,7 +274,8 @@ fn recv_udp_on_any_pair(nic: &mut TestNic, pairs: usize, timeout: Duration) -> O
 /// steady stream, so the thread never sleeps, while pair 1 exchanges single
 /// frames with the host, each after pair 1 went idle (past its own window).
 /// The idle pair must get its pass when its kick fires (TX) and when its
-/// TAP does (RX: the TAP steers the reply to the queue its flow came from).
+/// TAP does (RX: the host steers the reply to pair 1). The host ports are
+/// ones the kernel's hash puts on either queue.
 #[test]
 fn an_idle_pair_is_served_beside_a_busy_one() {
     require_network!("an_idle_pair_is_served_beside_a_busy_one");
@@ -285,8 +291,7 @@ fn an_idle_pair_is_served_beside_a_busy_one() {
     ];
     let mut rig = rig(&args, config);
     let _sink = host_udp(&rig.ns, 6200);
-    let sock = host_udp(&rig.ns, 6201);
-    sock.set_nonblocking(true).unwrap();
+    let ports = sandnic::harness::rig_sweep_ports(2, 6201);
     let flood = frames::udp_frame(
         rig.tap_mac,
         GUEST_MAC,
@@ -295,36 +300,34 @@ fn an_idle_pair_is_served_beside_a_busy_one() {
         &[0x5a; 200],
     );
     let deadline = Duration::from_secs(5);
-    for i in 0..10 {
-        let payload = format!("pair 1, frame {i}");
-        let frame = frames::udp_frame(
-            rig.tap_mac,
-            GUEST_MAC,
-            (GUEST_IP, HOST_IP),
-            (5201, 6201),
-            payload.as_bytes(),
-        );
-        keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
-        rig.nic.send(1, &frame).unwrap();
-        let mut buf = [0u8; 64];
-        let n = keep_busy_until(&mut rig.nic, &flood, deadline, |_| {
-            sock.recv_from(&mut buf).ok().map(|(n, _)| n)
-        })
-        .unwrap_or_else(|| panic!("pair 1 → host, frame {i}\n{}", rig.sandnic.log()));
-        assert_eq!(&buf[..n], payload.as_bytes());
-        keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
-        let reply = format!("reply {i}");
-        sock.send_to(reply.as_bytes(), "10.77.0.2:5201").unwrap();
-        let got = keep_busy_until(&mut rig.nic, &flood, deadline, |nic| {
-            (0..2).find_map(|pair| {
-                let frame = nic.try_recv(pair)?;
+    let rounds = 5;
+    for &port in &ports {
+        let sock = host_udp(&rig.ns, port);
+        sock.set_nonblocking(true).unwrap();
+        sandnic::steering::send_on_pair(&sock, 1).unwrap();
+        for i in 0..rounds {
+            let payload = format!("pair 1, frame {i} to port {port}");
+            let frame = rig.guest_udp(port, payload.as_bytes());
+            keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
+            rig.nic.send(1, &frame).unwrap();
+            let mut buf = [0u8; 64];
+            let n = keep_busy_until(&mut rig.nic, &flood, deadline, |_| {
+                sock.recv_from(&mut buf).ok().map(|(n, _)| n)
+            })
+            .unwrap_or_else(|| panic!("{payload}: lost\n{}", rig.sandnic.log()));
+            assert_eq!(&buf[..n], payload.as_bytes());
+            keep_busy_until(&mut rig.nic, &flood, 3 * busy_poll, |_| None::<()>);
+            let reply = format!("reply {i} from port {port}");
+            sock.send_to(reply.as_bytes(), "10.77.0.2:5000").unwrap();
+            let got = keep_busy_until(&mut rig.nic, &flood, deadline, |nic| {
+                let frame = nic.try_recv(1)?;
                 frames::udp_payload(&frame).map(<[u8]>::to_vec)
             })
-        })
-        .unwrap_or_else(|| panic!("reply {i} to pair 1 lost\n{}", rig.sandnic.log()));
-        assert_eq!(got, reply.as_bytes());
+            .unwrap_or_else(|| panic!("{reply} to pair 1 lost\n{}", rig.sandnic.log()));
+            assert_eq!(got, reply.as_bytes());
+        }
     }
-    assert_eq!(rig.stat(1, "tx_packets"), 10);
+    assert_eq!(rig.stat(1, "tx_packets"), (rounds * ports.len()) as u64);
     assert!(rig.stat(0, "tx_packets") > 1000, "pair 0 was not kept busy");
 }
 

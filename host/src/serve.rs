@@ -569,6 +569,7 @@ impl Server {
             warn!("two frontends are connected already; refusing a third");
             return Ok(());
         };
+        self.backend.counters.frontends_accepted += 1;
         stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
         if let Err(e) = epoll.add(
             stream.as_fd(),

@@ -36,6 +36,10 @@ pub struct ControlCounters {
     pub ctrl_bad_chains: u64,
     pub config_notifications: u64,
     pub disconnects: u64,
+    /// Frontend connections accepted on the listening socket. A connection
+    /// that came with a handover is not one: over a run of handovers, the
+    /// sum over the processes counts the frontend's (re)connections.
+    pub frontends_accepted: u64,
     pub sandbox_failures: u64,
     /// Requests of a standby session refused because the other session
     /// drives the device.

@@ -106,8 +106,6 @@ pub struct PairState {
     pub settings: Settings,
     /// The pair is within the active queue pairs.
     pub active: bool,
-    /// Stopped for a snapshot (swap, handover).
-    pub paused: bool,
     /// Bumped whenever the fds to poll change.
     pub generation: u64,
 }
@@ -139,7 +137,6 @@ impl PairShared {
                 rx_starved: false,
                 settings: Settings::default(),
                 active: index == 0,
-                paused: false,
                 generation: 0,
             }),
             stats: QueueStats::default(),

@@ -356,9 +356,6 @@ fn one_batch(
     tap_fd: std::os::fd::BorrowedFd<'_>,
     iov: &mut Vec<crate::memory::guest_memory::IoVec>,
 ) -> Pass {
-    if st.paused {
-        return Pass::default();
-    }
     let Some(mem) = st.memory.clone() else {
         return Pass::default();
     };
