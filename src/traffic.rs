@@ -7,6 +7,7 @@ use crate::frames;
 use crate::frontend::TestNic;
 use crate::harness::{NetNs, RIG_GUEST_IP, RIG_GUEST_MAC, RIG_HOST_IP};
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -65,9 +66,18 @@ fn set_rcvbuf(sock: &UdpSocket) {
     }
 }
 
+/// Frames either side may have in flight (sent, not yet received). Every
+/// queue on the way holds more: the TAP's (10 000 frames, see
+/// `NetNs::add_tap`) and the host socket's (32 MiB). So a consumer that a
+/// loaded machine runs late makes the sender wait instead of a kernel
+/// queue drop frames: what the tests count is what sandnic delivers, not
+/// how fast the machine is. Unhindered, far fewer are in flight.
+const WINDOW: u64 = 4096;
+
 /// Sends `rate` frames/s each way for `duration` (ports 6000/6001 on the
 /// host side), running `action` on its own thread after `action_after`.
-/// The guest side never drops a frame it wants to send: a full ring waits.
+/// No side drops a frame it wants to send: a full ring, a full socket
+/// buffer or a full window (`WINDOW`) waits.
 pub fn run<R: Send>(
     nic: &mut TestNic,
     ns: &NetNs,
@@ -77,6 +87,14 @@ pub fn run<R: Send>(
     action_after: Duration,
     action: impl FnOnce() -> R + Send,
 ) -> TrafficReport<R> {
+    // Frames each side has received so far (for the windows).
+    let guest_count = AtomicU64::new(0);
+    let host_count = AtomicU64::new(0);
+    // The guest side has sent its last frame.
+    let guest_done = AtomicBool::new(false);
+    // The guest side stopped receiving: a sender waiting for window room
+    // would wait for ever.
+    let receiving_ended = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let host_rx = ns
             .inside(|| Ok(UdpSocket::bind(("10.77.0.1", 6000))?))
@@ -89,16 +107,25 @@ pub fn run<R: Send>(
             .set_read_timeout(Some(Duration::from_millis(500)))
             .expect("timeout");
         let total = rate * duration.as_millis() as u64 / 1000;
+        let (guest_count, host_count, guest_done, receiving_ended) =
+            (&guest_count, &host_count, &guest_done, &receiving_ended);
 
         // Host → guest: bursts every millisecond, sleeping in between (spinning
         // would take the core the backend needs).
         let sender = scope.spawn(move || {
             let start = Instant::now();
             let mut seq = 0;
-            while seq < total {
+            while seq < total && !receiving_ended.load(Ordering::Acquire) {
                 let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
-                while seq < due {
-                    let _ = host_tx.send_to(&seq.to_le_bytes(), "10.77.0.2:5000");
+                let allowed = due.min(guest_count.load(Ordering::Acquire) + WINDOW);
+                while seq < allowed {
+                    // A full socket buffer (ENOBUFS) is tried again.
+                    if host_tx
+                        .send_to(&seq.to_le_bytes(), "10.77.0.2:5000")
+                        .is_err()
+                    {
+                        break;
+                    }
                     seq += 1;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -107,8 +134,18 @@ pub fn run<R: Send>(
         let receiver = scope.spawn(move || {
             let mut got = Vec::new();
             let mut buf = [0u8; 64];
-            while let Ok((n, _)) = host_rx.recv_from(&mut buf) {
-                got.extend(seq_of(&buf[..n]));
+            // Until all came, or nothing for a read timeout after the
+            // guest's last frame (not before: a loaded machine may run
+            // the guest side late).
+            while (got.len() as u64) < total {
+                match host_rx.recv_from(&mut buf) {
+                    Ok((n, _)) => {
+                        got.extend(seq_of(&buf[..n]));
+                        host_count.store(got.len() as u64, Ordering::Release);
+                    }
+                    Err(_) if guest_done.load(Ordering::Acquire) => break,
+                    Err(_) => {}
+                }
             }
             got
         });
@@ -124,7 +161,8 @@ pub fn run<R: Send>(
         let mut quiet_since = None;
         while Instant::now() < deadline {
             let due = (start.elapsed().as_nanos() as u64 * rate / 1_000_000_000).min(total);
-            while next_tx < due {
+            let allowed = due.min(host_count.load(Ordering::Acquire) + WINDOW);
+            while next_tx < allowed {
                 let frame = frames::udp_frame(
                     tap_mac,
                     RIG_GUEST_MAC,
@@ -144,7 +182,11 @@ pub fn run<R: Send>(
                     guest_got.push(seq);
                 }
             }
+            guest_count.store(guest_got.len() as u64, Ordering::Release);
             let done_sending = next_tx == total && start.elapsed() > duration;
+            if next_tx == total {
+                guest_done.store(true, Ordering::Release);
+            }
             if done_sending
                 && (guest_got.len() as u64 == total
                     || quiet_since
@@ -159,6 +201,8 @@ pub fn run<R: Send>(
                 quiet_since = None;
             }
         }
+        guest_done.store(true, Ordering::Release);
+        receiving_ended.store(true, Ordering::Release);
         sender.join().expect("sender");
         let result = action.join().expect("action");
         let host_got = receiver.join().expect("receiver");

@@ -292,10 +292,10 @@ fn linux_virtio_net_driver_in_uml() {
         gained.iter().all(|&n| n >= 10),
         "10 frames on each pair (host ports {ports:?}): {gained:?}"
     );
-    hostdir.release("queues");
-
-    // Guest offload change reaches the TAP.
+    // Guest offload change reaches the TAP: what the TAP had before the
+    // guest may change it (it does right after this step).
     let before = host_ethtool_k(&ns);
+    hostdir.release("queues");
     hostdir.wait_for("offload", STEP_TIMEOUT, &guest).unwrap();
     let after = host_ethtool_k(&ns);
     if hostdir.read("ethtool-K.rc").trim() != "0" {
