@@ -43,6 +43,83 @@ pub fn unavailable(kind: Kind) -> Option<String> {
         })
 }
 
+/// Which QEMU runs a guest. Debian 12's own is what a Debian stable host
+/// has; QEMU 10.0 from bookworm-backports is newer in the ways that matter
+/// here (it keeps TCG's dirty tracking coherent during migration, QEMU
+/// commit 03bfc2188f06, first in 9.0; it has `reconnect-ms`). Both run in
+/// the tests where they behave differently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QemuBuild {
+    /// `/usr/bin/qemu-system-x86_64` from Debian 12 (7.2).
+    #[default]
+    Debian,
+    /// QEMU 10.0 from bookworm-backports, extracted under `QEMU10_ROOT`
+    /// beside 7.2 (same package name) by `scripts/install-packages`.
+    Backports,
+}
+
+/// Where `scripts/install-packages` extracts bookworm-backports' QEMU 10.
+pub const QEMU10_ROOT: &str = "/opt/sandnic/qemu-10";
+
+impl QemuBuild {
+    pub const ALL: [Self; 2] = [Self::Debian, Self::Backports];
+
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Self::Debian => PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            Self::Backports => Path::new(QEMU10_ROOT).join("usr/bin/qemu-system-x86_64"),
+        }
+    }
+
+    /// `-L` directories: the extracted QEMU's own firmware first (its
+    /// built-in search path is Debian 12's /usr/share/qemu).
+    fn firmware_args(self) -> Vec<String> {
+        match self {
+            Self::Debian => Vec::new(),
+            Self::Backports => ["usr/share/qemu", "usr/share/seabios"]
+                .iter()
+                .flat_map(|dir| ["-L".to_string(), format!("{QEMU10_ROOT}/{dir}")])
+                .collect(),
+        }
+    }
+
+    /// Why guests of this QEMU cannot run here.
+    pub fn unavailable(self) -> Option<String> {
+        unavailable(Kind::Qemu).or_else(|| match self {
+            Self::Debian => None,
+            Self::Backports => (!self.binary().exists()).then(|| {
+                format!(
+                    "needs QEMU 10 in {QEMU10_ROOT} (scripts/install-packages extracts it from bookworm-backports)"
+                )
+            }),
+        })
+    }
+
+    /// What the binary says its version is ("10.0.2 (Debian …)").
+    pub fn version(self) -> String {
+        Command::new(self.binary())
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .and_then(|l| l.strip_prefix("QEMU emulator version "))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// A short name for test and bench output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Debian => "QEMU 7.2",
+            Self::Backports => "QEMU 10.0",
+        }
+    }
+}
+
 fn qemu_kernel() -> Option<PathBuf> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
@@ -146,11 +223,16 @@ pub struct Guest {
 /// its RAM in a memfd): what migration tests need.
 #[derive(Debug, Clone, Default)]
 pub struct QemuOptions {
+    /// Which QEMU.
+    pub build: QemuBuild,
     /// A QMP socket to create.
     pub qmp: Option<PathBuf>,
-    /// Guest RAM in this file (two QEMUs of a local migration share it)
-    /// instead of a private memfd.
+    /// Guest RAM in this file (two QEMUs of a local migration share it;
+    /// a migration test reads it) instead of a private memfd.
     pub ram_file: Option<PathBuf>,
+    /// Start paused (`-S`): an incoming migration then stays paused when
+    /// it completes, until `cont`.
+    pub paused: bool,
     /// Wait for a migration (`-incoming URI`) instead of booting.
     pub incoming: Option<String>,
     /// Queue pairs of the NIC (more than one: multiqueue).
@@ -201,34 +283,36 @@ impl Guest {
             }
             Kind::Qemu => {
                 let q = &opts.qemu;
+                let binary = q.build.binary();
                 let mut c = match &q.netns {
                     Some(ns) => {
                         let mut c = Command::new("ip");
-                        c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                        c.args(["netns", "exec", ns]).arg(&binary);
                         c
                     }
-                    None => Command::new("qemu-system-x86_64"),
+                    None => Command::new(&binary),
                 };
-                c.args([
-                    "-M",
-                    "microvm,acpi=on",
-                    "-accel",
-                    "tcg",
-                    "-m",
-                    "256",
-                    "-nodefaults",
-                    "-no-user-config",
-                ])
-                .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
-                .arg("-object")
-                .arg(match &q.ram_file {
-                    Some(file) => format!(
-                        "memory-backend-file,id=mem,size=256M,share=on,mem-path={}",
-                        file.display()
-                    ),
-                    None => "memory-backend-memfd,id=mem,size=256M,share=on".into(),
-                })
-                .args(["-numa", "node,memdev=mem"]);
+                c.args(q.build.firmware_args())
+                    .args([
+                        "-M",
+                        "microvm,acpi=on",
+                        "-accel",
+                        "tcg",
+                        "-m",
+                        "256",
+                        "-nodefaults",
+                        "-no-user-config",
+                    ])
+                    .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
+                    .arg("-object")
+                    .arg(match &q.ram_file {
+                        Some(file) => format!(
+                            "memory-backend-file,id=mem,size=256M,share=on,mem-path={}",
+                            file.display()
+                        ),
+                        None => "memory-backend-memfd,id=mem,size=256M,share=on".into(),
+                    })
+                    .args(["-numa", "node,memdev=mem"]);
                 let queues = q.queues.max(1);
                 let mut device = String::from("virtio-net-device,netdev=n0");
                 match &q.tap {
@@ -261,6 +345,9 @@ impl Guest {
                 }
                 if let Some(uri) = &q.incoming {
                     c.arg("-incoming").arg(uri);
+                }
+                if q.paused {
+                    c.arg("-S");
                 }
                 c.arg("-kernel")
                     .arg(&kernel)
@@ -396,6 +483,16 @@ pub struct GuestRig {
 
 impl GuestRig {
     pub fn boot(kind: Kind, serve_args: &[&str], script: &str) -> anyhow::Result<Self> {
+        Self::boot_with(kind, QemuBuild::Debian, serve_args, script)
+    }
+
+    /// `boot`, a QEMU guest on `build`.
+    pub fn boot_with(
+        kind: Kind,
+        build: QemuBuild,
+        serve_args: &[&str],
+        script: &str,
+    ) -> anyhow::Result<Self> {
         use crate::harness::{NetNs, Sandnic, ScratchDir};
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.88.0.1/24")?;
@@ -412,7 +509,10 @@ impl GuestRig {
             script: &script,
             hostdir: (kind == Kind::Uml).then_some(hostdir.0.as_path()),
             console: dir.path("console.log"),
-            qemu: QemuOptions::default(),
+            qemu: QemuOptions {
+                build,
+                ..QemuOptions::default()
+            },
         })?;
         Ok(Self {
             guest,

@@ -81,6 +81,24 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Child> {
     reply_rx.recv().map_err(std::io::Error::other)?
 }
 
+/// A process spinning on a CPU (a busy host), stopped on drop.
+pub struct CpuHog(Child);
+
+impl CpuHog {
+    pub fn start() -> anyhow::Result<Self> {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]);
+        Ok(Self(spawn(cmd).context("starting a CPU hog")?))
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// For a bench binary's `main`: whether to measure. Not when cargo only
 /// lists or tests the benches, nor (said loudly) when `missing` names a
 /// prerequisite this machine lacks.

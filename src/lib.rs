@@ -11,5 +11,6 @@ pub mod harness;
 pub mod migration;
 pub mod ping;
 pub mod qmp;
+pub mod soak;
 pub mod steering;
 pub mod traffic;

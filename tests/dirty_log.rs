@@ -231,3 +231,132 @@ fn a_bad_log_base_closes_the_connection_without_harm() {
     receive_frames(&mut rig, &sock, 3);
     assert!(marked_pages(&log).is_empty());
 }
+
+/// The whole of the test guest's RAM.
+fn ram_snapshot(nic: &TestNic) -> Vec<u8> {
+    let mut bytes = vec![0u8; RAM as usize];
+    vm_memory::Bytes::read_slice(nic.ram.mem(), &mut bytes, GuestAddress(RAM_BASE)).unwrap();
+    bytes
+}
+
+/// The pages whose bytes differ between two snapshots.
+fn changed_pages(before: &[u8], after: &[u8]) -> BTreeSet<u64> {
+    before
+        .chunks(PAGE as usize)
+        .zip(after.chunks(PAGE as usize))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| RAM_BASE / PAGE + i as u64)
+        .collect()
+}
+
+/// The pages with a changed byte outside the `(address, length)` ranges
+/// the frontend wrote.
+fn changed_by_backend(before: &[u8], after: &[u8], frontend: &[(u64, u64)]) -> BTreeSet<u64> {
+    let by_frontend = |gpa: u64| {
+        frontend
+            .iter()
+            .any(|&(at, len)| gpa >= at && gpa < at + len)
+    };
+    changed_pages(before, after)
+        .into_iter()
+        .filter(|&page| {
+            let start = (page * PAGE - RAM_BASE) as usize;
+            (start..start + PAGE as usize)
+                .any(|i| before[i] != after[i] && !by_frontend(RAM_BASE + i as u64))
+        })
+        .collect()
+}
+
+/// GET_VRING_BASE is a barrier, and the log is complete at it: every page
+/// the backend changed while logging (RX buffers, used rings, the
+/// `avail_event` word the driver reads to decide on kicks) is marked by the
+/// time the rings are stopped, and nothing in guest memory changes after,
+/// whatever the TAP and the kick fds bring. Rings of 1024 entries, as QEMU
+/// gives TX: their used ring spans three pages, the last holding only the
+/// tail of the ring and `avail_event`, so a write to `avail_event` that is
+/// not logged is a page the destination would get stale. The backend never
+/// writes an available ring.
+#[test]
+fn get_vring_base_is_a_barrier_with_every_write_before_it_logged() {
+    require_network!("get_vring_base_is_a_barrier_with_every_write_before_it_logged");
+    let mut rig = Rig::new(
+        &["--busy-poll-us", "0"],
+        NicConfig {
+            queue_size: 1024,
+            ..config()
+        },
+    )
+    .expect("rig");
+    let sock = host_udp(&rig);
+    let log = log_file(LOG_BYTES);
+    rig.nic.start_dirty_log(&log, LOG_BYTES, 0).unwrap();
+    let before = ram_snapshot(&rig.nic);
+    // TX: the frontend writes descriptors, the available ring and the
+    // buffers; the backend only the used ring.
+    let frame = rig.guest_udp(6200, &[7; 64]);
+    let tx_frames = 40;
+    assert_eq!(
+        rig.nic
+            .send_batch(0, (0..tx_frames).map(|_| frame.as_slice())),
+        tx_frames
+    );
+    for _ in 0..tx_frames {
+        sock.recv_from(&mut [0u8; 256])
+            .expect("TX frame at the host");
+    }
+    // The bytes the frontend wrote (a page may hold its bytes and the
+    // backend's: the used ring's tail shares one with the first buffer).
+    let tx = rig.nic.queue(QueueId::Tx(0));
+    let mut frontend_wrote = vec![(tx.vq.desc.0, 16 * 1024), (tx.vq.avail.0, 6 + 2 * 1024)];
+    for head in 0..tx_frames as u16 {
+        frontend_wrote.push((tx.buffer(head).0, 2048));
+    }
+    // RX: the backend writes buffers and the used ring; the frontend
+    // takes nothing off the ring meanwhile.
+    let rx_frames = 50;
+    for i in 0..rx_frames {
+        sock.send_to(&[i; 100], "10.77.0.2:5000").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.stat(0, "rx_packets") < u64::from(rx_frames) {
+        assert!(Instant::now() < deadline, "RX frames not delivered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rig.nic.stop_rings().unwrap();
+    let stopped = ram_snapshot(&rig.nic);
+    let marked = marked_pages(&log);
+    let unlogged: Vec<u64> = changed_by_backend(&before, &stopped, &frontend_wrote)
+        .difference(&marked)
+        .copied()
+        .collect();
+    let rx_used: Vec<u64> = pages_of(rig.nic.queue(QueueId::Rx(0)).vq.used, 6 + 8 * 1024).collect();
+    let tx_used: Vec<u64> = pages_of(rig.nic.queue(QueueId::Tx(0)).vq.used, 6 + 8 * 1024).collect();
+    assert!(
+        unlogged.is_empty(),
+        "pages the backend changed without marking them: {unlogged:x?} \
+         (RX used ring pages {rx_used:x?}, TX used ring pages {tx_used:x?})"
+    );
+    let rx_avail: BTreeSet<u64> =
+        pages_of(rig.nic.queue(QueueId::Rx(0)).vq.avail, 6 + 2 * 1024).collect();
+    assert!(
+        changed_pages(&before, &stopped).is_disjoint(&rx_avail),
+        "the backend wrote the RX available ring"
+    );
+    // After the barrier: frames wait in the TAP, kicks go unheard, and
+    // guest memory stays as it was.
+    for i in 0..20u8 {
+        sock.send_to(&[i; 100], "10.77.0.2:5000").unwrap();
+    }
+    for id in [QueueId::Rx(0), QueueId::Tx(0)] {
+        let _ = rig.nic.queue(id).kick.write(1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = ram_snapshot(&rig.nic);
+    let touched = changed_pages(&stopped, &after);
+    assert!(
+        touched.is_empty(),
+        "guest pages changed after GET_VRING_BASE: {touched:x?}"
+    );
+    assert_eq!(rig.stat(0, "rx_packets"), u64::from(rx_frames));
+}

@@ -1,9 +1,10 @@
 //! QEMU (TCG, microvm) with `-netdev vhost-user` against `sandnic serve`,
 //! booting Debian's stock cloud kernel. QEMU keeps the control queue and the
 //! config space itself and forwards only the datapath features, so this
-//! checks protocol and datapath compatibility with the most common VMM.
+//! checks protocol and datapath compatibility with the most common VMM,
+//! in Debian 12's QEMU 7.2 and in QEMU 10.0 from bookworm-backports.
 
-use sandnic::guest::{self, GuestRig, Kind};
+use sandnic::guest::{GuestRig, Kind, QemuBuild};
 use sandnic::require_network;
 use std::time::{Duration, Instant};
 
@@ -16,10 +17,25 @@ i=0; while [ $i -lt 200 ] && [ ! -e /tmp/done ]; do sleep 0.1; i=$((i+1)); done
 "#;
 
 #[test]
-fn qemu_vhost_user_netdev_pings_over_the_tap() {
-    require_network!("qemu_vhost_user_netdev_pings_over_the_tap");
-    if let Some(why) = guest::unavailable(Kind::Qemu) {
-        sandnic::harness::skip("qemu_vhost_user_netdev_pings_over_the_tap", &why);
+fn qemu_7_2_vhost_user_netdev_pings_over_the_tap() {
+    pings_over_the_tap(
+        "qemu_7_2_vhost_user_netdev_pings_over_the_tap",
+        QemuBuild::Debian,
+    );
+}
+
+#[test]
+fn qemu_10_vhost_user_netdev_pings_over_the_tap() {
+    pings_over_the_tap(
+        "qemu_10_vhost_user_netdev_pings_over_the_tap",
+        QemuBuild::Backports,
+    );
+}
+
+fn pings_over_the_tap(test: &str, qemu: QemuBuild) {
+    require_network!(test);
+    if let Some(why) = qemu.unavailable() {
+        sandnic::harness::skip(test, &why);
         return;
     }
     let GuestRig {
@@ -28,7 +44,7 @@ fn qemu_vhost_user_netdev_pings_over_the_tap() {
         ns,
         dir: _dir,
         hostdir: _hostdir,
-    } = GuestRig::boot(Kind::Qemu, &[], SCRIPT).unwrap();
+    } = GuestRig::boot_with(Kind::Qemu, qemu, &[], SCRIPT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let console = guest.console();

@@ -11,28 +11,78 @@
 //! - Migration that copies RAM: two sandnic processes on two TAPs on one
 //!   bridge; QEMU copies RAM under dirty logging while a TCP stream runs
 //!   into the guest, and the guest checks what it received (sha256).
+//!
+//! Every migration says what broke: the destination starts paused, and
+//! when the migration completes both QEMUs' RAM is compared and the rings
+//! held against the base sandnic returned (`migration::check_switch`),
+//! before the destination runs; its QEMU must log no ring error. Each runs
+//! on Debian 12's QEMU 7.2 and on QEMU 10.0 where they differ. QEMU 7.2
+//! loses guest writes in copied-RAM migrations under TCG (its known bug,
+//! see `sandnic::soak`): there the copy test reports such a loss loudly,
+//! checks that none of it is sandnic's, and ends.
 
-use sandnic::guest::{self, Kind, QemuOptions};
+use sandnic::guest::{QemuBuild, QemuOptions};
 use sandnic::harness::{skip, NetNs, Sandnic, ScratchDir};
 use sandnic::migration::{
-    guest_script, migrate, switch_gap, MigrationReport, SharedRam, Vm, GUEST_IP, GUEST_MAC,
+    check_switch, guest_script, migrate_then, switch_gap, MigrationReport, RamFile, SharedRam,
+    SwitchReport, Vm, GUEST_IP, GUEST_MAC,
 };
 use sandnic::ping::{FloodPing, PingReport};
 use sandnic::require_network;
+use sandnic::soak::RING_ERRORS;
 use std::path::Path;
 use std::time::Duration;
 
 /// QEMU's test window around the switch, in seconds.
 const SLACK: f64 = 0.05;
 
-fn qemu_available(test: &str) -> bool {
-    match guest::unavailable(Kind::Qemu) {
+fn qemu_available(test: &str, qemu: QemuBuild) -> bool {
+    match qemu.unavailable() {
         Some(why) => {
             skip(test, &why);
             false
         }
         None => true,
     }
+}
+
+/// Migrates `source` to `destination` (started paused) and checks the
+/// switch with both paused: `rams` are the source's and the
+/// destination's RAM files (the same file for a local migration).
+fn checked_migration(
+    source: &mut Vm,
+    destination: &mut Vm,
+    uri: &str,
+    qemu: QemuBuild,
+    pairs: u16,
+    rams: (&Path, &Path),
+) -> anyhow::Result<(MigrationReport, SwitchReport)> {
+    let version = qemu.version();
+    migrate_then(
+        source,
+        destination,
+        uri,
+        Duration::from_secs(120),
+        |source, _| {
+            let rings = source.rings(pairs)?;
+            check_switch(
+                &version,
+                &rings,
+                &RamFile::open(rams.0)?,
+                &RamFile::open(rams.1)?,
+            )
+        },
+    )
+}
+
+/// The ring errors a QEMU printed.
+fn ring_errors(vm: &Vm) -> Vec<String> {
+    vm.guest
+        .console()
+        .lines()
+        .filter(|l| RING_ERRORS.iter().any(|e| l.contains(e)))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Prints what the flood ping saw around the migration; the probes lost
@@ -95,7 +145,7 @@ fn wait_sessions(sandnic: &Sandnic, n: usize) -> serde_json::Value {
     }
 }
 
-fn local_migration(test: &str, pairs: u16) {
+fn local_migration(test: &str, pairs: u16, build: QemuBuild) {
     let ns = NetNs::new().unwrap();
     ns.add_tap("tap0", "10.88.0.1/24").unwrap();
     let dir = ScratchDir::new().unwrap();
@@ -103,6 +153,7 @@ fn local_migration(test: &str, pairs: u16) {
     let sandnic = Sandnic::serve(&ns, &dir, &["--tap", "tap0", "--queues", &queues]).unwrap();
     let ram = SharedRam::new(test);
     let qemu = QemuOptions {
+        build,
         ram_file: Some(ram.0.clone()),
         queues: pairs,
         mac: Some(GUEST_MAC.into()),
@@ -117,6 +168,7 @@ fn local_migration(test: &str, pairs: u16) {
     let uri = format!("unix:{}", dir.path("migration.sock").display());
     let incoming = QemuOptions {
         incoming: Some(uri.clone()),
+        paused: true,
         ..qemu
     };
     let mut destination =
@@ -129,8 +181,16 @@ fn local_migration(test: &str, pairs: u16) {
     }
     let ping = FloodPing::every(&ns, GUEST_IP, "0.002", &dir.path("ping.log")).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let report = migrate(&mut source, &mut destination, &uri, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e:#}\n--- sandnic ---\n{}", sandnic.log()));
+    let (report, switch) = checked_migration(
+        &mut source,
+        &mut destination,
+        &uri,
+        build,
+        pairs,
+        (&ram.0, &ram.0),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n--- sandnic ---\n{}", sandnic.log()));
+    assert!(switch.clean(), "{test}: {switch}\n{}", sandnic.log());
     std::thread::sleep(Duration::from_millis(500));
     let _ = source.qmp.execute("quit", serde_json::json!({}));
     drop(source);
@@ -148,21 +208,34 @@ fn local_migration(test: &str, pairs: u16) {
     let stats = sandnic.stats().unwrap();
     assert_eq!(stats["control"]["standby_refusals"], 0, "{stats}");
     assert_eq!(stats["control"]["log_failures"], 0, "{stats}");
+    let errors = ring_errors(&destination);
+    assert!(errors.is_empty(), "{test}: destination QEMU: {errors:?}");
 }
 
 #[test]
-fn qemu_local_migration_on_one_sandnic() {
-    require_network!("qemu_local_migration_on_one_sandnic");
-    if qemu_available("qemu_local_migration_on_one_sandnic") {
-        local_migration("qemu_local_migration_on_one_sandnic", 1);
+fn qemu_7_2_local_migration_on_one_sandnic() {
+    let test = "qemu_7_2_local_migration_on_one_sandnic";
+    require_network!(test);
+    if qemu_available(test, QemuBuild::Debian) {
+        local_migration(test, 1, QemuBuild::Debian);
+    }
+}
+
+#[test]
+fn qemu_10_local_migration_on_one_sandnic() {
+    let test = "qemu_10_local_migration_on_one_sandnic";
+    require_network!(test);
+    if qemu_available(test, QemuBuild::Backports) {
+        local_migration(test, 1, QemuBuild::Backports);
     }
 }
 
 #[test]
 fn qemu_local_migration_with_two_queue_pairs() {
-    require_network!("qemu_local_migration_with_two_queue_pairs");
-    if qemu_available("qemu_local_migration_with_two_queue_pairs") {
-        local_migration("qemu_local_migration_with_two_queue_pairs", 2);
+    let test = "qemu_local_migration_with_two_queue_pairs";
+    require_network!(test);
+    if qemu_available(test, QemuBuild::Debian) {
+        local_migration(test, 2, QemuBuild::Debian);
     }
 }
 
@@ -173,7 +246,7 @@ fn qemu_local_migration_with_two_queue_pairs() {
 fn qemu_migrate_cancel_returns_the_device_to_the_source() {
     let test = "qemu_migrate_cancel_returns_the_device_to_the_source";
     require_network!(test);
-    if !qemu_available(test) {
+    if !qemu_available(test, QemuBuild::Debian) {
         return;
     }
     let ns = NetNs::new().unwrap();
@@ -295,12 +368,24 @@ fn sha256(path: &Path) -> String {
 }
 
 #[test]
-fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
-    let test = "qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging";
+fn qemu_7_2_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
+    let test = "qemu_7_2_migration_between_two_sandnics_copies_ram_under_dirty_logging";
     require_network!(test);
-    if !qemu_available(test) {
-        return;
+    if qemu_available(test, QemuBuild::Debian) {
+        copy_migration(test, QemuBuild::Debian);
     }
+}
+
+#[test]
+fn qemu_10_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
+    let test = "qemu_10_migration_between_two_sandnics_copies_ram_under_dirty_logging";
+    require_network!(test);
+    if qemu_available(test, QemuBuild::Backports) {
+        copy_migration(test, QemuBuild::Backports);
+    }
+}
+
+fn copy_migration(test: &str, build: QemuBuild) {
     let ns = NetNs::new().unwrap();
     ns.add_bridge("br0", "10.88.0.1/24").unwrap();
     ns.add_bridged_tap("tap0", "br0", true).unwrap();
@@ -308,7 +393,13 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     let (dir_a, dir_b) = (ScratchDir::new().unwrap(), ScratchDir::new().unwrap());
     let sandnic_a = Sandnic::serve(&ns, &dir_a, &["--tap", "tap0"]).unwrap();
     let sandnic_b = Sandnic::serve(&ns, &dir_b, &["--tap", "tap1"]).unwrap();
+    let rams = [
+        SharedRam::new(&format!("{test}-source")),
+        SharedRam::new(&format!("{test}-destination")),
+    ];
     let qemu = QemuOptions {
+        build,
+        ram_file: Some(rams[0].0.clone()),
         mac: Some(GUEST_MAC.into()),
         device_props: vec!["guest_announce=off".into()],
         ..QemuOptions::default()
@@ -323,6 +414,8 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     let uri = format!("unix:{}", dir_b.path("migration.sock").display());
     let incoming = QemuOptions {
         incoming: Some(uri.clone()),
+        paused: true,
+        ram_file: Some(rams[1].0.clone()),
         ..qemu
     };
     let mut destination = Vm::start(
@@ -349,13 +442,30 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     let sender = std::thread::spawn(move || send_paced(stream, &data));
     let ping = FloodPing::every(&ns, GUEST_IP, "0.002", &dir_a.path("ping.log")).unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    let report = migrate(
+    let (report, switch) = checked_migration(
         &mut source,
         &mut destination,
         &uri,
-        Duration::from_secs(120),
+        build,
+        1,
+        (&rams[0].0, &rams[1].0),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n--- sandnic A ---\n{}", sandnic_a.log()));
+    assert!(
+        !switch.backend_at_fault(),
+        "{test}: {switch}\n--- sandnic A ---\n{}",
+        sandnic_a.log()
+    );
+    if build == QemuBuild::Debian && !switch.clean() {
+        // What follows (a dead TX ring, a guest that stops answering) is
+        // the lost write's doing, not sandnic's: said, and the test ends.
+        eprintln!(
+            "\n*** {test}: QEMU 7.2 lost a guest write in this migration, its known TCG \
+             dirty-tracking bug (fixed by QEMU 03bfc2188f06, first in 9.0): {switch} ***\n"
+        );
+        return;
+    }
+    assert!(switch.clean(), "{test}: {switch}");
     let sent = sender.join().expect("sender thread");
     sent.unwrap_or_else(|e| panic!("TCP stream into the guest broke: {e:#}"));
     destination
@@ -400,6 +510,8 @@ fn qemu_migration_between_two_sandnics_copies_ram_under_dirty_logging() {
     );
     let stats_a = sandnic_a.stats().unwrap();
     assert_eq!(stats_a["control"]["log_failures"], 0, "{stats_a}");
+    let errors = ring_errors(&destination);
+    assert!(errors.is_empty(), "{test}: destination QEMU: {errors:?}");
 }
 
 /// A TCP connection from the host's side of the bridge to the guest's

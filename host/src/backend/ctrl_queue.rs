@@ -8,7 +8,7 @@ use crate::datapath::notify;
 use sandnic_device::ACK_ERR;
 use std::os::fd::AsFd;
 use tracing::warn;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Largest command copied out of the guest: room for a MAC table of about
@@ -35,7 +35,7 @@ impl NetBackend {
         let mem = memory.mmap();
         let mut served = 0;
         loop {
-            let _ = ring.queue.disable_notification(mem);
+            ring.disable_notification(mem);
             while let Some(chain) = ring.pop(mem) {
                 let head = chain.head_index();
                 let used = self.serve_command(chain, mem);

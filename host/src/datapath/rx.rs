@@ -288,7 +288,7 @@ fn gather(
             }
             return false;
         }
-        let _ = ring.queue.disable_notification(ctx.mem);
+        ring.disable_notification(ctx.mem);
     }
 }
 

@@ -9,7 +9,7 @@ use super::tap_io;
 use super::vring::{chain_iovecs, read_iov, Vring};
 use crate::memory::guest_memory::IoVec;
 use std::os::fd::BorrowedFd;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
 /// Largest chain accepted: a 64 KiB GSO frame with its Ethernet and
@@ -71,7 +71,7 @@ pub fn process_tx(
     let mut chains = [(0u16, 0usize, 0usize, 0u64); GATHER];
     let mut copies = [[0u8; SMALL_CHAIN]; GATHER];
     loop {
-        let _ = ring.queue.disable_notification(ctx.mem);
+        ring.disable_notification(ctx.mem);
         while done < budget {
             iov.clear();
             let gathered = gather(ring, ctx, iov, &mut chains[..GATHER.min(budget - done)]);

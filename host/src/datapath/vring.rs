@@ -240,6 +240,30 @@ impl Vring {
         }
     }
 
+    /// Where the backend's notification switch lies in the used ring: with
+    /// EVENT_IDX `avail_event` (after the ring's entries), otherwise the
+    /// `flags` word (its NO_NOTIFY bit). Both are the backend's writes to
+    /// guest memory, so a migration's log must mark them like used entries.
+    fn notification_switch(&self) -> (u64, u64) {
+        if self.queue.event_idx_enabled() {
+            let entries = USED_RING_HEADER + USED_ELEMENT_SIZE * u64::from(self.queue.size());
+            (entries, 2)
+        } else {
+            (0, 2)
+        }
+    }
+
+    /// Asks the driver not to kick while the ring is being drained (only
+    /// without EVENT_IDX does this write anything: the NO_NOTIFY flag).
+    pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) {
+        if self.queue.event_idx_enabled() {
+            return;
+        }
+        let _ = self.queue.disable_notification(mem);
+        let (offset, len) = self.notification_switch();
+        self.log_used_write(offset, len);
+    }
+
     /// Re-enables notifications, then says whether the driver published new
     /// entries meanwhile (so the caller looks again instead of sleeping).
     ///
@@ -247,7 +271,10 @@ impl Vring {
     /// worth ahead is corrupt, `pop` refuses it, and answering "more" here
     /// would send the caller round forever.
     pub fn enable_and_recheck(&mut self, mem: &GuestMemoryMmap) -> bool {
-        if !matches!(self.queue.enable_notification(mem), Ok(true)) {
+        let enabled = self.queue.enable_notification(mem);
+        let (offset, len) = self.notification_switch();
+        self.log_used_write(offset, len);
+        if !matches!(enabled, Ok(true)) {
             return false;
         }
         match self.queue.avail_idx(mem, Ordering::Acquire) {
