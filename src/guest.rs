@@ -233,6 +233,9 @@ pub struct QemuOptions {
     /// Start paused (`-S`): an incoming migration then stays paused when
     /// it completes, until `cont`.
     pub paused: bool,
+    /// Guest RAM that QEMU cannot share with the backend (an operator's
+    /// mistake: QEMU then falls back to its own datapath).
+    pub private_memory: bool,
     /// Wait for a migration (`-incoming URI`) instead of booting.
     pub incoming: Option<String>,
     /// Queue pairs of the NIC (more than one: multiqueue).
@@ -305,12 +308,13 @@ impl Guest {
                     ])
                     .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
                     .arg("-object")
-                    .arg(match &q.ram_file {
-                        Some(file) => format!(
+                    .arg(match (&q.ram_file, q.private_memory) {
+                        (Some(file), _) => format!(
                             "memory-backend-file,id=mem,size=256M,share=on,mem-path={}",
                             file.display()
                         ),
-                        None => "memory-backend-memfd,id=mem,size=256M,share=on".into(),
+                        (None, true) => "memory-backend-ram,id=mem,size=256M".into(),
+                        (None, false) => "memory-backend-memfd,id=mem,size=256M,share=on".into(),
                     })
                     .args(["-numa", "node,memdev=mem"]);
                 let queues = q.queues.max(1);
@@ -362,6 +366,9 @@ impl Guest {
             }
         };
         let console = std::fs::File::create(&opts.console)?;
+        // A group of its own: UML runs the guest's processes as host
+        // processes of its own, and all of them go when the guest does.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console);
@@ -404,6 +411,8 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -483,13 +492,13 @@ pub struct GuestRig {
 
 impl GuestRig {
     pub fn boot(kind: Kind, serve_args: &[&str], script: &str) -> anyhow::Result<Self> {
-        Self::boot_with(kind, QemuBuild::Debian, serve_args, script)
+        Self::boot_with(kind, QemuOptions::default(), serve_args, script)
     }
 
-    /// `boot`, a QEMU guest on `build`.
+    /// `boot`, a QEMU guest with `qemu`'s settings (its QEMU, its memory).
     pub fn boot_with(
         kind: Kind,
-        build: QemuBuild,
+        qemu: QemuOptions,
         serve_args: &[&str],
         script: &str,
     ) -> anyhow::Result<Self> {
@@ -509,10 +518,7 @@ impl GuestRig {
             script: &script,
             hostdir: (kind == Kind::Uml).then_some(hostdir.0.as_path()),
             console: dir.path("console.log"),
-            qemu: QemuOptions {
-                build,
-                ..QemuOptions::default()
-            },
+            qemu,
         })?;
         Ok(Self {
             guest,

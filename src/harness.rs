@@ -266,6 +266,13 @@ impl NetNs {
         Ok(())
     }
 
+    /// Whether interface `name` has its carrier (`ip link` shows no
+    /// NO-CARRIER).
+    pub fn carrier(&self, name: &str) -> anyhow::Result<bool> {
+        let out = self.ip(&["-o", "link", "show", name])?;
+        Ok(!String::from_utf8_lossy(&out.stdout).contains("NO-CARRIER"))
+    }
+
     /// The MAC address of interface `name` in this namespace.
     pub fn mac_of(&self, name: &str) -> anyhow::Result<crate::frames::Mac> {
         let out = self.ip(&["-o", "link", "show", name])?;

@@ -14,3 +14,4 @@ pub mod qmp;
 pub mod soak;
 pub mod steering;
 pub mod traffic;
+pub mod units;

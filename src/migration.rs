@@ -515,3 +515,46 @@ fn describe(ring: &RingPlace, destination: &RamFile, source: &RamFile, page: u64
         indices(source)
     )
 }
+
+/// Deterministic bytes (xorshift) the host streams into the guest.
+pub fn stream_bytes(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A TCP connection from the host's side to the guest's port 5000
+/// (retried while the guest starts listening).
+pub fn connect_to_guest(ns: &crate::harness::NetNs) -> anyhow::Result<std::net::TcpStream> {
+    ns.inside(|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match std::net::TcpStream::connect((GUEST_IP, 5000)) {
+                Ok(s) => return Ok(s),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    })
+}
+
+/// Writes `data` at about 8 MB/s, then closes the sending side. A guest
+/// that stops reading fails the write after 30 s instead of hanging.
+pub fn send_paced(mut stream: std::net::TcpStream, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    for chunk in data.chunks(64 << 10) {
+        stream.write_all(chunk)?;
+        std::thread::sleep(Duration::from_millis(8));
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}

@@ -30,8 +30,8 @@ use crate::dpdk::{Peer, Testpmd};
 use crate::guest::{QemuBuild, QemuOptions};
 use crate::harness::{CpuHog, NetNs, Sandnic, ScratchDir};
 use crate::migration::{
-    check_switch, guest_script, migrate_then, MigrationReport, RamFile, SwitchReport, Vm, GUEST_IP,
-    GUEST_MAC,
+    check_switch, connect_to_guest, guest_script, migrate_then, send_paced, stream_bytes,
+    MigrationReport, RamFile, SwitchReport, Vm, GUEST_IP, GUEST_MAC,
 };
 use crate::ping::FloodPing;
 use anyhow::Context;
@@ -78,6 +78,10 @@ pub struct Variant {
     pub qemu: QemuBuild,
     pub announce: bool,
     pub pairs: u16,
+    /// A TCP stream into the guest across each migration (8 MB/s), on top
+    /// of the ping: the guest writes much of its memory meanwhile, which
+    /// is what brings out QEMU 7.2's lost writes.
+    pub stream: bool,
 }
 
 impl Variant {
@@ -93,6 +97,7 @@ impl Variant {
                         qemu,
                         announce,
                         pairs,
+                        stream: false,
                     });
                 }
             }
@@ -100,15 +105,29 @@ impl Variant {
         all
     }
 
+    /// A copied-RAM migration with a TCP stream into the guest (QEMU's
+    /// defaults otherwise: one pair, guest_announce on).
+    pub fn copy_with_stream(backend: Backend, qemu: QemuBuild) -> Self {
+        Self {
+            kind: MigrationKind::Copy,
+            backend,
+            qemu,
+            announce: true,
+            pairs: 1,
+            stream: true,
+        }
+    }
+
     pub fn name(&self) -> String {
         format!(
-            "{:?} {:?}, {}, guest_announce={}, {} pair{}",
+            "{:?} {:?}, {}, guest_announce={}, {} pair{}{}",
             self.kind,
             self.backend,
             self.qemu.name(),
             if self.announce { "on" } else { "off" },
             self.pairs,
-            if self.pairs == 1 { "" } else { "s" }
+            if self.pairs == 1 { "" } else { "s" },
+            if self.stream { ", TCP stream" } else { "" }
         )
     }
 }
@@ -147,6 +166,8 @@ pub struct Outcome {
     /// The cause of the gap around the first probe lost outside the
     /// window, if one was.
     pub outside_cause: Option<GapCause>,
+    /// Why the TCP stream into the guest broke, if it did.
+    pub stream_broke: Option<String>,
 }
 
 impl Outcome {
@@ -161,6 +182,9 @@ impl Outcome {
         }
         if !self.ring_errors.is_empty() {
             faults.push(format!("destination QEMU: {:?}", self.ring_errors));
+        }
+        if let Some(why) = &self.stream_broke {
+            faults.push(format!("the TCP stream into the guest broke: {why}"));
         }
         if !self.lost_outside.is_empty() {
             faults.push(format!(
@@ -212,7 +236,12 @@ pub fn run_chain(
         })
         .collect();
     let _cleanup = RemoveOnDrop(rams.clone());
-    let script = guest_script(variant.pairs, "");
+    let listen = if variant.stream {
+        "(while :; do nc -l -p 5000 > /dev/null; done) &\n"
+    } else {
+        ""
+    };
+    let script = guest_script(variant.pairs, listen);
     let mut outcomes = Vec::new();
     let mut vm_count = 0;
     while outcomes.len() < rounds {
@@ -394,6 +423,15 @@ fn one_migration(
     let qemu = variant.qemu.version();
     let hog = CpuHog::start()?;
     let sampler = Sampler::start(apis.to_vec());
+    let stream = match variant.stream {
+        true => {
+            let connection = connect_to_guest(ns)?;
+            Some(std::thread::spawn(move || {
+                send_paced(connection, &stream_bytes(16 << 20))
+            }))
+        }
+        false => None,
+    };
     let ping = FloodPing::every(ns, GUEST_IP, "0.002", ping_log)?;
     std::thread::sleep(Duration::from_millis(500));
     let (migration, switch) = migrate_then(
@@ -414,6 +452,11 @@ fn one_migration(
     std::thread::sleep(Duration::from_millis(500));
     let ping = ping.stop()?;
     let samples = sampler.stop();
+    let stream_broke = stream.and_then(|s| match s.join() {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(_) => Some("the sender panicked".into()),
+    });
     drop(hog);
     let answers = ns
         .command("ping")
@@ -439,6 +482,7 @@ fn one_migration(
         Some(cause_of(&samples, gap.0, gap.1))
     });
     Ok(Outcome {
+        stream_broke,
         outside_cause,
         variant,
         gap_cause: gap.map_or(GapCause::Unknown, |(from, to)| cause_of(&samples, from, to)),

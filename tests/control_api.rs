@@ -1,6 +1,7 @@
 //! `sandnic serve`'s command line and control API, and what the API's
 //! commands do to a connected device: link changes reach the driver as a
-//! config-change notification, a swap keeps traffic and state.
+//! config-change notification and the host as the TAP's carrier, a swap
+//! keeps traffic and state, a saved state reads back.
 
 use sandnic::frontend::NicConfig;
 use sandnic::harness::{sandnic_binary, NetNs, Rig, ScratchDir};
@@ -28,6 +29,7 @@ fn link_down_and_up_notify_the_driver() {
         &[0, 0],
         "status shows link down"
     );
+    assert!(!rig.ns.carrier("tap0").unwrap(), "the host sees no carrier");
     // With the link down, frames from the guest are dropped.
     let frame = rig.guest_udp(6200, &[1; 20]);
     rig.nic.send(0, &frame).unwrap();
@@ -36,6 +38,7 @@ fn link_down_and_up_notify_the_driver() {
     rig.sandnic.api(json!({"cmd": "link", "up": true})).unwrap();
     assert!(rig.nic.wait_config_change(Duration::from_secs(5)));
     assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[1, 0]);
+    assert!(rig.ns.carrier("tap0").unwrap(), "the carrier is back");
     assert_eq!(rig.control_stat("config_notifications"), 2);
 }
 
@@ -138,19 +141,44 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
         assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
         err
     };
-    // Bad flags.
+    // Bad flags: exit 2, one line.
     for bad in [
         vec!["--socket", s],
         vec!["--socket", s, "--tap", "x", "--mac", "zz"],
         vec!["--socket", s, "--tap", "x", "--queues", "0"],
+        vec!["--socket", s, "--tap", "x", "--no-such-flag"],
     ] {
         let out = serve(&bad);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{bad:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        one_line(&out);
+    }
+    // Everything missing is named at once.
+    let out = serve(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = one_line(&out);
+    assert!(err.contains("--tap") && err.contains("--socket"), "{err}");
+    // A handover destination takes the device from its source: flags that
+    // would set it up are refused, with the reason, and nothing is bound.
+    let incoming = dir.path("next.handover");
+    let i = incoming.to_str().unwrap();
+    for flag in [
+        vec!["--mac", "52:54:00:12:34:56"],
+        vec!["--queues", "2"],
+        vec!["--mtu", "9000"],
+        vec!["--api", s],
+        vec!["--tap", "x"],
+        vec!["--socket", s],
+    ] {
+        let mut args = vec!["--incoming", i];
+        args.extend(&flag);
+        let out = serve(&args);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}");
+        let err = one_line(&out);
+        assert!(
+            err.contains(flag[0]) && err.contains("takes the device whole from the source"),
+            "{err}"
         );
+        assert!(!incoming.exists(), "{flag:?}: nothing bound");
     }
     // A TAP that does not exist.
     let out = serve(&["--socket", s, "--tap", "sandnic-none0"]);
@@ -160,6 +188,17 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
     // A socket path in use.
     let ns = NetNs::new().unwrap();
     ns.add_tap("tap0", "10.66.0.1/24").unwrap();
+    // Two queue pairs on a TAP made without multi_queue: the fix is named.
+    ns.ip(&["tuntap", "add", "dev", "single0", "mode", "tap", "vnet_hdr"])
+        .unwrap();
+    let out = ns
+        .command(sandnic_binary().to_str().unwrap())
+        .args(["serve", "--socket", s, "--tap", "single0", "--queues", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&out).contains("multi_queue"));
+    assert!(!sock.exists(), "no socket left behind");
     let running = sandnic::harness::Sandnic::serve(&ns, &dir, &["--tap", "tap0"]).unwrap();
     let taken = running.socket.to_str().unwrap();
     let out = ns
@@ -212,4 +251,63 @@ fn inspect_reads_every_fixture_without_flags() {
         read += 1;
     }
     assert!(read >= 2, "the v1 and v2 fixtures at least");
+}
+
+/// `ctl save FILE` writes the running device's state and `inspect FILE`
+/// reads it back, as the device has it: its MAC, the RX mode the driver
+/// set, the link the operator took down.
+#[test]
+fn a_saved_state_reads_back_with_inspect() {
+    require_network!("a_saved_state_reads_back_with_inspect");
+    let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
+    assert_eq!(rig.nic.ctrl(&[0, 0, 0]).unwrap(), 0, "promiscuous off");
+    rig.sandnic
+        .api(json!({"cmd": "link", "up": false}))
+        .unwrap();
+    let file = rig.dir.path("device.state");
+    let out = Command::new(sandnic_binary())
+        .arg("ctl")
+        .arg("--api")
+        .arg(&rig.sandnic.api)
+        .arg("save")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["component"]["version"], "0.1.0", "{summary}");
+    let out = Command::new(sandnic_binary())
+        .arg("inspect")
+        .arg(&file)
+        .env(
+            "SANDNIC_CACHE_DIR",
+            std::env::temp_dir().join("sandnic-test-cache"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["mac"], "52:54:00:12:34:56", "{state}");
+    assert_eq!(state["rx_mode"]["promisc"], false, "{state}");
+    assert_eq!(state["link_up"], false, "{state}");
+    // A file that is not a state: a clear refusal, exit 1.
+    std::fs::write(&file, b"not a state").unwrap();
+    let out = Command::new(sandnic_binary())
+        .arg("inspect")
+        .arg(&file)
+        .env(
+            "SANDNIC_CACHE_DIR",
+            std::env::temp_dir().join("sandnic-test-cache"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a sandnic device state"), "{err}");
 }

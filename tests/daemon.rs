@@ -28,6 +28,10 @@ impl NotifySocket {
     fn new(dir: &ScratchDir) -> Self {
         let path = dir.path("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
+        // Anyone may notify, as on systemd's own socket (sandnic notifies
+        // after it dropped to its --user).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -58,6 +62,22 @@ impl NotifySocket {
             out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         out
+    }
+}
+
+/// Processes a test started that outlive their parent's death signal
+/// (sandnic dropping to `--user` clears it): killed when the test ends,
+/// whatever its outcome.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -299,4 +319,96 @@ fn sigterm_stops_the_rings_and_removes_the_sockets() {
         "RX and TX (and the control queue) were running: {rings}"
     );
     assert!(!socket.exists() && !api.exists(), "socket files removed");
+}
+
+/// The unit's own reload (`systemctl reload sandnic@tap0`: its ExecReload
+/// line, run as systemd runs it) after a hot swap: a new process takes the
+/// device over with no `--component`, runs the swapped-in device logic,
+/// and becomes the main process; the frontend never notices.
+#[test]
+fn the_units_reload_after_a_swap_hands_the_device_over() {
+    let test = "the_units_reload_after_a_swap_hands_the_device_over";
+    require_network!(test);
+    if !Path::new(SOCKET_ACTIVATE).exists() {
+        sandnic::harness::skip(
+            test,
+            "systemd-socket-activate is missing (Debian package systemd)",
+        );
+        return;
+    }
+    let ns = network();
+    let dir = ScratchDir::new().unwrap();
+    let notify = NotifySocket::new(&dir);
+    let spec = sandnic::units::Specifiers {
+        instance: "tap0".into(),
+        runtime: dir.path("run"),
+        cache: dir.path("cache"),
+    };
+    std::fs::create_dir_all(spec.runtime.join("sandnic")).unwrap();
+    let vhost = spec
+        .setting("sandnic-vhost@.socket", "ListenStream")
+        .unwrap();
+    let api = PathBuf::from(spec.setting("sandnic-api@.socket", "ListenStream").unwrap());
+    // The unit's command lines, with this build's binary and a user that
+    // exists here.
+    let command_line = |key: &str| {
+        spec.setting("sandnic@.service", key)
+            .unwrap()
+            .replace("/usr/local/bin/sandnic", sandnic_binary().to_str().unwrap())
+            .replace("--user sandnic", "--user nobody")
+    };
+    let exec_start = command_line("ExecStart");
+    let log = dir.path("sandnic.log");
+    let mut cmd = ns.command(SOCKET_ACTIVATE);
+    cmd.arg("-l")
+        .arg(&vhost)
+        .arg("-l")
+        .arg(&api)
+        .arg("--fdname=vhost-user:api")
+        .arg(format!("-ENOTIFY_SOCKET={}", notify.path.display()))
+        .arg(format!("-ESANDNIC_CACHE_DIR={}", test_cache().display()))
+        .args(exec_start.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut activator = spawn(cmd).unwrap();
+    wait_for_file(&api, &mut activator, &log);
+    let mut nic = TestNic::connect(Path::new(&vhost), &NicConfig::default()).unwrap();
+    let first = main_pid(&notify.wait_for("READY=1"));
+    let _first = KillOnDrop(vec![first]);
+    let call = |request| sandnic_host::api::client(&api, request).unwrap().0;
+    let swapped = call(json!({"cmd": "swap", "component": "builtin:0.2.0"}));
+    assert_eq!(swapped["ok"], true, "{swapped}");
+
+    // As systemd runs it: output to a log (the destination it starts in
+    // the background keeps it open), the unit's environment.
+    let reload_log = dir.path("reload.log");
+    let reload = ns
+        .command("sh")
+        .arg("-c")
+        .arg(command_line("ExecReload"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("SANDNIC_CACHE_DIR", test_cache())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&reload_log).unwrap())
+        .stderr(std::fs::File::create(dir.path("reload.err")).unwrap())
+        .status()
+        .unwrap();
+    let second = main_pid(&notify.wait_for("READY=1"));
+    let _cleanup = KillOnDrop(vec![first, second]);
+    assert!(
+        reload.success(),
+        "reload: {}\n{}",
+        std::fs::read_to_string(&reload_log).unwrap_or_default(),
+        std::fs::read_to_string(dir.path("reload.err")).unwrap_or_default()
+    );
+    assert_ne!(second, first, "a new main process");
+    let status = call(json!({"cmd": "status"}));
+    assert_eq!(status["component"]["version"], "0.2.0", "{status}");
+    assert_eq!(status["frontend_connected"], true, "{status}");
+    let stats = call(json!({"cmd": "stats"}));
+    assert_eq!(stats["control"]["frontends_accepted"], 1, "{stats}");
+    frame_reaches_the_host(&ns, &mut nic, 6504);
+    terminate(second);
+    let _ = wait_for_exit(&mut activator, Duration::from_secs(10));
 }

@@ -348,3 +348,58 @@ fn keep_busy_until<T>(
     }
     None
 }
+
+/// The call eventfd, as the driver sees it (EVENT_IDX negotiated): an
+/// interrupt comes when the used index passes `used_event`, none while
+/// `used_event` is ahead; and a ring that starts again (the VM runs again
+/// after `stop`, or on a migration's destination) signals the driver once
+/// whatever `used_event` says. Without that, an interrupt lost in the
+/// switch (taken by the old call fd) left the driver waiting for ever with
+/// a `used_event` behind every later index: the RX ring filled and the
+/// guest never answered again, as in QEMU local migrations.
+#[test]
+fn notifications_follow_event_idx_and_a_restarted_ring_signals_once() {
+    require_network!("notifications_follow_event_idx_and_a_restarted_ring_signals_once");
+    let mut rig = rig(&["--busy-poll-us", "0"], NicConfig::default());
+    let rx = sandnic::frontend::QueueId::Rx(0);
+    let sock = host_udp(&rig.ns, 6400);
+    let delivered = |rig: &Rig, n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rig.stat(0, "rx_packets") < n {
+            assert!(Instant::now() < deadline, "frame {n} not delivered");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The notification follows the publish.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = rig.nic.notified(rx);
+    // used_event at the driver's last used index: the next entry signals.
+    sock.send_to(b"one", "10.77.0.2:5000").unwrap();
+    delivered(&rig, 1);
+    assert!(rig.nic.notified(rx), "the first entry passed used_event");
+    // The driver takes nothing off the ring, so used_event stays behind:
+    // further entries do not signal.
+    sock.send_to(b"two", "10.77.0.2:5000").unwrap();
+    delivered(&rig, 2);
+    assert!(!rig.nic.notified(rx), "used_event was passed already");
+    // The rings stop and start again on new call fds, used_event still
+    // behind: the driver is signalled all the same.
+    let bases = rig.nic.stop_rings().unwrap();
+    rig.nic.restart_rings(&bases).unwrap();
+    sock.send_to(b"three", "10.77.0.2:5000").unwrap();
+    delivered(&rig, 3);
+    assert!(
+        rig.nic.notified(rx),
+        "a restarted ring did not signal the driver"
+    );
+    // The driver catches up (used_event follows), then polls: used_event
+    // far ahead, no signal.
+    for _ in 0..3 {
+        assert!(recv_udp(&mut rig.nic, Duration::from_secs(2)).is_some());
+    }
+    let _ = rig.nic.notified(rx);
+    rig.nic.queue(rx).vq.quiet();
+    sock.send_to(b"four", "10.77.0.2:5000").unwrap();
+    delivered(&rig, 4);
+    assert!(!rig.nic.notified(rx), "used_event far ahead: no interrupt");
+}

@@ -126,6 +126,8 @@ fn offer_frame() -> Vec<u8> {
         },
         link_up: true,
         socket_paths: vec![],
+        counters: Default::default(),
+        queue_stats: vec![],
     };
     let offer = Offer {
         magic: sandnic_host::handover::stream::MAGIC.into(),
@@ -137,6 +139,7 @@ fn offer_frame() -> Vec<u8> {
             oldest_state_version: 1,
         },
         host: host.clone(),
+        component_wasm: vec![],
         fds: vec![
             FdRole::Connection,
             FdRole::Kick(0),

@@ -109,6 +109,14 @@ fn handover_under_traffic_loses_nothing() {
     );
     let status = destination.api(json!({"cmd": "status"})).unwrap();
     assert_eq!(status["frontend_connected"], true, "{status}");
+    // The counters came along: every frame the guest sent, before and
+    // after the switch, is counted in the new process.
+    let stats = destination.stats().unwrap();
+    assert_eq!(
+        stats["queues"][0]["tx_packets"],
+        RATE * DURATION.as_millis() as u64 / 1000,
+        "{stats}"
+    );
     assert_eq!(
         &rig.nic.config(12).unwrap()[..6],
         &RIG_GUEST_MAC,
@@ -358,7 +366,8 @@ fn destination_hanging_after_the_commit_is_given_up_and_the_source_resumes() {
 fn destination_that_cannot_load_the_state_refuses_and_the_source_resumes() {
     require_network!("destination_that_cannot_load_the_state_refuses_and_the_source_resumes");
     let mut rig = rig();
-    // The source runs device version 2; the destination only knows v1.
+    // The source runs device version 2; the destination is told to run
+    // version 1, which cannot read its state.
     let v2 = sandnic_host::sandbox::components::built::v2();
     assert_eq!(
         rig.sandnic
@@ -366,8 +375,9 @@ fn destination_that_cannot_load_the_state_refuses_and_the_source_resumes() {
             .unwrap()["ok"],
         true
     );
+    let v1 = ["--component", "builtin:0.1.0"];
     let (mut destination, path) =
-        Sandnic::incoming(&rig.ns, &rig.dir, "old", &rig.sandnic, &[]).unwrap();
+        Sandnic::incoming(&rig.ns, &rig.dir, "old", &rig.sandnic, &v1).unwrap();
     let reply = rig.sandnic.handover(&path, false).unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
     let error = reply["error"].as_str().unwrap();
@@ -450,7 +460,10 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
             },
             link_up: true,
             socket_paths: vec![],
+            counters: Default::default(),
+            queue_stats: vec![],
         },
+        component_wasm: vec![],
         fds: vec![],
     };
     sandnic_host::handover::stream::send(&sock, &offer).unwrap();
@@ -478,4 +491,67 @@ fn new_tap_handover_reopens_the_tap_by_name() {
     assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
     rig.sandnic = destination;
     still_serving(&mut rig);
+}
+
+/// A destination still waiting for its source ends on SIGTERM or SIGINT,
+/// with exit 0 and its socket file gone (a `systemctl reload` whose
+/// handover never comes leaves nothing that only SIGKILL stops).
+#[test]
+fn a_waiting_destination_ends_on_a_signal() {
+    require_network!("a_waiting_destination_ends_on_a_signal");
+    let rig = rig();
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let name = format!("waiting-{signal}");
+        let (mut waiting, path) =
+            Sandnic::incoming(&rig.ns, &rig.dir, &name, &rig.sandnic, &[]).unwrap();
+        let pid = nix::unistd::Pid::from_raw(waiting.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+        assert_eq!(
+            waiting.wait_exited(Duration::from_secs(5)),
+            Some(Some(0)),
+            "{signal}: {}",
+            waiting.log()
+        );
+        assert!(!path.exists(), "{signal}: socket file removed");
+        assert!(waiting.log().contains("signal received while waiting"));
+    }
+}
+
+/// After a hot swap, a destination started with no `--component` takes the
+/// device: a release built into the binary that reads the swapped-in
+/// state (`swap builtin:0.2.0`), or the very component the source runs
+/// when it came from a file (its bytes travel with the handover).
+#[test]
+fn a_handover_after_a_swap_needs_no_component_flag() {
+    require_network!("a_handover_after_a_swap_needs_no_component_flag");
+    let v2_file = sandnic_host::sandbox::components::built::v2();
+    for (named, origin) in [
+        ("builtin:0.2.0".to_string(), "builtin:0.2.0"),
+        (v2_file.display().to_string(), "(from the handover)"),
+    ] {
+        let mut rig = rig();
+        let swapped = rig
+            .sandnic
+            .api(json!({"cmd": "swap", "component": named}))
+            .unwrap();
+        assert_eq!(swapped["ok"], true, "{named}: {swapped}");
+        let (destination, path) =
+            Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
+        let reply = rig.sandnic.handover(&path, false).unwrap();
+        assert_eq!(reply["ok"], true, "{named}: {reply}\n{}", destination.log());
+        let status = destination.api(json!({"cmd": "status"})).unwrap();
+        assert_eq!(status["component"]["version"], "0.2.0", "{named}: {status}");
+        assert_eq!(status["component"]["state_version"], 2, "{status}");
+        let serving = status["component"]["origin"].as_str().unwrap_or_default();
+        assert!(serving.contains(origin), "{named}: runs {serving}");
+        assert_eq!(
+            rig.sandnic.wait_exited(Duration::from_secs(5)),
+            Some(Some(0))
+        );
+        rig.sandnic = destination;
+        still_serving(&mut rig);
+    }
 }

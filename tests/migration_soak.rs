@@ -10,7 +10,7 @@
 use sandnic::guest::QemuBuild;
 use sandnic::harness::skip;
 use sandnic::require_network;
-use sandnic::soak::{run_chain, Variant};
+use sandnic::soak::{run_chain, Backend, Variant};
 
 fn rounds() -> usize {
     std::env::var("SANDNIC_SOAK_ROUNDS")
@@ -29,7 +29,9 @@ fn soak(test: &str, qemu: QemuBuild) {
     }
     let _serial = SOAK.lock().unwrap_or_else(|p| p.into_inner());
     let mut failures = Vec::new();
-    for variant in Variant::all_sandnic(qemu) {
+    let mut variants = Variant::all_sandnic(qemu);
+    variants.push(Variant::copy_with_stream(Backend::Sandnic, qemu));
+    for variant in variants {
         let outcomes = run_chain(variant, rounds(), |o| {
             eprintln!(
                 "{}: QEMU downtime {} ms, largest gap {:.1} ms ({:?}), {} lost, {}",

@@ -24,8 +24,8 @@
 use sandnic::guest::{QemuBuild, QemuOptions};
 use sandnic::harness::{skip, NetNs, Sandnic, ScratchDir};
 use sandnic::migration::{
-    check_switch, guest_script, migrate_then, switch_gap, MigrationReport, RamFile, SharedRam,
-    SwitchReport, Vm, GUEST_IP, GUEST_MAC,
+    check_switch, connect_to_guest, guest_script, migrate_then, send_paced, stream_bytes,
+    switch_gap, MigrationReport, RamFile, SharedRam, SwitchReport, Vm, GUEST_IP, GUEST_MAC,
 };
 use sandnic::ping::{FloodPing, PingReport};
 use sandnic::require_network;
@@ -342,19 +342,6 @@ fn wait_migration_status(vm: &mut Vm, status: &str) {
     }
 }
 
-/// Deterministic bytes (xorshift) the host streams into the guest.
-fn stream_bytes(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
@@ -512,35 +499,4 @@ fn copy_migration(test: &str, build: QemuBuild) {
     assert_eq!(stats_a["control"]["log_failures"], 0, "{stats_a}");
     let errors = ring_errors(&destination);
     assert!(errors.is_empty(), "{test}: destination QEMU: {errors:?}");
-}
-
-/// A TCP connection from the host's side of the bridge to the guest's
-/// port 5000 (retried while the guest starts listening).
-fn connect_to_guest(ns: &NetNs) -> anyhow::Result<std::net::TcpStream> {
-    ns.inside(|| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match std::net::TcpStream::connect((GUEST_IP, 5000)) {
-                Ok(s) => return Ok(s),
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    })
-}
-
-/// Writes `data` at about 8 MB/s, then closes the sending side. A guest
-/// that stops reading fails the write after 30 s instead of hanging.
-fn send_paced(mut stream: std::net::TcpStream, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    for chunk in data.chunks(64 << 10) {
-        stream.write_all(chunk)?;
-        std::thread::sleep(Duration::from_millis(8));
-    }
-    stream.shutdown(std::net::Shutdown::Write)?;
-    Ok(())
 }

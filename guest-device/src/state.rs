@@ -118,15 +118,20 @@ pub fn decode(blob: &[u8]) -> Result<Saved, String> {
 
 /// Reads `[format, version, ...` and returns them with the rest (the body).
 fn split_header(blob: &[u8]) -> Result<(&str, u32, &[u8]), String> {
-    let not_ours = |e: &dyn std::fmt::Display| format!("not a sandnic device state: {e}");
+    let not_ours = |what: &str| {
+        format!("not a sandnic device state: {what} (a state is a msgpack array of format name, version and body)")
+    };
     let mut rest = blob;
-    let len = rmp::decode::read_array_len(&mut rest).map_err(|e| not_ours(&e))?;
+    let len = rmp::decode::read_array_len(&mut rest)
+        .map_err(|_| not_ours("it does not begin with a msgpack array"))?;
     if len != 3 {
-        return Err(not_ours(&format!("array of {len} items")));
+        return Err(not_ours(&format!("it is an array of {len} items")));
     }
-    let (format, after) = rmp::decode::read_str_from_slice(rest).map_err(|e| not_ours(&e))?;
+    let (format, after) = rmp::decode::read_str_from_slice(rest)
+        .map_err(|_| not_ours("its first item is not a format name"))?;
     rest = after;
-    let version: u32 = rmp::decode::read_int(&mut rest).map_err(|e| not_ours(&e))?;
+    let version: u32 = rmp::decode::read_int(&mut rest)
+        .map_err(|_| not_ours("its second item is not a version number"))?;
     Ok((format, version, rest))
 }
 

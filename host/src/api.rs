@@ -3,8 +3,9 @@
 //! A request is one JSON object per line with `"cmd"`; the reply is one
 //! object with `"ok": true|false` and either the result fields or
 //! `"error"`. Commands: `status`, `stats`, `link` (`"up": bool`), `swap`
-//! (`"component": FILE`), `announce`, `handover` (`"path": SOCKET`,
-//! optional `"new_tap": true`).
+//! (`"component": "builtin[:VERSION]"` or a file), `save` (the device
+//! state, hex), `announce`, `handover` (`"path": SOCKET`, optional
+//! `"new_tap": true`).
 
 use crate::backend::NetBackend;
 use crate::sandbox::{ComponentSource, Runtime};
@@ -137,9 +138,10 @@ pub fn handle_line(line: &str, ctx: &mut ApiContext<'_>) -> Value {
             None => error("handover needs \"path\": SOCKET"),
         },
         "swap" => match request.get("component").and_then(Value::as_str) {
-            Some(path) => swap(ctx, Path::new(path)),
-            None => error("swap needs \"component\": FILE"),
+            Some(named) => swap(ctx, named),
+            None => error("swap needs \"component\": \"builtin[:VERSION]\" or FILE"),
         },
+        "save" => save(ctx),
         other => error(format!("unknown command {other:?}")),
     }
 }
@@ -186,10 +188,12 @@ fn stats(ctx: &mut ApiContext<'_>) -> Value {
     json!({ "ok": true, "queues": queues, "control": ctx.backend.counters, "sandbox": ctx.backend.device().stats() })
 }
 
-fn swap(ctx: &mut ApiContext<'_>, path: &Path) -> Value {
-    let component = match ctx.runtime.load(&ComponentSource::File(path.to_path_buf())) {
+fn swap(ctx: &mut ApiContext<'_>, named: &str) -> Value {
+    let component = match ComponentSource::parse(named)
+        .and_then(|source| ctx.runtime.load(&source).map_err(|e| format!("{e:#}")))
+    {
         Ok(c) => c,
-        Err(e) => return error(format!("{e:#}")),
+        Err(e) => return error(e),
     };
     match ctx.backend.swap(component) {
         Ok(report) => json!({
@@ -200,6 +204,31 @@ fn swap(ctx: &mut ApiContext<'_>, path: &Path) -> Value {
         }),
         Err(e) => error(e),
     }
+}
+
+/// The running device's state (`ctl save`), hex-encoded: what
+/// `sandnic inspect` reads and a handover carries.
+fn save(ctx: &mut ApiContext<'_>) -> Value {
+    let info = ctx.backend.device().info().clone();
+    match ctx.backend.device_mut().save() {
+        Ok(state) => json!({ "ok": true, "component": info, "state": to_hex(&state) }),
+        Err(e) => error(format!("saving the device state: {e}")),
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes from `to_hex`'s text; None if it is not hex.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Binds a listening socket at `path`. A live socket there is "in use"; a

@@ -31,14 +31,14 @@ pub enum Command {
         /// Listen here as the vhost-user server. Not needed when the socket
         /// is inherited: systemd socket activation (picked up by itself) or
         /// --socket-fd.
-        #[arg(long, conflicts_with = "incoming")]
+        #[arg(long)]
         socket: Option<PathBuf>,
         /// Serve vhost-user on this inherited, listening UNIX socket fd
         /// (opened by a manager such as libvirt).
-        #[arg(long, conflicts_with_all = ["socket", "incoming"])]
+        #[arg(long, conflicts_with = "socket")]
         socket_fd: Option<i32>,
         /// An existing TAP device to attach to (one queue per queue pair).
-        #[arg(long, conflicts_with_all = ["tap_fd", "incoming"], required_unless_present_any = ["tap_fd", "incoming"])]
+        #[arg(long, conflicts_with = "tap_fd")]
         tap: Option<String>,
         /// TAP queue fds opened by the caller, one per queue pair.
         #[arg(long, value_delimiter = ',')]
@@ -47,23 +47,29 @@ pub enum Command {
         /// one derived from this machine's id and the TAP's name.
         #[arg(long, value_parser = parse_mac)]
         mac: Option<Mac>,
-        /// Queue pairs (multiqueue when more than one).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        queues: u16,
+        /// Queue pairs (multiqueue when more than one) [default: 1].
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        queues: Option<u16>,
         /// MTU advertised to the driver (VIRTIO_NET_F_MTU).
         #[arg(long, value_parser = clap::value_parser!(u16).range(68..))]
         mtu: Option<u16>,
-        /// Device component to run instead of the builtin one.
-        #[arg(long)]
-        component: Option<PathBuf>,
-        /// JSON-lines control socket.
+        /// Device component: `builtin` (the default), `builtin:VERSION` (a
+        /// release built into this binary) or a component file. A handover
+        /// destination without it runs what the source's state needs (see
+        /// the README).
+        #[arg(long, value_parser = ComponentSource::parse)]
+        component: Option<ComponentSource>,
+        /// JSON-lines control socket (`sandnic ctl --api PATH`).
         #[arg(long)]
         api: Option<PathBuf>,
         /// The control socket as an inherited, listening UNIX socket fd.
-        #[arg(long, conflicts_with_all = ["api", "incoming"])]
+        #[arg(long, conflicts_with = "api")]
         api_fd: Option<i32>,
         /// Take over a running device: wait on this socket for `handover`
-        /// from another sandnic, and open nothing until then.
+        /// from another sandnic, and open nothing until then. The device
+        /// comes whole from the source (TAP, MAC, queue pairs, MTU,
+        /// vhost-user and API sockets): the flags that set those are
+        /// refused with it.
         #[arg(long)]
         incoming: Option<PathBuf>,
         /// With --incoming: open the TAP by name instead of receiving the
@@ -88,6 +94,7 @@ pub enum Command {
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
+        /// The control socket of the running sandnic (its `serve --api`).
         #[arg(long)]
         api: PathBuf,
         #[command(subcommand)]
@@ -95,12 +102,13 @@ pub enum Command {
     },
     /// Print a saved device state as JSON.
     Inspect {
-        /// The saved state (as written by `save`, a handover or a fixture).
+        /// The saved state (as `sandnic ctl save FILE` writes it).
         file: PathBuf,
-        /// Decode with this component instead of the released ones built
-        /// into the binary (which cover every released state version).
-        #[arg(long)]
-        component: Option<PathBuf>,
+        /// Decode with this component (`builtin:VERSION` or a file) instead
+        /// of the released ones built into the binary (which cover every
+        /// released state version).
+        #[arg(long, value_parser = ComponentSource::parse)]
+        component: Option<ComponentSource>,
     },
 }
 
@@ -110,13 +118,19 @@ pub enum CtlCommand {
     Status,
     /// Per-queue packet counters and control-path counters.
     Stats,
-    /// Set the link up or down (the guest sees a config change).
+    /// Set the link up or down: the TAP's carrier follows on the host,
+    /// and a guest whose frontend passes config changes on (UML, crosvm)
+    /// sees its link go down; QEMU's guests see only traffic stop.
     Link {
         #[arg(value_parser = ["up", "down"])]
         state: String,
     },
-    /// Hot-swap the device component.
-    Swap { component: PathBuf },
+    /// Hot-swap the device component: `builtin`, `builtin:VERSION` or a
+    /// component file.
+    Swap { component: String },
+    /// Write the running device's state to FILE (`sandnic inspect` reads
+    /// it).
+    Save { file: PathBuf },
     /// Ask the guest to announce itself (GUEST_ANNOUNCE).
     Announce,
     /// Hand the whole device to a `sandnic serve --incoming PATH`.
@@ -150,9 +164,13 @@ pub fn main() -> ExitCode {
     init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            eprintln!("sandnic: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
         }
     };
     let result = match cli.command {
@@ -175,6 +193,27 @@ pub fn main() -> ExitCode {
             user,
             seccomp,
         } => {
+            if incoming.is_some() {
+                let device_flags = [
+                    ("--socket", socket.is_some()),
+                    ("--socket-fd", socket_fd.is_some()),
+                    ("--tap", tap.is_some()),
+                    ("--tap-fd", !tap_fd.is_empty()),
+                    ("--mac", mac.is_some()),
+                    ("--queues", queues.is_some()),
+                    ("--mtu", mtu.is_some()),
+                    ("--api", api.is_some()),
+                    ("--api-fd", api_fd.is_some()),
+                ];
+                if let Some((flag, _)) = device_flags.iter().find(|(_, given)| *given) {
+                    eprintln!(
+                        "sandnic: {flag} cannot be used with --incoming: a handover destination \
+                         takes the device whole from the source (TAP, MAC, queue pairs, MTU, \
+                         vhost-user and API sockets)"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
             let tap = match (tap, tap_fd.is_empty()) {
                 (Some(name), _) => Some(TapSource::Name(name)),
                 (None, false) => Some(TapSource::Fds(tap_fd)),
@@ -186,7 +225,7 @@ pub fn main() -> ExitCode {
                 api_fd,
                 tap,
                 mac,
-                queues,
+                queues: queues.unwrap_or(1),
                 mtu,
                 component,
                 api,
@@ -223,6 +262,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A usage error in one line (clap's own adds usage and tips).
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    format!(
+        "{} (--help lists the options)",
+        first.strip_prefix("error: ").unwrap_or(first)
+    )
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SANDNIC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -241,9 +290,18 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
         CtlCommand::Stats => serde_json::json!({ "cmd": "stats" }),
         CtlCommand::Link { state } => serde_json::json!({ "cmd": "link", "up": state == "up" }),
         CtlCommand::Swap { component } => {
-            let path = std::fs::canonicalize(&component).unwrap_or(component);
-            serde_json::json!({ "cmd": "swap", "component": path })
+            // A file is named to the server by its absolute path (the
+            // server's working directory is not ours).
+            let named = match ComponentSource::parse(&component) {
+                Ok(ComponentSource::File(path)) => std::fs::canonicalize(&path)
+                    .unwrap_or(path)
+                    .display()
+                    .to_string(),
+                _ => component,
+            };
+            serde_json::json!({ "cmd": "swap", "component": named })
         }
+        CtlCommand::Save { file } => return save(api, &file),
         CtlCommand::Announce => serde_json::json!({ "cmd": "announce" }),
         CtlCommand::Handover { path, new_tap } => {
             let path = std::fs::canonicalize(&path).unwrap_or(path);
@@ -269,12 +327,43 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
     }
 }
 
-fn inspect(file: &PathBuf, component: Option<PathBuf>) -> anyhow::Result<()> {
+/// `ctl save FILE`: the running device's state, written to FILE.
+fn save(api: &PathBuf, file: &PathBuf) -> ExitCode {
+    let written =
+        crate::api::client(api, serde_json::json!({ "cmd": "save" })).and_then(|(reply, ok)| {
+            if !ok {
+                return Err(reply["error"].as_str().unwrap_or("save failed").to_string());
+            }
+            let state = reply["state"]
+                .as_str()
+                .and_then(crate::api::from_hex)
+                .ok_or("the reply carries no state")?;
+            std::fs::write(file, &state).map_err(|e| format!("writing {}: {e}", file.display()))?;
+            Ok(serde_json::json!({
+                "ok": true,
+                "file": file,
+                "bytes": state.len(),
+                "component": reply["component"],
+            }))
+        });
+    match written {
+        Ok(summary) => {
+            println!("{summary:#}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sandnic: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn inspect(file: &PathBuf, component: Option<ComponentSource>) -> anyhow::Result<()> {
     use anyhow::Context;
     let blob = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let runtime = Runtime::with_defaults()?;
     let json = match component {
-        Some(path) => describe(&runtime, &ComponentSource::File(path), &blob),
+        Some(source) => describe(&runtime, &source, &blob),
         None => describe_with_a_release(&runtime, &blob),
     }
     .with_context(|| format!("{} is not a valid device state", file.display()))?;

@@ -45,7 +45,9 @@ pub struct ServeOptions {
     pub mac: Option<Mac>,
     pub queues: u16,
     pub mtu: Option<u16>,
-    pub component: Option<PathBuf>,
+    /// None: the builtin one (a fresh device), or what the source's state
+    /// needs (a handover destination: `destination::component_for`).
+    pub component: Option<ComponentSource>,
     pub api: Option<PathBuf>,
     /// Wait here for a running sandnic to hand its device over.
     pub incoming: Option<PathBuf>,
@@ -104,11 +106,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let signals = block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))
         .map_err(ServeError::Runtime)?;
-    let source = opts
-        .component
-        .clone()
-        .map_or(ComponentSource::Builtin, ComponentSource::File);
-    let component = runtime.load(&source).map_err(|e| usage(format!("{e:#}")))?;
+    let component = match &opts.component {
+        Some(source) => Some(runtime.load(source).map_err(|e| usage(format!("{e:#}")))?),
+        None => None,
+    };
     let mut server = match &opts.incoming {
         Some(path) => {
             let listener =
@@ -116,15 +117,21 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             // The source's fds arrive after the drop: nothing here needs
             // root, and the source checks that we run as its user.
             drop_privileges(&opts)?;
+            let runtime_error = |e: destination::IncomingError| ServeError::Runtime(e.into());
+            let Some(source) =
+                destination::wait_for_source(listener, path, &signals).map_err(runtime_error)?
+            else {
+                info!("signal received while waiting for a handover; exiting");
+                return Ok(());
+            };
             let mut incoming = destination::receive(
-                listener,
-                path,
+                source,
                 runtime.clone(),
                 component,
                 opts.new_tap,
                 opts.datapath,
             )
-            .map_err(|e| ServeError::Runtime(e.into()))?;
+            .map_err(runtime_error)?;
             incoming.resume();
             let api_listener = match (incoming.api_listener.take(), &opts.api) {
                 (Some(l), _) => Some(l),
@@ -146,6 +153,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             )
         }
         None => {
+            let component = match component {
+                Some(component) => component,
+                None => runtime
+                    .load(&ComponentSource::Builtin)
+                    .map_err(ServeError::Runtime)?,
+            };
             let server = fresh(&opts, runtime, component, signals)?;
             drop_privileges(&opts)?;
             server
@@ -219,6 +232,19 @@ fn fresh(
         _ => &[],
     };
     let inherited = inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed).map_err(usage)?;
+    let mut missing = Vec::new();
+    if opts.tap.is_none() {
+        missing.push("--tap NAME (or --tap-fd FD)");
+    }
+    if inherited.vhost_user.is_none() && opts.socket.is_none() {
+        missing.push("--socket PATH (or --socket-fd FD, or a socket-activated vhost-user socket)");
+    }
+    if !missing.is_empty() {
+        return Err(usage(format!(
+            "serve needs {} (or --incoming PATH to take over a running device)",
+            missing.join(" and ")
+        )));
+    }
     let tap = Arc::new(open_tap(opts)?);
     let config = DeviceConfig {
         mac: opts
@@ -242,11 +268,7 @@ fn fresh(
         &mut files,
     )
     .map_err(usage)?
-    .ok_or_else(|| {
-        usage(
-            "--socket, --socket-fd or a socket-activated vhost-user socket is required (or --incoming)".into(),
-        )
-    })?;
+    .ok_or_else(|| usage("no vhost-user socket".into()))?;
     let api_listener = inherited_or_bound(
         inherited.api,
         opts.api.as_ref(),
@@ -313,7 +335,7 @@ fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {
     let tap = match opts
         .tap
         .as_ref()
-        .ok_or_else(|| ServeError::Usage("--tap or --tap-fd is required".into()))?
+        .ok_or_else(|| ServeError::Usage("no TAP".into()))?
     {
         TapSource::Name(name) => Tap::open(name, usize::from(opts.queues)),
         TapSource::Fds(fds) => {
@@ -440,7 +462,8 @@ impl Server {
             // command the driver sends before anything else wakes this loop
             // would otherwise wait unseen (Linux spins on it holding RTNL).
             self.sync_ctrl_kick(&epoll);
-            let n = match epoll.wait(&mut events, self.wait_timeout()) {
+            let setup_due = self.backend.check_setup(std::time::Instant::now());
+            let n = match epoll.wait(&mut events, self.wait_timeout(setup_due)) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -476,13 +499,18 @@ impl Server {
         }
     }
 
-    /// Sleep until an event, or until a pending handover's destination is
-    /// out of time.
-    fn wait_timeout(&self) -> EpollTimeout {
-        match &self.handover {
-            Some((pending, _)) => {
+    /// Sleep until an event, a pending handover's destination is out of
+    /// time, or a session's setup is due to be judged (`setup_due`).
+    fn wait_timeout(&self, setup_due: Option<std::time::Instant>) -> EpollTimeout {
+        let handover = self
+            .handover
+            .as_ref()
+            .map(|(pending, _)| pending.time_left());
+        let setup = setup_due.map(|due| due.saturating_duration_since(std::time::Instant::now()));
+        match [handover, setup].into_iter().flatten().min() {
+            Some(left) => {
                 // Rounded up: a timeout rounded down to 0 ms would spin.
-                let left = pending.time_left() + Duration::from_millis(1);
+                let left = left + Duration::from_millis(1);
                 EpollTimeout::try_from(left).unwrap_or(EpollTimeout::MAX)
             }
             None => EpollTimeout::NONE,

@@ -53,6 +53,7 @@ nix::ioctl_read_bad!(
     IfReq
 );
 nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+nix::ioctl_write_ptr!(tun_set_carrier, b'T', 226, libc::c_int);
 nix::ioctl_write_ptr!(tun_set_vnet_hdr_sz, b'T', 216, libc::c_int);
 
 /// The TUN ioctls sandnic makes after start-up (the seccomp allowlist
@@ -63,6 +64,8 @@ pub const TUNSETVNETHDRSZ: u64 =
     nix::request_code_write!(b'T', 216, std::mem::size_of::<libc::c_int>()) as u64;
 pub const TUNSETQUEUE: u64 =
     nix::request_code_write!(b'T', 217, std::mem::size_of::<libc::c_int>()) as u64;
+pub const TUNSETCARRIER: u64 =
+    nix::request_code_write!(b'T', 226, std::mem::size_of::<libc::c_int>()) as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -75,6 +78,9 @@ pub enum TapError {
     /// The name is not usable as an interface name.
     #[error("invalid TAP name {0:?}")]
     BadName(String),
+    /// Several queues were asked of a TAP created without multi_queue.
+    #[error("TAP {name:?} was created without multi_queue, and {queues} queue pairs need a queue each (recreate it: ip tuntap add dev {name} mode tap vnet_hdr multi_queue)")]
+    SingleQueue { name: String, queues: usize },
     /// TUNSETIFF refused the device.
     #[error("cannot attach to TAP {name:?}: {errno}")]
     Attach { name: String, errno: Errno },
@@ -135,6 +141,15 @@ impl Tap {
             }) if !multi_queue => {
                 multi_queue = true;
                 attach_queue(name, true)?
+            }
+            Err(TapError::Attach {
+                errno: Errno::EINVAL,
+                ..
+            }) => {
+                return Err(TapError::SingleQueue {
+                    name: name.into(),
+                    queues,
+                })
             }
             other => other?,
         };
@@ -271,6 +286,18 @@ impl Tap {
         unsafe { tun_set_vnet_hdr_sz(self.queues[0].as_raw_fd(), &len) }
             .map(drop)
             .map_err(|errno| self.ioctl_error("TUNSETVNETHDRSZ", errno))
+    }
+
+    /// TUNSETCARRIER: the TAP's carrier, as the host sees it (`ip link`
+    /// shows NO-CARRIER; the host's stack stops sending to it, as to a NIC
+    /// whose cable is out). Device-wide, so it outlives this process.
+    pub fn set_carrier(&self, up: bool) -> Result<(), TapError> {
+        let on = libc::c_int::from(up);
+        // SAFETY: TUNSETCARRIER reads one int through the pointer, which
+        // points at `on` for the duration of the call.
+        unsafe { tun_set_carrier(self.queues[0].as_raw_fd(), &on) }
+            .map(drop)
+            .map_err(|errno| self.ioctl_error("TUNSETCARRIER", errno))
     }
 
     /// Attaches or detaches one queue. A detached queue gets no packets from

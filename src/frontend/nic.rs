@@ -683,6 +683,29 @@ impl TestNic {
             .collect()
     }
 
+    /// Starts every ring again where `stop_rings` left it (`bases`, in its
+    /// order), each with a new call eventfd, as a VMM does when the VM runs
+    /// again (`cont`, a migration's destination). Signals on the old call
+    /// fds are never read again.
+    pub fn restart_rings(&mut self, bases: &[u32]) -> anyhow::Result<()> {
+        for ((index, id), &base) in self.queue_indices().into_iter().zip(bases) {
+            let call = EventFd::new(EFD_NONBLOCK)?;
+            self.frontend.set_vring_base(index, u16::try_from(base)?)?;
+            self.frontend.set_vring_call(index, &call)?;
+            let q = self.queue(id);
+            q.call = call;
+            let kick = q.kick.try_clone()?;
+            self.frontend.set_vring_kick(index, &kick)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the device signalled queue `id`'s call eventfd since the last
+    /// look (reading it clears it).
+    pub fn notified(&mut self, id: QueueId) -> bool {
+        self.queue(id).call.read().is_ok()
+    }
+
     /// Every queue with its virtqueue index.
     fn queue_indices(&self) -> Vec<(usize, QueueId)> {
         let mut ids = Vec::new();

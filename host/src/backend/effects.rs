@@ -85,11 +85,25 @@ impl NetBackend {
     }
 
     /// The host's view of the link changed (API `link`).
+    /// The link goes up or down (`ctl link`). What each side sees:
+    ///
+    /// - the host: the TAP's carrier follows (`ip link` shows NO-CARRIER,
+    ///   its stack stops sending to the guest);
+    /// - the guest, through the device model: the config space's link bit
+    ///   and a config-change notification. Frontends that pass config
+    ///   changes on (UML's virtio_uml, crosvm) deliver it; QEMU's
+    ///   virtio-net takes no config from a vhost-user backend, so its
+    ///   guests keep their carrier and see only traffic stop;
+    /// - traffic: frames the guest sends are dropped, and none are
+    ///   delivered to it.
     pub fn set_link(&mut self, up: bool) -> Result<(), String> {
         let result = self.device.link_changed(up);
         self.apply_result(result)?;
         self.settings.link_up = up;
         self.datapath.set_settings(&self.settings);
+        if let Err(e) = self.datapath.tap().set_carrier(up) {
+            warn!("the TAP's carrier stays as it was: {e}");
+        }
         info!(up, "link changed");
         Ok(())
     }

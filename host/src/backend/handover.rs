@@ -2,7 +2,8 @@
 //! again in the new process; the plain data the host's half becomes (the
 //! handover stream in `crate::handover` carries and validates it).
 
-use super::NetBackend;
+use super::{ControlCounters, NetBackend};
+use crate::datapath::stats::StatsSnapshot;
 use crate::datapath::vring::RingAddrs;
 use crate::datapath::DatapathOptions;
 use crate::memory::guest_memory::GuestMemory;
@@ -64,6 +65,12 @@ pub struct HostState {
     pub link_up: bool,
     /// Socket files the destination takes over (and removes when done).
     pub socket_paths: Vec<PathBuf>,
+    /// The counters so far, so that `stats` goes on counting in the new
+    /// process (absent from older releases: counting then starts anew).
+    #[serde(default)]
+    pub counters: ControlCounters,
+    #[serde(default)]
+    pub queue_stats: Vec<StatsSnapshot>,
 }
 
 impl NetBackend {
@@ -127,6 +134,8 @@ impl NetBackend {
             },
             link_up: self.settings.link_up,
             socket_paths: Vec::new(),
+            counters: self.counters.clone(),
+            queue_stats: self.datapath.stats(),
         };
         let mut fds = Vec::new();
         if let Some(memory) = &self.session.memory {
@@ -231,6 +240,8 @@ impl NetBackend {
     /// compiles: it runs inside the handover's pause.
     pub fn adopt_stopped_state(&mut self, host: &HostState, load_effects: Vec<Effect>) {
         self.adopt_positions(host);
+        self.counters = host.counters.clone();
+        self.datapath.restore_stats(&host.queue_stats);
         self.apply(load_effects);
         self.sync_active_pairs();
         self.datapath.set_settings(&self.settings);

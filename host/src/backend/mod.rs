@@ -26,7 +26,8 @@ pub use requests::Outcome;
 pub use session::{Session, SessionId, SessionReport};
 
 /// Things that went wrong on the control path, counted for `stats`.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ControlCounters {
     pub requests: u64,
     pub bad_requests: u64,
@@ -235,6 +236,24 @@ impl NetBackend {
     /// The other session drives the device: this one must not touch it.
     fn other_drives(&self) -> bool {
         self.other.as_ref().is_some_and(Session::drives)
+    }
+
+    /// Says (once, at warn level, and in `status`) what each session whose
+    /// setup is overdue lacks (`session::SETUP_GRACE`); returns when the
+    /// next one falls due, if any is pending.
+    pub fn check_setup(&mut self, now: std::time::Instant) -> Option<std::time::Instant> {
+        let mut next = None;
+        for session in std::iter::once(&mut self.session).chain(self.other.as_mut()) {
+            if let Some(why) = session.stalled_setup(now) {
+                tracing::warn!(session = session.id, "{why}");
+                session.stalled = Some(why);
+            }
+            next = match (next, session.setup_deadline()) {
+                (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                (a, b) => a.or(b),
+            };
+        }
+        next
     }
 
     /// Frontend `id` went away: stop its rings and forget its session. The

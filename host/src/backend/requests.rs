@@ -191,6 +191,9 @@ impl NetBackend {
         if self.other_drives() {
             return self.refuse_standby("SET_FEATURES");
         }
+        self.session
+            .features_set_at
+            .get_or_insert_with(std::time::Instant::now);
         let previous = self.session.proto.acked_features;
         let previous_device = self.session.proto.device_features();
         // The queue layout (control queue index), EVENT_IDX and the dirty

@@ -140,6 +140,7 @@ impl NetBackend {
                     Slot::Data { pair, dir } => self.datapath.install_ring(pair, dir, ring),
                 }
                 self.session.vrings[index].running = true;
+                self.session.ever_ran = true;
             }
             Err(e) => {
                 self.counters.bad_requests += 1;

@@ -18,6 +18,7 @@ use crate::vhost_user::{ProtocolState, F_LOG_ALL};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Names a frontend connection for as long as the process lives (never
 /// reused, so a late event for a gone connection cannot reach a new one).
@@ -39,7 +40,22 @@ pub struct Session {
     pub log: Option<Arc<DirtyLog>>,
     /// SET_LOG_FD: kept for the frontend's sake; QEMU does not send it.
     pub log_call: Option<OwnedFd>,
+    /// When the frontend first set the features: a frontend that starts
+    /// its device does so then (QEMU at the driver's DRIVER_OK), and
+    /// should give a memory table and start rings right after.
+    pub features_set_at: Option<Instant>,
+    /// A ring of this session ran at some point.
+    pub ever_ran: bool,
+    /// Why this session looks stuck, once `SETUP_GRACE` passed without a
+    /// running ring (logged once, shown in `status`).
+    pub stalled: Option<String>,
 }
+
+/// How long a frontend may take from setting the features to running a
+/// ring before sandnic says what is missing. QEMU whose guest RAM is not
+/// shared never sends a memory table: it falls back to its own datapath,
+/// and without this the device would just stay silent.
+pub const SETUP_GRACE: Duration = Duration::from_secs(3);
 
 impl Session {
     pub fn new(id: SessionId, queues: usize) -> Self {
@@ -52,7 +68,37 @@ impl Session {
             backend_channel: None,
             log: None,
             log_call: None,
+            features_set_at: None,
+            ever_ran: false,
+            stalled: None,
         }
+    }
+
+    /// When this session's setup is due to be judged (`stalled_setup`),
+    /// if it still is to be.
+    pub fn setup_deadline(&self) -> Option<Instant> {
+        if !self.connected || self.ever_ran || self.stalled.is_some() {
+            return None;
+        }
+        Some(self.features_set_at? + SETUP_GRACE)
+    }
+
+    /// What is missing, if the setup is overdue at `now`.
+    pub fn stalled_setup(&self, now: Instant) -> Option<String> {
+        if self.setup_deadline()? > now {
+            return None;
+        }
+        Some(if self.memory.is_none() {
+            "the frontend set the features but sent no memory table: it cannot share guest \
+             memory. QEMU needs its guest RAM in a shared memory backend \
+             (-object memory-backend-memfd,id=mem,size=RAM,share=on -numa node,memdev=mem) \
+             and otherwise falls back to its own datapath (\"falling back on userspace virtio\")"
+                .to_string()
+        } else {
+            "the frontend sent a memory table but started no ring (no kick fd, addresses or \
+             enable yet)"
+                .to_string()
+        })
     }
 
     /// Some ring of this session runs: it drives the device.
@@ -81,6 +127,7 @@ impl Session {
             log_size: self.log.as_ref().map(|l| l.size()),
             rings_running: self.vrings.iter().filter(|v| v.running).count(),
             rings_started: self.vrings.iter().filter(|v| v.started).count(),
+            stalled: self.stalled.clone(),
         }
     }
 }
@@ -97,4 +144,6 @@ pub struct SessionReport {
     pub log_size: Option<u64>,
     pub rings_running: usize,
     pub rings_started: usize,
+    /// Why the session looks stuck (see `SETUP_GRACE`).
+    pub stalled: Option<String>,
 }

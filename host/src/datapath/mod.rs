@@ -354,6 +354,13 @@ impl Datapath {
     pub fn stats(&self) -> Vec<StatsSnapshot> {
         self.pairs.iter().map(|p| p.stats.snapshot()).collect()
     }
+
+    /// Goes on counting from `snapshots` (a handover's source's counters).
+    pub fn restore_stats(&self, snapshots: &[StatsSnapshot]) {
+        for (pair, snapshot) in self.pairs.iter().zip(snapshots) {
+            pair.stats.restore(snapshot);
+        }
+    }
 }
 
 impl Drop for Datapath {

@@ -52,6 +52,19 @@ impl QueueStats {
         self.bad_chains.fetch_add(b.bad_chains, Relaxed);
     }
 
+    /// Sets every counter to `s`'s value.
+    pub fn restore(&self, s: &StatsSnapshot) {
+        self.rx_packets.store(s.rx_packets, Relaxed);
+        self.rx_bytes.store(s.rx_bytes, Relaxed);
+        self.rx_drops.store(s.rx_drops, Relaxed);
+        self.rx_filtered.store(s.rx_filtered, Relaxed);
+        self.rx_errors.store(s.rx_errors, Relaxed);
+        self.tx_packets.store(s.tx_packets, Relaxed);
+        self.tx_bytes.store(s.tx_bytes, Relaxed);
+        self.tx_drops.store(s.tx_drops, Relaxed);
+        self.bad_chains.store(s.bad_chains, Relaxed);
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             rx_packets: self.rx_packets.load(Relaxed),

@@ -92,8 +92,9 @@ pub struct Vring {
     unpublished: u16,
     /// The used index when the driver was last considered for a
     /// notification (EVENT_IDX: it wants one when `used_event` was passed
-    /// since).
-    last_checked_used: Wrapping<u16>,
+    /// since). None until the first notification after the ring started:
+    /// that one goes out whatever `used_event` says (see `start`).
+    last_checked_used: Option<Wrapping<u16>>,
     /// While a migration logs dirty pages: the log and the guest address
     /// the used ring's writes are logged at.
     used_log: Option<(Arc<DirtyLog>, u64)>,
@@ -104,6 +105,18 @@ impl Vring {
     /// With `log`, every used-ring write is marked in it (at the ring's
     /// `log_addr`, or where the used ring lies in guest memory when the
     /// frontend gave none).
+    ///
+    /// A ring that starts again (a VM migration's destination, `stop` and
+    /// `cont`, a handover) signals the driver once at once, and again at
+    /// its first publish whatever `used_event` says (as Linux's vhost
+    /// does): a notification the old backend or the old call fd took in the
+    /// switch is otherwise lost for good. The driver then waits for an
+    /// interrupt for entries already in the used ring, and its `used_event`
+    /// stays where it was, behind every index published from then on, so
+    /// that no later entry passes it either. Seen after QEMU local
+    /// migrations: the backend kept filling the RX ring, and the guest never
+    /// answered again. A spurious interrupt costs the driver one look at
+    /// the ring.
     pub fn start(
         index: u16,
         setup: &VringSetup,
@@ -150,13 +163,16 @@ impl Vring {
         queue.set_next_used(used_idx.0);
         queue.set_ready(true);
         let used_log = log.map(|log| (log.clone(), setup.log_addr.unwrap_or(used.0)));
+        if let Some(call) = &setup.call {
+            notify::signal(call.as_fd());
+        }
         Ok(Self {
             index,
             queue,
             kick,
             call: setup.call.clone(),
             unpublished: 0,
-            last_checked_used: used_idx,
+            last_checked_used: None,
             used_log,
         })
     }
@@ -223,7 +239,9 @@ impl Vring {
     /// broken ring: notify anyway, the driver will find out.
     fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> bool {
         let new = Wrapping(self.queue.next_used());
-        let old = std::mem::replace(&mut self.last_checked_used, new);
+        let Some(old) = self.last_checked_used.replace(new) else {
+            return true;
+        };
         if !self.queue.event_idx_enabled() {
             return true;
         }

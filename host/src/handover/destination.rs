@@ -58,7 +58,6 @@ pub enum IncomingError {
     Refused(String),
 }
 
-/// Waits for one source on `path` and takes over its device.
 /// Binds the socket a source will hand its device to (owner only: the
 /// user this process will run as).
 pub fn listen(
@@ -71,21 +70,58 @@ pub fn listen(
     })
 }
 
-pub fn receive(
+/// Waits on `listener` (bound at `path`) for one source, or for a signal
+/// on `signals` (SIGTERM, SIGINT: blocked in every thread, so only this
+/// wait can see them). Either way the socket file is removed. `None`: a
+/// signal came first.
+pub fn wait_for_source(
     listener: UnixListener,
     path: &Path,
+    signals: &nix::sys::signalfd::SignalFd,
+) -> Result<Option<UnixStream>, IncomingError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    info!(path = %path.display(), "waiting for a handover");
+    let listen_error = |error: String| IncomingError::Listen {
+        path: path.into(),
+        error,
+    };
+    let result = loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(listen_error(e.to_string())),
+            Ok(_) => {}
+        }
+        let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        if fired(&fds[1]) {
+            break Ok(None);
+        }
+        if fired(&fds[0]) {
+            break listener
+                .accept()
+                .map(|(sock, _)| Some(sock))
+                .map_err(|e| listen_error(e.to_string()));
+        }
+    };
+    drop(listener);
+    let _ = std::fs::remove_file(path);
+    result
+}
+
+/// Takes over the device of the source connected on `sock`. `component`
+/// is the one `--component` named; without it the destination runs what
+/// `component_for` picks.
+pub fn receive(
+    sock: UnixStream,
     runtime: Arc<Runtime>,
-    component: Arc<DeviceComponent>,
+    component: Option<Arc<DeviceComponent>>,
     new_tap: bool,
     options: DatapathOptions,
 ) -> Result<Incoming, IncomingError> {
-    info!(path = %path.display(), "waiting for a handover");
-    let (sock, _) = listener.accept().map_err(|e| IncomingError::Listen {
-        path: path.into(),
-        error: e.to_string(),
-    })?;
-    drop(listener);
-    let _ = std::fs::remove_file(path);
     if let Err(reason) = crate::hardening::peer::same_user(&sock) {
         return Err(IncomingError::Refused(format!("the source: {reason}")));
     }
@@ -94,8 +130,12 @@ pub fn receive(
         return Err(refuse(&sock, reason));
     }
     let mut fds = receive_fds(&sock, &offer.fds)?;
-    let prepared = Prepared::build(&offer, &mut fds, runtime, component, new_tap, options)
-        .map_err(|reason| refuse(&sock, reason))?;
+    let prepared = match component {
+        Some(component) => Ok(component),
+        None => component_for(&offer, &runtime),
+    }
+    .and_then(|component| Prepared::build(&offer, &mut fds, runtime, component, new_tap, options))
+    .map_err(|reason| refuse(&sock, reason))?;
     // From here to the resume, a commit wakes this thread at once.
     let realtime = PauseAtRealTime::raise();
     stream::send(&sock, &Reply::Prepared)?;
@@ -129,6 +169,45 @@ pub fn receive(
         marks,
         realtime: Some(realtime),
     })
+}
+
+/// The component a destination runs when `--component` names none:
+///
+/// - the one the source runs, when that is not built into sandnic (it was
+///   swapped in from a file) — its bytes came with the offer, and a
+///   handover keeps the device logic an operator chose;
+/// - otherwise this binary's builtin if it reads the source's state
+///   version (an upgrade moves to the new binary's device logic);
+/// - otherwise the oldest release built into this binary that reads it
+///   (the source had been swapped to a newer release).
+fn component_for(offer: &Offer, runtime: &Arc<Runtime>) -> Result<Arc<DeviceComponent>, String> {
+    use crate::sandbox::components::RELEASED;
+    use crate::sandbox::ComponentSource;
+    let source = &offer.source_component;
+    if !offer.component_wasm.is_empty() {
+        let received = ComponentSource::Received {
+            bytes: offer.component_wasm.as_slice().into(),
+            origin: format!("{} {}", source.name, source.version),
+        };
+        return runtime
+            .load(&received)
+            .map_err(|e| format!("the source's component: {e:#}"));
+    }
+    let wanted = source.state_version;
+    let candidates = std::iter::once(ComponentSource::Builtin)
+        .chain(RELEASED.iter().map(ComponentSource::Released));
+    for candidate in candidates {
+        let component = runtime.load(&candidate).map_err(|e| format!("{e:#}"))?;
+        let info = &component.info;
+        if (info.oldest_state_version..=info.state_version).contains(&wanted) {
+            return Ok(component);
+        }
+    }
+    Err(format!(
+        "no component built into this sandnic reads state version {wanted} (the source runs {} {}): \
+         start the destination with --component naming one that does",
+        source.name, source.version
+    ))
 }
 
 /// Tells the source why, and ends the handover here.

@@ -105,6 +105,13 @@ pub fn offer(
         magic: stream::MAGIC.into(),
         version: stream::VERSION,
         source_component: backend.device().info().clone(),
+        component_wasm: backend
+            .device()
+            .component()
+            .wasm
+            .as_deref()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
         host,
         fds: fds.iter().map(|(role, _)| *role).collect(),
     };

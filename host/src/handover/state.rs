@@ -25,6 +25,12 @@ pub struct Offer {
     pub magic: String,
     pub version: u32,
     pub source_component: ComponentInfo,
+    /// The source's component when it is not built into sandnic (swapped
+    /// in from a file): its bytes, so a destination given no `--component`
+    /// runs the same device logic. Empty otherwise (and from releases that
+    /// did not send it).
+    #[serde(default, with = "serde_bytes_compat")]
+    pub component_wasm: Vec<u8>,
     /// As of the offer; ring positions are final only in the `Commit`.
     pub host: HostState,
     pub fds: Vec<FdRole>,

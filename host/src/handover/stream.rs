@@ -17,9 +17,10 @@ use std::time::Duration;
 /// speaks.
 pub const MAGIC: &str = "sandnic-handover";
 pub const VERSION: u32 = 2;
-/// Largest frame accepted. The biggest section is the device state (64 KiB
-/// at most) plus the host state: far below this.
-pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame accepted: the offer, with a component that is not built
+/// into sandnic (at most `MAX_COMPONENT_BYTES`) and the host state; the
+/// commit's device state is 64 KiB at most.
+pub const MAX_FRAME: usize = crate::sandbox::MAX_COMPONENT_BYTES + (1 << 20);
 /// fds per frame: as many as one message may carry.
 pub const FDS_PER_FRAME: usize = MAX_FDS_PER_MESSAGE;
 /// Most fds one handover may carry: a connection, two listeners, a backend

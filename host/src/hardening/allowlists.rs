@@ -5,7 +5,7 @@
 //! the datapath, UNIX sockets only and TUN ioctls by number for the
 //! control thread.
 
-use crate::tap::{TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
+use crate::tap::{TUNSETCARRIER, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use std::collections::BTreeMap;
 
@@ -143,9 +143,15 @@ fn control(rules: &mut Rules) {
         vec![eq(0, libc::AF_UNIX as u64, SeccompCmpArgLen::Dword)],
     );
     // TAP offloads, the vnet header length and queue attach/detach follow
-    // the device model's effects: those three TUN ioctls, and FIONBIO
-    // (sockets made non-blocking), and no other.
-    for request in [TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE, libc::FIONBIO] {
+    // the device model's effects, the carrier follows the link: those four
+    // TUN ioctls, and FIONBIO (sockets made non-blocking), and no other.
+    for request in [
+        TUNSETOFFLOAD,
+        TUNSETVNETHDRSZ,
+        TUNSETQUEUE,
+        TUNSETCARRIER,
+        libc::FIONBIO,
+    ] {
         allow_if(
             rules,
             libc::SYS_ioctl,
@@ -258,8 +264,8 @@ mod tests {
         ] {
             assert!(!control.contains_key(&nr), "control allows syscall {nr}");
         }
-        // socket: AF_UNIX only; ioctl: four request numbers.
+        // socket: AF_UNIX only; ioctl: five request numbers.
         assert_eq!(control[&libc::SYS_socket].len(), 1);
-        assert_eq!(control[&libc::SYS_ioctl].len(), 4);
+        assert_eq!(control[&libc::SYS_ioctl].len(), 5);
     }
 }

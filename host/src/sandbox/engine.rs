@@ -24,9 +24,42 @@ use wasmtime::{Config, Engine};
 pub enum ComponentSource {
     /// The device component built into this binary.
     Builtin,
-    /// One of the released components embedded for `inspect`.
+    /// One of the released components embedded in this binary.
     Released(&'static super::components::Released),
     File(PathBuf),
+    /// A component that came with a handover (the source had it from a
+    /// file): its bytes, and where the source had it from.
+    Received {
+        bytes: Arc<[u8]>,
+        origin: String,
+    },
+}
+
+/// Largest component accepted from a file or a handover peer (the
+/// released ones are about 500 KiB): the peer chooses what it sends, and
+/// all of it is held in memory and compiled.
+pub const MAX_COMPONENT_BYTES: usize = 8 << 20;
+
+impl ComponentSource {
+    /// What an operator names: `builtin` (this binary's device component),
+    /// `builtin:VERSION` (a release embedded in this binary, see
+    /// `sandnic inspect`), or the path of a component file (`./builtin` for
+    /// a file of that name).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use super::components::RELEASED;
+        match text.split_once(':') {
+            _ if text == "builtin" => Ok(Self::Builtin),
+            Some(("builtin", version)) => RELEASED
+                .iter()
+                .find(|r| r.version == version)
+                .map(Self::Released)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = RELEASED.iter().map(|r| r.version).collect();
+                    format!("no release {version} is built into this sandnic (it has {known:?})")
+                }),
+            _ => Ok(Self::File(PathBuf::from(text))),
+        }
+    }
 }
 
 /// A compiled component, ready to instantiate cheaply many times.
@@ -36,6 +69,10 @@ pub struct DeviceComponent {
     pub info: ComponentInfo,
     /// Where it came from, for logs and reports.
     pub origin: String,
+    /// Its bytes, when they are not built into sandnic (a file, or a
+    /// handover): a handover passes them on, so the destination can run the
+    /// same device logic.
+    pub wasm: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,6 +81,24 @@ pub struct ComponentInfo {
     pub version: String,
     pub state_version: u32,
     pub oldest_state_version: u32,
+}
+
+/// A component file, refused when larger than MAX_COMPONENT_BYTES.
+fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("reading component {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_COMPONENT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading component {}", path.display()))?;
+    if bytes.len() > MAX_COMPONENT_BYTES {
+        bail!(
+            "component {} is larger than {MAX_COMPONENT_BYTES} bytes",
+            path.display()
+        );
+    }
+    Ok(bytes)
 }
 
 /// Engine + linker + limits: one per process.
@@ -114,19 +169,30 @@ impl Runtime {
         self: &Arc<Self>,
         source: &ComponentSource,
     ) -> anyhow::Result<Arc<DeviceComponent>> {
-        let (bytes, origin) = match source {
-            ComponentSource::Builtin => {
-                (super::components::BUILTIN.to_vec(), "builtin".to_string())
+        let (bytes, origin, wasm): (&[u8], String, Option<Arc<[u8]>>) = match source {
+            ComponentSource::Builtin => (super::components::BUILTIN, "builtin".into(), None),
+            ComponentSource::Released(r) => (r.bytes, format!("builtin:{}", r.version), None),
+            ComponentSource::File(path) => {
+                let bytes: Arc<[u8]> = read_bounded(path)?.into();
+                (&[], path.display().to_string(), Some(bytes))
             }
-            ComponentSource::Released(r) => (r.bytes.to_vec(), format!("released {}", r.version)),
-            ComponentSource::File(path) => (
-                std::fs::read(path)
-                    .with_context(|| format!("reading component {}", path.display()))?,
-                path.display().to_string(),
-            ),
+            ComponentSource::Received { bytes, origin } => {
+                if bytes.len() > MAX_COMPONENT_BYTES {
+                    bail!(
+                        "a component of {} bytes (at most {MAX_COMPONENT_BYTES})",
+                        bytes.len()
+                    );
+                }
+                (
+                    &[],
+                    format!("{origin} (from the handover)"),
+                    Some(bytes.clone()),
+                )
+            }
         };
+        let bytes = wasm.as_deref().unwrap_or(bytes);
         let component = self
-            .compile_cached(&bytes)
+            .compile_cached(bytes)
             .with_context(|| format!("compiling component {origin}"))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
             format!("component {origin} needs imports sandnic does not grant (only host-log and stdio)")
@@ -134,7 +200,12 @@ impl Runtime {
         let pre = VirtioNetDevicePre::new(instance_pre)?;
         let info = super::instance::query_info(self, &pre)
             .with_context(|| format!("querying component {origin}"))?;
-        Ok(Arc::new(DeviceComponent { pre, info, origin }))
+        Ok(Arc::new(DeviceComponent {
+            pre,
+            info,
+            origin,
+            wasm,
+        }))
     }
 
     fn compile_cached(&self, bytes: &[u8]) -> anyhow::Result<Component> {

@@ -20,7 +20,10 @@ mod swap;
 pub mod validate;
 
 pub use device::{CtrlOutcome, DeviceError, SandboxStats, SandboxedDevice};
-pub use engine::{default_cache_dir, ComponentInfo, ComponentSource, DeviceComponent, Runtime};
+pub use engine::{
+    default_cache_dir, ComponentInfo, ComponentSource, DeviceComponent, Runtime,
+    MAX_COMPONENT_BYTES,
+};
 pub use instance::SandboxError;
 pub use limits::SandboxLimits;
 pub use swap::{SwapError, SwapReport};
