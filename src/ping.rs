@@ -30,6 +30,9 @@ pub struct PingReport {
     pub times: Vec<f64>,
     /// Sequence numbers of the replies, in the same order.
     pub reply_seqs: Vec<u64>,
+    /// When each answered probe went out (reply time less its round trip),
+    /// in the same order.
+    pub sent_times: Vec<f64>,
     /// `-O`'s "no answer yet" reports: (sequence, when the next probe went
     /// out).
     pub no_answer: Vec<(u64, f64)>,
@@ -71,6 +74,18 @@ fn timestamp(line: &str) -> Option<f64> {
     line.strip_prefix('[')?.split(']').next()?.parse().ok()
 }
 
+/// A reply's round trip in seconds (`time=0.12 ms`).
+fn round_trip(line: &str) -> Option<f64> {
+    let ms: f64 = line
+        .split("time=")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some(ms / 1e3)
+}
+
 fn icmp_seq(line: &str) -> Option<u64> {
     line.split("icmp_seq=")
         .nth(1)?
@@ -81,10 +96,13 @@ fn icmp_seq(line: &str) -> Option<u64> {
 }
 
 pub fn parse(output: &str) -> PingReport {
-    let replies: Vec<(u64, f64)> = output
+    let replies: Vec<(u64, f64, f64)> = output
         .lines()
         .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| Some((icmp_seq(l)?, timestamp(l)?)))
+        .filter_map(|l| {
+            let at = timestamp(l)?;
+            Some((icmp_seq(l)?, at, at - round_trip(l).unwrap_or(0.0)))
+        })
         .collect();
     let no_answer = output
         .lines()
@@ -107,20 +125,33 @@ pub fn parse(output: &str) -> PingReport {
         received: number_before("received"),
         times: replies.iter().map(|r| r.1).collect(),
         reply_seqs: replies.iter().map(|r| r.0).collect(),
+        sent_times: replies.iter().map(|r| r.2).collect(),
         no_answer,
     }
 }
 
 impl PingReport {
     /// Probes that never got a reply, with when they were reported missing
-    /// (the next probe's send time); the last probe, whose reply may still
-    /// have been on its way when ping stopped, is left out.
+    /// (the next probe's send time). Probes no answered one followed, sent
+    /// within ping's reply timeout of the end, are left out: their replies
+    /// may still have been on their way when ping stopped.
     pub fn lost(&self) -> Vec<(u64, f64)> {
         let answered: std::collections::HashSet<u64> = self.reply_seqs.iter().copied().collect();
+        // A probe no later one outran may still have been on its way back
+        // when ping stopped, unless it went out longer ago than ping waits
+        // for a reply (`-W 1`).
+        let last_answered = self.reply_seqs.iter().copied().max().unwrap_or(0);
+        let end = self
+            .times
+            .iter()
+            .chain(self.no_answer.iter().map(|(_, t)| t))
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
         let mut lost: Vec<(u64, f64)> = self
             .no_answer
             .iter()
             .filter(|(seq, _)| !answered.contains(seq))
+            .filter(|&&(seq, at)| seq < last_answered || at < end - 1.0)
             .copied()
             .collect();
         lost.sort_by_key(|l| l.0);
@@ -128,12 +159,38 @@ impl PingReport {
         lost
     }
 
-    /// Lost probes outside `[from, to]` (wall-clock seconds).
+    /// Lost probes that surely went out before `from` or after `to`
+    /// (wall-clock seconds).
+    ///
+    /// `-O` reports a probe unanswered when it sends the next one, so the
+    /// report's time is only the latest the lost probe can have gone out;
+    /// when ping itself stalls (a loaded machine) it comes long after. The
+    /// earliest is when the probe before it went out (the report of that
+    /// one's own loss, or its reply less the round trip). A probe is judged
+    /// outside only when the whole of that span is.
     pub fn lost_outside(&self, from: f64, to: f64) -> Vec<(u64, f64)> {
         self.lost()
             .into_iter()
-            .filter(|&(_, t)| t < from || t > to)
+            .filter(|&(seq, latest)| latest < from || self.earliest_send(seq) > to)
             .collect()
+    }
+
+    /// The earliest probe `seq` can have gone out: when the last probe
+    /// before it is known to have.
+    fn earliest_send(&self, seq: u64) -> f64 {
+        let answered = self
+            .reply_seqs
+            .iter()
+            .zip(&self.sent_times)
+            .filter(|(s, _)| **s < seq)
+            .map(|(_, &t)| t);
+        // The report for probe `s` is made as probe `s + 1` goes out.
+        let reported = self
+            .no_answer
+            .iter()
+            .filter(|(s, _)| *s < seq)
+            .map(|&(_, t)| t);
+        answered.chain(reported).fold(f64::NEG_INFINITY, f64::max)
     }
 
     /// The largest time between two consecutive replies, in seconds.
@@ -169,21 +226,27 @@ mod tests {
             [1700000000.100000] 64 bytes from 10.88.0.2: icmp_seq=1 ttl=64 time=0.1 ms\n\
             [1700000000.150000] 64 bytes from 10.88.0.2: icmp_seq=2 ttl=64 time=0.1 ms\n\
             [1700000000.300000] no answer yet for icmp_seq=3\n\
-            [1700000000.450000] 64 bytes from 10.88.0.2: icmp_seq=3 ttl=64 time=0.1 ms\n\
-            [1700000000.500000] no answer yet for icmp_seq=4\n\n\
+            [1700000000.450000] 64 bytes from 10.88.0.2: icmp_seq=3 ttl=64 time=150 ms\n\
+            [1700000000.500000] no answer yet for icmp_seq=4\n\
+            [1700000000.700000] 64 bytes from 10.88.0.2: icmp_seq=5 ttl=64 time=0.2 ms\n\
+            [1700000000.700100] no answer yet for icmp_seq=6\n\n\
             --- 10.88.0.2 ping statistics ---\n\
-            4 packets transmitted, 3 received, 25% packet loss, time 5ms\n";
+            7 packets transmitted, 4 received, 42% packet loss, time 5ms\n";
         let r = super::parse(out);
-        assert_eq!((r.transmitted, r.received, r.times.len()), (4, 3, 3));
+        assert_eq!((r.transmitted, r.received, r.times.len()), (7, 4, 4));
         assert!((r.largest_gap() - 0.3).abs() < 1e-6);
         assert!((r.top_gaps(1)[0].1 - 0.05).abs() < 1e-6);
-        assert_eq!(r.reply_seqs, vec![1, 2, 3]);
+        assert_eq!(r.reply_seqs, vec![1, 2, 3, 5]);
         assert_eq!(
             r.lost(),
             vec![(4, 1700000000.5)],
-            "seq 3 came late, not lost"
+            "seq 3 came late, not lost; seq 6 may have been on its way back at the end"
         );
         assert!(r.lost_outside(1700000000.4, 1700000000.6).is_empty());
-        assert_eq!(r.lost_outside(1700000000.0, 1700000000.4).len(), 1);
+        // Probe 4 was reported at .5, but it may have gone out as early as
+        // .3 (when probe 3 was reported unanswered): not surely after .4.
+        assert!(r.lost_outside(1700000000.0, 1700000000.4).is_empty());
+        assert_eq!(r.lost_outside(1700000000.0, 1700000000.25).len(), 1);
+        assert_eq!(r.lost_outside(1700000000.6, 1700000001.0).len(), 1);
     }
 }

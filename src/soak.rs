@@ -45,8 +45,14 @@ use std::time::Duration;
 pub const SLACK: f64 = 0.05;
 /// QEMU's `announce-initial` (its default): after a migration that moves
 /// the guest to another TAP, the bridge keeps sending to the old one until
-/// the first announcement, this long after the destination resumes. A copy
-/// migration's window ends that much later.
+/// the first announcement, this long after the destination resumes.
+///
+/// A copy migration's window therefore ends 50 ms after the destination's
+/// backend first sent anything out of its TAP (the announcement, or the
+/// guest's own first frame), which is when the bridge can learn the new
+/// port: on a loaded machine that comes well after `resumed` plus this.
+/// With no counters to see it by (DPDK), the window ends this long after
+/// `resumed` plus the slack.
 pub const ANNOUNCE_INITIAL: f64 = 0.05;
 /// Lines a QEMU prints when a ring broke across a migration.
 pub const RING_ERRORS: [&str; 4] = [
@@ -168,6 +174,11 @@ pub struct Outcome {
     pub outside_cause: Option<GapCause>,
     /// Why the TCP stream into the guest broke, if it did.
     pub stream_broke: Option<String>,
+    /// QEMU's test window (wall-clock seconds): from 50 ms before
+    /// `migrate` to 50 ms after the destination resumed, or for a copy
+    /// migration after its backend first sent a frame (see
+    /// `ANNOUNCE_INITIAL`).
+    pub window: (f64, f64),
 }
 
 impl Outcome {
@@ -188,8 +199,8 @@ impl Outcome {
         }
         if !self.lost_outside.is_empty() {
             faults.push(format!(
-                "probes lost outside QEMU's window: {:?}",
-                self.lost_outside
+                "probes lost outside QEMU's window [{:.3}, {:.3}]: {:?}",
+                self.window.0, self.window.1, self.lost_outside
             ));
         }
         (!faults.is_empty()).then(|| faults.join("; "))
@@ -300,6 +311,7 @@ pub fn run_chain(
                 &uri,
                 (&rams[at], destination_ram),
                 &apis,
+                sides[to].api.is_some().then_some(to),
                 &sides[to].dir.path("ping.log"),
             )?;
             let _ = source.qmp.execute("quit", json!({}));
@@ -418,6 +430,7 @@ fn one_migration(
     uri: &str,
     rams: (&Path, Option<&Path>),
     apis: &[PathBuf],
+    destination_side: Option<usize>,
     ping_log: &Path,
 ) -> anyhow::Result<Outcome> {
     let qemu = variant.qemu.version();
@@ -469,19 +482,25 @@ fn one_migration(
         .filter(|l| RING_ERRORS.iter().any(|e| l.contains(e)))
         .map(str::to_string)
         .collect();
-    let window_end = migration.resumed
-        + SLACK
+    let window_end = SLACK
         + match variant.kind {
-            MigrationKind::Copy => ANNOUNCE_INITIAL,
-            MigrationKind::Local => 0.0,
+            MigrationKind::Local => migration.resumed,
+            MigrationKind::Copy => match destination_side {
+                Some(side) => first_sent_after(&samples, side, migration.started)
+                    .unwrap_or(migration.resumed)
+                    .max(migration.resumed),
+                None => migration.resumed + ANNOUNCE_INITIAL,
+            },
         };
-    let lost_outside = ping.lost_outside(migration.started - SLACK, window_end);
+    let window = (migration.started - SLACK, window_end);
+    let lost_outside = ping.lost_outside(window.0, window.1);
     let gap = largest_gap(&ping.times);
     let outside_cause = lost_outside.first().and_then(|&(_, at)| {
         let gap = gap_around(&ping.times, at)?;
         Some(cause_of(&samples, gap.0, gap.1))
     });
     Ok(Outcome {
+        window,
         stream_broke,
         outside_cause,
         variant,
@@ -505,6 +524,24 @@ fn largest_gap(times: &[f64]) -> Option<(f64, f64)> {
         .map(|w| (w[0], w[1]))
 }
 
+/// When side `side` was first seen sending a frame after `after`.
+fn first_sent_after(samples: &[Sample], side: usize, after: f64) -> Option<f64> {
+    let mut before = samples
+        .iter()
+        .rfind(|s| s.at <= after)?
+        .sent_by_side
+        .get(side)
+        .copied()?;
+    for s in samples.iter().filter(|s| s.at > after) {
+        let now = *s.sent_by_side.get(side)?;
+        if now > before {
+            return Some(s.at);
+        }
+        before = now;
+    }
+    None
+}
+
 /// The replies either side of `at`.
 fn gap_around(times: &[f64], at: f64) -> Option<(f64, f64)> {
     times
@@ -514,13 +551,16 @@ fn gap_around(times: &[f64], at: f64) -> Option<(f64, f64)> {
 }
 
 /// The backends' counters at one moment (summed over both sides).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     at: f64,
     /// Frames put into the guest's rings.
     delivered: u64,
     /// Frames the guest sent.
     sent: u64,
+    /// Frames sent out of each side's TAP (the guest's and announcements),
+    /// in `apis` order.
+    sent_by_side: Vec<u64>,
     /// Some session of some side drives its device (its rings run).
     running: bool,
 }
@@ -559,16 +599,20 @@ fn sample(apis: &[PathBuf]) -> Option<Sample> {
         at: crate::migration::wall_clock(),
         delivered: 0,
         sent: 0,
+        sent_by_side: Vec::new(),
         running: false,
     };
     for api in apis {
         let call = |cmd| sandnic_host::api::client(api, json!({ "cmd": cmd })).ok();
         let (stats, _) = call("stats")?;
         let (status, _) = call("status")?;
+        let mut side = stats["control"]["rarps_sent"].as_u64()?;
         for q in stats["queues"].as_array()? {
             s.delivered += q["rx_packets"].as_u64()?;
             s.sent += q["tx_packets"].as_u64()?;
+            side += q["tx_packets"].as_u64()?;
         }
+        s.sent_by_side.push(side);
         s.running |= status["sessions"]
             .as_array()?
             .iter()

@@ -140,6 +140,46 @@ fn the_standby_takes_over_once_the_first_stops_its_rings() {
     assert_eq!(rig.control_stat("standby_refusals"), 0);
 }
 
+/// Two queue pairs under a frontend that keeps the control queue (QEMU):
+/// frames that wait in the TAP's second queue while nobody drives reach
+/// the standby once it drives, although it sets its rings up one by one
+/// and runs its first ring before it enables the second pair. Detaching
+/// that TAP queue meanwhile, as sandnic once did, drops every frame in it.
+#[test]
+fn frames_waiting_on_every_pair_reach_the_next_driver() {
+    require_network!("frames_waiting_on_every_pair_reach_the_next_driver");
+    let two_pairs = NicConfig {
+        pairs: 2,
+        ctrl_in_frontend: true,
+        ..config()
+    };
+    let mut rig = Rig::new(&["--queues", "2"], two_pairs.clone()).expect("rig");
+    let sock = host_udp(&rig);
+    sandnic::steering::send_on_pair(&sock, 1).unwrap();
+    let standby = TestNic::connect_standby(&rig.sandnic.socket, &two_pairs).unwrap();
+    rig.nic.stop_rings().unwrap();
+    wait_sessions(&rig, 2);
+    for i in 0..5u8 {
+        sock.send_to(&[110 + i; 30], "10.77.0.2:5000").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let mut second = standby.start().unwrap();
+    for i in 0..5u8 {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = false;
+        while !got && Instant::now() < deadline {
+            got = second
+                .recv(1, Duration::from_millis(50))
+                .is_some_and(|f| frames::udp_payload(&f) == Some(&[110 + i; 30][..]));
+        }
+        assert!(
+            got,
+            "frame {i} that waited on pair 1 was lost: {}",
+            rig.sandnic.log()
+        );
+    }
+}
+
 /// The driving frontend leaves without stopping its rings while a standby
 /// is connected: the standby can then start and drive the device.
 #[test]

@@ -100,6 +100,8 @@ impl NetBackend {
     /// destination once it has taken over).
     pub fn resume_datapath(&mut self) {
         self.refresh_all_rings();
+        // Now that the rings run, the session drives and decides the pairs.
+        self.sync_active_pairs();
     }
 
     /// The host state and the fds that carry the device (rings must be

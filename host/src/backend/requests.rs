@@ -238,6 +238,7 @@ impl NetBackend {
         }
         let outcome = self.with_ring(index, |b, i| {
             b.session.vrings[i].enabled = enable;
+            b.session.vrings[i].disabled = !enable;
             Ok(())
         });
         // The device model hears of it only from the session that may

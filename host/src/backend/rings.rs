@@ -6,7 +6,7 @@
 //! was) and starts it again, so the datapath always works on a consistent
 //! ring.
 
-use super::NetBackend;
+use super::{NetBackend, Session};
 use crate::datapath::vring::Vring;
 use crate::datapath::Direction;
 use crate::memory::guest_memory::GuestMemory;
@@ -38,7 +38,11 @@ impl NetBackend {
     /// The control queue follows the data queues: index 2 without MQ,
     /// `2 * max_queue_pairs` with it.
     fn ctrl_index(&self) -> usize {
-        let pairs = if self.session.proto.device_features() & features::MQ != 0 {
+        self.ctrl_index_of(&self.session)
+    }
+
+    fn ctrl_index_of(&self, session: &Session) -> usize {
+        let pairs = if session.proto.device_features() & features::MQ != 0 {
             usize::from(self.device.config().max_queue_pairs)
         } else {
             1
@@ -163,39 +167,56 @@ impl NetBackend {
     /// with VQ_PAIRS_SET, which the device model answers. One that keeps
     /// the control queue itself (QEMU, Cloud Hypervisor, DPDK's
     /// virtio_user) never sends it: it enables each pair's rings with
-    /// SET_VRING_ENABLE instead, so there the enabled rings decide. Only
-    /// the driving session's rings count.
+    /// SET_VRING_ENABLE instead, so there the enabled rings decide.
+    ///
+    /// Detaching a TAP queue drops every frame waiting in it, so pairs
+    /// are given up only when meant: only the session that drives the
+    /// device decides, and while none does (a migration's switch, between
+    /// the source's GET_VRING_BASE and the destination's first running
+    /// ring) the TAP stays as it is — a destination QEMU sends the pair
+    /// enables of the guest it has not loaded yet (one pair) before those
+    /// of the guest it runs. And a pair beyond the enabled ones stays
+    /// attached until the frontend disables it: a frontend that sets its
+    /// rings up one by one runs the first before it enables the others.
     pub(super) fn sync_active_pairs(&mut self) {
-        if self.other_drives() {
+        let Some(driver) = self.driving_session() else {
             return;
-        }
-        let wanted = if self.ctrl_in_backend() {
+        };
+        let wanted = if self.ctrl_in_backend(driver) {
             self.model_pairs
         } else {
-            self.enabled_pairs()
+            let mut kept = self.enabled_pairs(driver);
+            let disabled = |pair: usize| {
+                (2 * pair..2 * pair + 2).any(|i| driver.vrings.get(i).is_some_and(|v| v.disabled))
+            };
+            while kept < self.active_pairs && !disabled(usize::from(kept)) {
+                kept += 1;
+            }
+            kept
         };
         let wanted = wanted.clamp(1, self.datapath.pair_count().max(1) as u16);
         if wanted != self.active_pairs {
+            tracing::info!(from = self.active_pairs, to = wanted, "active queue pairs");
             self.datapath.set_active_pairs(usize::from(wanted));
             self.active_pairs = wanted;
         }
     }
 
     /// The frontend forwards the control queue: its ring was set up here.
-    fn ctrl_in_backend(&self) -> bool {
-        self.session
+    fn ctrl_in_backend(&self, session: &Session) -> bool {
+        session
             .vrings
-            .get(self.ctrl_index())
+            .get(self.ctrl_index_of(session))
             .is_some_and(|v| v.started)
     }
 
     /// The leading pairs whose two rings the frontend enabled (one pair
     /// without MQ).
-    fn enabled_pairs(&self) -> u16 {
-        if self.session.proto.device_features() & features::MQ == 0 {
+    fn enabled_pairs(&self, session: &Session) -> u16 {
+        if session.proto.device_features() & features::MQ == 0 {
             return 1;
         }
-        let rings = &self.session.vrings;
+        let rings = &session.vrings;
         let enabled = |i: usize| rings.get(i).is_some_and(|v| v.enabled);
         (0..self.datapath.pair_count())
             .take_while(|&p| enabled(2 * p) && enabled(2 * p + 1))

@@ -255,6 +255,16 @@ impl Datapath {
 
     /// Stops ring `(pair, dir)`: pending RX buffers go back to the guest and
     /// the next available index is returned (GET_VRING_BASE).
+    ///
+    /// This is the GET_VRING_BASE barrier, and it holds by construction: a
+    /// datapath thread touches a ring, its buffers and guest memory only
+    /// inside a batch, with the pair's lock held, and it marks every page it
+    /// writes in the dirty log before it releases the lock (`Vring`'s used
+    /// ring writes, `rx::deliver`). This takes the same lock, so it returns
+    /// at a batch boundary with every write before it logged, and it drops
+    /// the ring: no thread can reach it, its buffers or its memory after.
+    /// The frontend gets the answer only after this returns.
+    /// (`tests/dirty_log.rs`: `get_vring_base_is_a_barrier_with_every_write_before_it_logged`.)
     pub fn stop_ring(&self, pair: usize, dir: Direction) -> Option<u16> {
         self.with_pair(pair, |st| {
             let ring = match dir {

@@ -50,6 +50,11 @@ pub struct VringSetup {
     /// ring stops).
     pub base: u16,
     pub enabled: bool,
+    /// The frontend disabled the ring (SET_VRING_ENABLE 0) and has not
+    /// enabled it since: it means to use fewer queue pairs, which a ring
+    /// merely not enabled yet (a frontend setting rings up one by one)
+    /// does not say.
+    pub disabled: bool,
     /// A kick fd arrived and no GET_VRING_BASE stopped the ring since.
     pub started: bool,
     /// The ring is running in the datapath (or as the control queue).
