@@ -281,7 +281,9 @@ fn a_handover_names_the_new_main_process() {
     let mut nic = TestNic::connect(&source.socket, &NicConfig::default()).unwrap();
     let (destination, path) =
         Sandnic::incoming_with_env(&ns, &dir, "dest", &source, &[], &env).unwrap();
-    let reply = source.handover(&path, false).unwrap();
+    let reply = source
+        .handover(&path, false)
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", source.log(), destination.log()));
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(
         main_pid(&notify.wait_for("READY=1")),

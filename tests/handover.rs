@@ -413,7 +413,13 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
     for (what, bytes) in cases {
         let (mut destination, path) =
             Sandnic::incoming(&rig.ns, &rig.dir, what, &rig.sandnic, &[]).unwrap();
-        let mut sock = UnixStream::connect(&path).unwrap();
+        let mut sock = UnixStream::connect(&path).unwrap_or_else(|e| {
+            panic!(
+                "{what}: connecting to the destination: {e} (exited: {:?})\n{}",
+                destination.exited(),
+                destination.log()
+            )
+        });
         std::io::Write::write_all(&mut sock, &bytes).unwrap();
         drop(sock);
         assert!(

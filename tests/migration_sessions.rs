@@ -180,6 +180,67 @@ fn frames_waiting_on_every_pair_reach_the_next_driver() {
     }
 }
 
+/// With a standby connected (a migration's destination waiting), the API's
+/// `swap` and `link` act on the session that drives the device: its pairs
+/// stay active, its frontend gets the config change, its traffic flows.
+/// (Once, the backend worked on whichever session sent the last request,
+/// and a swap then took the standby's pairs: none enabled, one kept.)
+#[test]
+fn api_commands_act_on_the_driving_session_with_a_standby_connected() {
+    require_network!("api_commands_act_on_the_driving_session_with_a_standby_connected");
+    let two_pairs = NicConfig {
+        pairs: 2,
+        ctrl_in_frontend: true,
+        ..config()
+    };
+    let mut rig = Rig::new(&["--queues", "2"], two_pairs.clone()).expect("rig");
+    let sock = host_udp(&rig);
+    let _standby = TestNic::connect_standby(&rig.sandnic.socket, &two_pairs).unwrap();
+    wait_sessions(&rig, 2);
+    let active = |rig: &Rig| {
+        let status = rig
+            .sandnic
+            .api(serde_json::json!({"cmd": "status"}))
+            .unwrap();
+        status["queue_pairs"]["active"].clone()
+    };
+    assert_eq!(active(&rig), 2);
+    let swapped = rig
+        .sandnic
+        .api(serde_json::json!({"cmd": "swap", "component": "builtin:0.2.0"}))
+        .unwrap();
+    assert_eq!(swapped["ok"], true, "{swapped}");
+    assert_eq!(active(&rig), 2, "the driving session's pairs after a swap");
+    let down = rig
+        .sandnic
+        .api(serde_json::json!({"cmd": "link", "up": false}))
+        .unwrap();
+    assert_eq!(down["ok"], true, "{down}");
+    assert!(
+        rig.nic.wait_config_change(Duration::from_secs(5)),
+        "the driving frontend hears of the link change"
+    );
+    rig.sandnic
+        .api(serde_json::json!({"cmd": "link", "up": true}))
+        .unwrap();
+    assert!(rig.nic.wait_config_change(Duration::from_secs(5)));
+    // Both pairs carry the driving frontend's traffic.
+    for pair in 0..2 {
+        sandnic::steering::send_on_pair(&sock, pair).unwrap();
+        let tag = 20 + pair as u8;
+        sock.send_to(&[tag; 30], "10.77.0.2:5000").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = false;
+        while !got && Instant::now() < deadline {
+            got = rig
+                .nic
+                .recv(pair, Duration::from_millis(50))
+                .is_some_and(|f| frames::udp_payload(&f) == Some(&[tag; 30][..]));
+        }
+        assert!(got, "pair {pair}: {}", rig.sandnic.log());
+    }
+}
+
 /// The driving frontend leaves without stopping its rings while a standby
 /// is connected: the standby can then start and drive the device.
 #[test]

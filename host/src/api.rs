@@ -234,6 +234,31 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
 /// Binds a listening socket at `path`. A live socket there is "in use"; a
 /// stale one (nobody answers) is replaced; anything else is left alone.
 pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+    bind_then(path, |_| Ok(()))
+}
+
+/// Binds a socket only sandnic's own user may connect to (the API, a
+/// handover's incoming socket): mode 0600, owned by the user sandnic will
+/// run as (`--user`; it is still root while it binds).
+pub fn bind_private(
+    path: &Path,
+    owner: Option<crate::hardening::privileges::Target>,
+) -> Result<UnixListener, String> {
+    bind_then(path, |staged| {
+        crate::hardening::peer::owner_only(staged, owner)
+    })
+}
+
+/// Binds under a private name next to `path`, runs `prepare` on it (its
+/// owner and mode), and only then renames it to `path`: whoever sees the
+/// socket file finds it listening and locked down already. (Bound at
+/// `path` itself, the file would appear before `listen` and the
+/// permissions: a client that waits for it, as `systemctl reload` does,
+/// could be refused.)
+fn bind_then(
+    path: &Path,
+    prepare: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<UnixListener, String> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -245,21 +270,25 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
                 path.display()
             ));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
     }
-    UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))
-}
-
-/// Binds a socket only sandnic's own user may connect to (the API, a
-/// handover's incoming socket): mode 0600, owned by the user sandnic will
-/// run as (`--user`; it is still root while it binds).
-pub fn bind_private(
-    path: &Path,
-    owner: Option<crate::hardening::privileges::Target>,
-) -> Result<UnixListener, String> {
-    let listener = bind_unix(path)?;
-    crate::hardening::peer::owner_only(path, owner)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} names no file", path.display()))?;
+    let staged = path.with_file_name(format!(
+        ".{}.{}.binding",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staged);
+    let listener =
+        UnixListener::bind(&staged).map_err(|e| format!("binding {}: {e}", path.display()))?;
+    let placed = prepare(&staged).and_then(|()| {
+        std::fs::rename(&staged, path).map_err(|e| format!("placing {}: {e}", path.display()))
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
     Ok(listener)
 }
 

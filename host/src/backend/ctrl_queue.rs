@@ -26,9 +26,13 @@ enum BadChain {
 
 impl NetBackend {
     /// Serves every command waiting on the control queue.
+    /// The control ring runs as a ring of the session that drives the
+    /// device, over its memory.
     pub fn process_ctrl_queue(&mut self) {
-        self.focus_driver();
-        let (Some(mut ring), Some(memory)) = (self.ctrl.take(), self.session.memory.clone()) else {
+        let Some(memory) = self.sessions.driving().and_then(|s| s.memory.clone()) else {
+            return;
+        };
+        let Some(mut ring) = self.ctrl.take() else {
             return;
         };
         notify::drain(ring.kick.as_fd());

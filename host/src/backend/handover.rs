@@ -2,6 +2,7 @@
 //! again in the new process; the plain data the host's half becomes (the
 //! handover stream in `crate::handover` carries and validates it).
 
+use super::session::{Session, SessionId};
 use super::{ControlCounters, NetBackend};
 use crate::datapath::stats::StatsSnapshot;
 use crate::datapath::vring::RingAddrs;
@@ -77,7 +78,31 @@ impl NetBackend {
     /// Stops every ring at a batch boundary. Each ring's base becomes the
     /// next available index to process; RX buffers taken ahead go back.
     pub fn stop_datapath(&mut self) {
-        self.stop_all_rings();
+        for id in self.session_ids() {
+            self.stop_all_rings(id);
+        }
+    }
+
+    fn session_ids(&self) -> Vec<SessionId> {
+        self.sessions.iter().map(|s| s.id).collect()
+    }
+
+    /// The session a handover carries: the only one (`handover_blocker`
+    /// refuses while there are two). None before any frontend connected.
+    fn handed_over(&self) -> Option<&Session> {
+        self.sessions.iter().next()
+    }
+
+    /// The session a handover's destination fills from the source's state
+    /// (served once the connection that came along is: `connect`).
+    fn adopted(&mut self) -> &mut Session {
+        if self.sessions.is_empty() {
+            self.sessions.open(Self::queue_count(&self.device));
+        }
+        self.sessions
+            .iter_mut()
+            .next()
+            .expect("a session was just opened")
     }
 
     /// Why this device cannot be handed over now, if it cannot: a VM
@@ -85,10 +110,10 @@ impl NetBackend {
     /// frontend logs dirty pages). Its state (the standby's connection, the
     /// log) does not travel in a handover, and the migration would break.
     pub fn handover_blocker(&self) -> Option<String> {
-        if self.other.is_some() {
+        if self.sessions.len() > 1 {
             return Some("a second frontend is connected (a VM migration is under way)".into());
         }
-        if self.session.dirty_log().is_some() {
+        if self.handed_over().is_some_and(|s| s.dirty_log().is_some()) {
             return Some(
                 "the frontend is logging dirty pages (a VM migration is under way)".into(),
             );
@@ -99,7 +124,9 @@ impl NetBackend {
     /// Starts every ring that should run (after a failed handover, or in the
     /// destination once it has taken over).
     pub fn resume_datapath(&mut self) {
-        self.refresh_all_rings();
+        for id in self.session_ids() {
+            self.refresh_all_rings(id);
+        }
         // Now that the rings run, the session drives and decides the pairs.
         self.sync_active_pairs();
     }
@@ -107,8 +134,15 @@ impl NetBackend {
     /// The host state and the fds that carry the device (rings must be
     /// stopped). TAP fds are left out for the new-TAP path.
     pub fn export(&self, with_tap: bool) -> (HostState, Vec<(FdRole, RawFd)>) {
-        let vrings = self
-            .session
+        let fresh;
+        let session = match self.handed_over() {
+            Some(session) => session,
+            None => {
+                fresh = Session::new(0, Self::queue_count(&self.device));
+                &fresh
+            }
+        };
+        let vrings = session
             .vrings
             .iter()
             .map(|v| VringState {
@@ -122,10 +156,9 @@ impl NetBackend {
         let tap = self.datapath.tap();
         let host = HostState {
             config: self.device.config().clone(),
-            protocol: self.session.proto.clone(),
+            protocol: session.proto.clone(),
             vrings,
-            regions: self
-                .session
+            regions: session
                 .memory
                 .as_ref()
                 .map(|m| m.regions().to_vec())
@@ -140,12 +173,12 @@ impl NetBackend {
             queue_stats: self.datapath.stats(),
         };
         let mut fds = Vec::new();
-        if let Some(memory) = &self.session.memory {
+        if let Some(memory) = &session.memory {
             for (i, fd) in memory.region_fds().into_iter().enumerate() {
                 fds.push((FdRole::MemoryRegion(i as u32), fd.as_raw_fd()));
             }
         }
-        for (i, v) in self.session.vrings.iter().enumerate() {
+        for (i, v) in session.vrings.iter().enumerate() {
             let q = i as u16;
             if let Some(fd) = &v.kick {
                 fds.push((FdRole::Kick(q), fd.as_raw_fd()));
@@ -157,7 +190,7 @@ impl NetBackend {
                 fds.push((FdRole::Err(q), fd.as_raw_fd()));
             }
         }
-        if let Some(fd) = &self.session.backend_channel {
+        if let Some(fd) = &session.backend_channel {
             fds.push((FdRole::BackendChannel, fd.as_raw_fd()));
         }
         if with_tap {
@@ -197,13 +230,14 @@ impl NetBackend {
         host: &HostState,
         fds: &mut HashMap<FdRole, OwnedFd>,
     ) -> anyhow::Result<()> {
-        for (i, setup) in self.session.vrings.iter_mut().enumerate() {
+        let session = self.adopted();
+        for (i, setup) in session.vrings.iter_mut().enumerate() {
             let q = i as u16;
             setup.kick = fds.remove(&FdRole::Kick(q)).map(Arc::new);
             setup.call = fds.remove(&FdRole::Call(q)).map(Arc::new);
             setup.err = fds.remove(&FdRole::Err(q));
         }
-        self.session.memory = if host.regions.is_empty() {
+        session.memory = if host.regions.is_empty() {
             None
         } else {
             let region_fds = (0..host.regions.len() as u32)
@@ -217,22 +251,24 @@ impl NetBackend {
                 region_fds,
             )?))
         };
-        self.session.backend_channel = fds.remove(&FdRole::BackendChannel);
+        session.backend_channel = fds.remove(&FdRole::BackendChannel);
         Ok(())
     }
 
     /// The plain-data half of the host state: negotiated protocol, each
     /// ring's size, addresses and position, the link. No fd, no mapping.
     fn adopt_positions(&mut self, host: &HostState) {
-        self.session.proto = host.protocol.clone();
-        for (setup, v) in self.session.vrings.iter_mut().zip(&host.vrings) {
+        let session = self.adopted();
+        session.proto = host.protocol.clone();
+        for (setup, v) in session.vrings.iter_mut().zip(&host.vrings) {
             setup.num = v.num;
             setup.addrs = v.addrs;
             setup.base = v.base;
             setup.enabled = v.enabled;
             setup.started = v.started;
         }
-        self.settings.mergeable = self.session.proto.device_features() & features::MRG_RXBUF != 0;
+        let mergeable = session.proto.device_features() & features::MRG_RXBUF != 0;
+        self.settings.mergeable = mergeable;
         self.settings.link_up = host.link_up;
     }
 
@@ -252,10 +288,13 @@ impl NetBackend {
     /// Touches every page of every ring once, so that the first pass over a
     /// ring after the pause takes no page fault on the fresh mapping.
     fn prefault_rings(&self) {
-        let Some(memory) = &self.session.memory else {
+        let Some(session) = self.handed_over() else {
             return;
         };
-        for setup in &self.session.vrings {
+        let Some(memory) = &session.memory else {
+            return;
+        };
+        for setup in &session.vrings {
             let Some(addrs) = setup.addrs else { continue };
             let n = u64::from(setup.num);
             for (va, len) in [

@@ -4,7 +4,7 @@
 //! (SEND_RARP). Two frontend sessions during a local migration are in
 //! `session.rs`.
 
-use super::{NetBackend, Outcome};
+use super::{NetBackend, Outcome, SessionId};
 use crate::memory::dirty_log::DirtyLog;
 use crate::vhost_user::protocol;
 use sandnic_device::format_mac;
@@ -28,7 +28,13 @@ impl NetBackend {
     /// looks at its request code, so a refusal would go unseen and the
     /// migration would complete with pages unlogged: a log that cannot be
     /// kept closes the connection instead.
-    pub(super) fn set_log_base(&mut self, size: u64, offset: u64, fd: OwnedFd) -> Outcome {
+    pub(super) fn set_log_base(
+        &mut self,
+        id: SessionId,
+        size: u64,
+        offset: u64,
+        fd: OwnedFd,
+    ) -> Outcome {
         let log = match DirtyLog::map(fd, size, offset) {
             Ok(log) => log,
             Err(e) => {
@@ -36,22 +42,26 @@ impl NetBackend {
                 return Outcome::Disconnect(format!("SET_LOG_BASE: {e}"));
             }
         };
-        if let Some(memory) = &self.session.memory {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return Outcome::Failed(format!("no session {id}"));
+        };
+        if let Some(memory) = &session.memory {
             if !log.covers(memory.end()) {
+                let end = memory.end();
                 self.counters.log_failures += 1;
                 return Outcome::Disconnect(format!(
-                    "SET_LOG_BASE: a log of {size} bytes does not cover guest memory up to {:#x}",
-                    memory.end()
+                    "SET_LOG_BASE: a log of {size} bytes does not cover guest memory up to {end:#x}"
                 ));
             }
         }
-        self.session.log = Some(Arc::new(log));
-        if self.session.drives() {
+        session.log = Some(Arc::new(log));
+        let (drives, shmfd) = (session.drives(), session.proto.has(protocol::LOG_SHMFD));
+        if drives {
             // Restart the rings so they mark the new log.
-            self.stop_all_rings();
-            self.refresh_all_rings();
+            self.stop_all_rings(id);
+            self.refresh_all_rings(id);
         }
-        if self.session.proto.has(protocol::LOG_SHMFD) {
+        if shmfd {
             // QEMU reads any body and checks only the request code;
             // rust-vmm's frontend expects the VhostUserLog echoed back.
             Outcome::Reply(VhostUserLog::new(size, offset).as_slice().to_vec())

@@ -22,8 +22,8 @@ use serde::Serialize;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-pub use requests::Outcome;
-pub use session::{Session, SessionId, SessionReport};
+pub use crate::vhost_user::connection::Outcome;
+pub use session::{Session, SessionId, SessionReport, Sessions};
 
 /// Things that went wrong on the control path, counted for `stats`.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -57,11 +57,8 @@ pub struct ControlCounters {
 pub struct NetBackend {
     device: SandboxedDevice,
     datapath: Datapath,
-    /// The session the current request came from (see `focus`).
-    session: Session,
-    /// The other connected session, if two frontends are connected.
-    other: Option<Session>,
-    next_session: SessionId,
+    /// The frontends' sessions, by id.
+    sessions: Sessions,
     /// The memory the datapath's pairs work on (the driving session's).
     installed_memory: Option<Arc<GuestMemory>>,
     /// The control queue, served on the control thread.
@@ -104,13 +101,10 @@ impl NetBackend {
         let mut device = device;
         let offered = device.device_features()?;
         let datapath = Datapath::start(tap, options)?;
-        let queues = Self::queue_count(&device);
         Ok(Self {
             device,
             datapath,
-            session: Session::new(0, queues),
-            other: None,
-            next_session: 1,
+            sessions: Sessions::default(),
             installed_memory: None,
             ctrl: None,
             settings: Settings::default(),
@@ -146,27 +140,24 @@ impl NetBackend {
 
     /// The protocol state of session `id` (for REPLY_ACK, `status`).
     pub fn protocol(&self, id: SessionId) -> Option<&ProtocolState> {
-        self.sessions().find(|s| s.id == id).map(|s| &s.proto)
+        self.sessions.get(id).map(|s| &s.proto)
     }
 
-    fn sessions(&self) -> impl Iterator<Item = &Session> {
-        std::iter::once(&self.session).chain(self.other.as_ref())
-    }
-
-    /// Every connected session, the driving one first.
+    /// Every connected session, the driving one first, then by id.
     pub fn session_reports(&self) -> Vec<SessionReport> {
         let mut reports: Vec<_> = self
-            .sessions()
+            .sessions
+            .iter()
             .filter(|s| s.connected)
             .map(Session::report)
             .collect();
-        reports.sort_by_key(|r| !r.drives);
+        reports.sort_by_key(|r| (!r.drives, r.id));
         reports
     }
 
     /// The session that drives the device, if any.
     pub fn driving_session(&self) -> Option<&Session> {
-        self.sessions().find(|s| s.drives())
+        self.sessions.driving()
     }
 
     pub fn link_up(&self) -> bool {
@@ -192,50 +183,23 @@ impl NetBackend {
         Ok(report)
     }
 
-    /// A frontend connected: it gets a session of its own, or `None` when
-    /// two are connected already (a third has no role in a migration).
+    /// A frontend connected: it gets a session of its own (the one a
+    /// handover's destination filled for it, if there is one), or `None`
+    /// when two are connected already (a third has no role in a migration).
     pub fn connect(&mut self) -> Option<SessionId> {
         self.setup_changes += 1;
-        if !self.session.connected && self.other.is_none() {
-            self.session.connected = true;
-            return Some(self.session.id);
+        if let Some(waiting) = self.sessions.iter_mut().find(|s| !s.connected) {
+            waiting.connected = true;
+            return Some(waiting.id);
         }
-        if self.other.is_some() {
+        if self.sessions.len() >= 2 {
             return None;
         }
-        let id = self.next_session;
-        self.next_session += 1;
-        let mut standby = Session::new(id, Self::queue_count(&self.device));
-        standby.connected = true;
-        self.other = Some(standby);
+        let id = self.sessions.open(Self::queue_count(&self.device));
+        if let Some(session) = self.sessions.get_mut(id) {
+            session.connected = true;
+        }
         Some(id)
-    }
-
-    /// Makes session `id` the one requests work on. False if it does not
-    /// exist.
-    fn focus(&mut self, id: SessionId) -> bool {
-        if self.session.id == id {
-            return true;
-        }
-        match &mut self.other {
-            Some(other) if other.id == id => {
-                std::mem::swap(&mut self.session, other);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Focuses the driving session, if one drives.
-    fn focus_driver(&mut self) {
-        if let Some(id) = self.driving_session().map(|s| s.id) {
-            self.focus(id);
-        }
-    }
-
-    /// The other session drives the device: this one must not touch it.
-    fn other_drives(&self) -> bool {
-        self.other.as_ref().is_some_and(Session::drives)
     }
 
     /// Says (once, at warn level, and in `status`) what each session whose
@@ -243,7 +207,7 @@ impl NetBackend {
     /// next one falls due, if any is pending.
     pub fn check_setup(&mut self, now: std::time::Instant) -> Option<std::time::Instant> {
         let mut next = None;
-        for session in std::iter::once(&mut self.session).chain(self.other.as_mut()) {
+        for session in self.sessions.iter_mut() {
             if let Some(why) = session.stalled_setup(now) {
                 tracing::warn!(session = session.id, "{why}");
                 session.stalled = Some(why);
@@ -261,23 +225,20 @@ impl NetBackend {
     /// other side keeps it as it is.
     pub fn disconnected(&mut self, id: SessionId) {
         self.setup_changes += 1;
-        if !self.focus(id) {
+        if self.sessions.get(id).is_none() {
             return;
         }
         self.counters.disconnects += 1;
-        self.stop_all_rings();
-        match self.other.take() {
-            Some(other) => self.session = other,
-            None => self.reset_sessions(),
+        self.stop_all_rings(id);
+        self.sessions.remove(id);
+        if self.sessions.is_empty() {
+            self.reset_device();
         }
     }
 
-    /// No frontend left: a fresh session, no memory, the device reset so
-    /// the next frontend starts clean.
-    fn reset_sessions(&mut self) {
-        let id = self.next_session;
-        self.next_session += 1;
-        self.session = Session::new(id, Self::queue_count(&self.device));
+    /// No frontend left: no memory, the device reset so the next frontend
+    /// starts clean.
+    fn reset_device(&mut self) {
         self.datapath.set_memory(None);
         self.installed_memory = None;
         match self.device.reset() {

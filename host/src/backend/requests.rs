@@ -1,11 +1,13 @@
 //! Answers to frontend requests.
 
 use super::rings::OtherSessionDrives;
+use super::session::Session;
 use super::{NetBackend, SessionId};
-use crate::datapath::vring::RingAddrs;
+use crate::datapath::vring::{RingAddrs, VringSetup};
 use crate::memory::guest_memory::{GuestMemory, RegionInfo};
 use crate::sandbox::DeviceError;
-use crate::vhost_user::request::Request;
+use crate::vhost_user::connection::Outcome;
+use crate::vhost_user::request::{Request, RequestError};
 use crate::vhost_user::{protocol, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use sandnic_device::features;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -13,22 +15,6 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserConfig, VhostUserVringState};
 use vm_memory::ByteValued;
-
-/// The answer to one request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A reply body (GET_* requests).
-    Reply(Vec<u8>),
-    /// Done; acked with 0 if the frontend asked for an ack.
-    Ok,
-    /// Refused; acked with 1 if the frontend asked for an ack.
-    Failed(String),
-    /// Cannot be honoured and cannot be refused either (the frontend would
-    /// not notice): the connection must be closed. Only for a dirty log
-    /// that cannot be kept, where going on would let a migration complete
-    /// with pages unlogged.
-    Disconnect(String),
-}
 
 fn u64_reply(value: u64) -> Outcome {
     Outcome::Reply(value.to_ne_bytes().to_vec())
@@ -40,10 +26,10 @@ impl NetBackend {
         self.counters.requests += 1;
         self.setup_changes += 1;
         debug!(session = id, ?request, "vhost-user request");
-        if !self.focus(id) {
+        if self.sessions.get(id).is_none() {
             return Outcome::Failed(format!("no session {id}"));
         }
-        let outcome = self.dispatch(request);
+        let outcome = self.dispatch(id, request);
         self.sync_active_pairs();
         match &outcome {
             Outcome::Failed(why) => {
@@ -59,33 +45,38 @@ impl NetBackend {
         outcome
     }
 
-    fn dispatch(&mut self, request: Request) -> Outcome {
+    /// Session `id`, which `handle` checked exists (no request removes
+    /// one: a frontend leaves only when its connection closes).
+    fn session_mut(&mut self, id: SessionId) -> &mut Session {
+        self.sessions
+            .get_mut(id)
+            .expect("handle checked the session exists")
+    }
+
+    fn dispatch(&mut self, id: SessionId, request: Request) -> Outcome {
         match request {
             Request::GetFeatures => u64_reply(self.offered | F_PROTOCOL_FEATURES | F_LOG_ALL),
-            Request::SetFeatures(acked) => self.set_features(acked),
+            Request::SetFeatures(acked) => self.set_features(id, acked),
             Request::GetProtocolFeatures => u64_reply(protocol::OFFERED),
             Request::SetProtocolFeatures(bits) => {
-                self.session.proto.protocol_features = bits & protocol::OFFERED;
+                self.session_mut(id).proto.protocol_features = bits & protocol::OFFERED;
                 Outcome::Ok
             }
             Request::SetOwner => {
-                self.session.proto.owner = true;
+                self.session_mut(id).proto.owner = true;
                 Outcome::Ok
             }
             Request::ResetOwner => {
-                self.stop_all_rings();
-                self.session
-                    .vrings
-                    .iter_mut()
-                    .for_each(|v| v.started = false);
-                self.session.proto.owner = false;
+                self.stop_all_rings(id);
+                let session = self.session_mut(id);
+                session.vrings.iter_mut().for_each(|v| v.started = false);
+                session.proto.owner = false;
                 Outcome::Ok
             }
             Request::GetQueueNum => u64_reply(u64::from(self.device.config().max_queue_pairs)),
-            Request::SetMemTable(regions, fds) => self.set_mem_table(regions, fds),
-            Request::SetVringNum { index, num } => self.with_ring(index, |b, i| {
-                let num = u16::try_from(num).map_err(|_| format!("ring size {num}"))?;
-                b.session.vrings[i].num = num;
+            Request::SetMemTable(regions, fds) => self.set_mem_table(id, regions, fds),
+            Request::SetVringNum { index, num } => self.with_ring(id, index, |v| {
+                v.num = u16::try_from(num).map_err(|_| format!("ring size {num}"))?;
                 Ok(())
             }),
             Request::SetVringAddr {
@@ -94,44 +85,43 @@ impl NetBackend {
                 used,
                 avail,
                 log,
-            } => self.with_ring(index, |b, i| {
-                b.session.vrings[i].addrs = Some(RingAddrs { desc, avail, used });
-                b.session.vrings[i].log_addr = log;
+            } => self.with_ring(id, index, |v| {
+                v.addrs = Some(RingAddrs { desc, avail, used });
+                v.log_addr = log;
                 Ok(())
             }),
-            Request::SetVringBase { index, base } => self.with_ring(index, |b, i| {
-                b.session.vrings[i].base =
-                    u16::try_from(base).map_err(|_| format!("ring base {base}"))?;
+            Request::SetVringBase { index, base } => self.with_ring(id, index, |v| {
+                v.base = u16::try_from(base).map_err(|_| format!("ring base {base}"))?;
                 Ok(())
             }),
-            Request::GetVringBase { index } => self.get_vring_base(index),
-            Request::SetVringKick { index, fd } => self.with_ring(index, |b, i| {
+            Request::GetVringBase { index } => self.get_vring_base(id, index),
+            Request::SetVringKick { index, fd } => self.with_ring(id, index, |v| {
                 let fd = fd.ok_or("polling without a kick fd is not supported")?;
                 pollable(&fd)?;
                 nonblocking(&fd)?;
-                b.session.vrings[i].kick = Some(Arc::new(fd));
-                b.session.vrings[i].started = true;
+                v.kick = Some(Arc::new(fd));
+                v.started = true;
                 Ok(())
             }),
-            Request::SetVringCall { index, fd } => self.with_ring(index, |b, i| {
+            Request::SetVringCall { index, fd } => self.with_ring(id, index, |v| {
                 if let Some(fd) = &fd {
                     nonblocking(fd)?;
                 }
-                b.session.vrings[i].call = fd.map(Arc::new);
+                v.call = fd.map(Arc::new);
                 Ok(())
             }),
-            Request::SetVringErr { index, fd } => self.with_ring(index, |b, i| {
-                b.session.vrings[i].err = fd;
+            Request::SetVringErr { index, fd } => self.with_ring(id, index, |v| {
+                v.err = fd;
                 Ok(())
             }),
-            Request::SetVringEnable { index, enable } => self.set_vring_enable(index, enable),
+            Request::SetVringEnable { index, enable } => self.set_vring_enable(id, index, enable),
             Request::GetConfig {
                 offset,
                 size,
                 flags,
             } => self.get_config(offset, size, flags),
             Request::SetConfig { offset, data, .. } => {
-                if self.other_drives() {
+                if self.sessions.other_drives(id) {
                     return self.refuse_standby("SET_CONFIG");
                 }
                 let result = self.device.write_config(offset, &data);
@@ -141,12 +131,12 @@ impl NetBackend {
                 }
             }
             Request::SetBackendReqFd(fd) => {
-                self.session.backend_channel = Some(fd);
+                self.session_mut(id).backend_channel = Some(fd);
                 Outcome::Ok
             }
-            Request::SetLogBase { size, offset, fd } => self.set_log_base(size, offset, fd),
+            Request::SetLogBase { size, offset, fd } => self.set_log_base(id, size, offset, fd),
             Request::SetLogFd(fd) => {
-                self.session.log_call = Some(fd);
+                self.session_mut(id).log_call = Some(fd);
                 Outcome::Ok
             }
             Request::SendRarp(mac) => self.send_rarp(mac),
@@ -164,43 +154,44 @@ impl NetBackend {
         Outcome::Failed(format!("{what}: {OtherSessionDrives}"))
     }
 
-    /// Applies a change to ring `index`'s configuration and brings the ring
+    /// Applies a change to ring `index` of session `id` and brings the ring
     /// in line with it.
     fn with_ring(
         &mut self,
+        id: SessionId,
         index: u32,
-        f: impl FnOnce(&mut Self, usize) -> Result<(), String>,
+        change: impl FnOnce(&mut VringSetup) -> Result<(), String>,
     ) -> Outcome {
         let i = index as usize;
-        if i >= self.session.vrings.len() {
-            return Outcome::Failed(format!(
-                "ring {index} does not exist ({} rings)",
-                self.session.vrings.len()
-            ));
-        }
-        if let Err(why) = f(self, i) {
+        let rings = self.session_mut(id).vrings.len();
+        let Some(setup) = self.session_mut(id).vrings.get_mut(i) else {
+            return Outcome::Failed(format!("ring {index} does not exist ({rings} rings)"));
+        };
+        if let Err(why) = change(setup) {
             return Outcome::Failed(why);
         }
-        match self.refresh_ring(i) {
+        match self.refresh_ring(id, i) {
             Ok(()) => Outcome::Ok,
             Err(refused) => Outcome::Failed(format!("ring {index}: {refused}")),
         }
     }
 
-    fn set_features(&mut self, acked: u64) -> Outcome {
-        if self.other_drives() {
+    fn set_features(&mut self, id: SessionId, acked: u64) -> Outcome {
+        if self.sessions.other_drives(id) {
             return self.refuse_standby("SET_FEATURES");
         }
-        self.session
+        let session = self.session_mut(id);
+        session
             .features_set_at
             .get_or_insert_with(std::time::Instant::now);
-        let previous = self.session.proto.acked_features;
-        let previous_device = self.session.proto.device_features();
+        let previous = session.proto.acked_features;
+        let previous_device = session.proto.device_features();
         // The queue layout (control queue index), EVENT_IDX and the dirty
         // log may change: stop the rings under the old layout first.
-        self.stop_all_rings();
-        self.session.proto.acked_features = Some(acked);
-        let device_features = self.session.proto.device_features();
+        self.stop_all_rings(id);
+        let session = self.session_mut(id);
+        session.proto.acked_features = Some(acked);
+        let device_features = session.proto.device_features();
         // LOG_ALL alone is the frontend's business, not the device's: QEMU
         // toggles it on running rings, pair by pair.
         if previous.is_none() || device_features != previous_device {
@@ -210,40 +201,40 @@ impl NetBackend {
                     self.apply(effects);
                 }
                 Err(e) => {
-                    self.session.proto.acked_features = previous;
+                    self.session_mut(id).proto.acked_features = previous;
                     self.note_failure(&e);
-                    self.refresh_all_rings();
+                    self.refresh_all_rings(id);
                     return Outcome::Failed(format!("features {acked:#x}: {e}"));
                 }
             }
         }
         if acked & F_PROTOCOL_FEATURES == 0 {
-            self.session
+            self.session_mut(id)
                 .vrings
                 .iter_mut()
                 .for_each(|v| v.enabled = true);
         }
-        self.refresh_all_rings();
+        self.refresh_all_rings(id);
         Outcome::Ok
     }
 
-    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Outcome {
+    fn set_vring_enable(&mut self, id: SessionId, index: u32, enable: bool) -> Outcome {
         if self
-            .session
+            .session_mut(id)
             .proto
             .acked_features
             .is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
         {
             return Outcome::Failed("SET_VRING_ENABLE without protocol features".into());
         }
-        let outcome = self.with_ring(index, |b, i| {
-            b.session.vrings[i].enabled = enable;
-            b.session.vrings[i].disabled = !enable;
+        let outcome = self.with_ring(id, index, |v| {
+            v.enabled = enable;
+            v.disabled = !enable;
             Ok(())
         });
         // The device model hears of it only from the session that may
         // drive the device; a standby's rings are its own business.
-        if outcome == Outcome::Ok && !self.other_drives() {
+        if outcome == Outcome::Ok && !self.sessions.other_drives(id) {
             let effects = self.device.queue_enabled(index as u16, enable);
             if let Err(e) = self.apply_result(effects) {
                 warn!("queue-enabled: {e}");
@@ -252,40 +243,48 @@ impl NetBackend {
         outcome
     }
 
-    fn set_mem_table(&mut self, regions: Vec<RegionInfo>, fds: Vec<OwnedFd>) -> Outcome {
+    fn set_mem_table(
+        &mut self,
+        id: SessionId,
+        regions: Vec<RegionInfo>,
+        fds: Vec<OwnedFd>,
+    ) -> Outcome {
         let memory = match GuestMemory::map(regions, fds) {
             Ok(memory) => Arc::new(memory),
             Err(e) => return Outcome::Failed(e.to_string()),
         };
-        if let Some(log) = self.session.dirty_log() {
+        if let Some(log) = self.session_mut(id).dirty_log() {
             if !log.covers(memory.end()) {
+                let size = log.size();
                 self.counters.log_failures += 1;
                 return Outcome::Disconnect(format!(
-                    "the dirty log ({} bytes) does not cover the new memory table (ends at {:#x})",
-                    log.size(),
+                    "the dirty log ({size} bytes) does not cover the new memory table (ends at {:#x})",
                     memory.end()
                 ));
             }
         }
-        let running: Vec<usize> = (0..self.session.vrings.len())
-            .filter(|&i| self.stop_ring(i).is_some())
+        let rings = self.session_mut(id).vrings.len();
+        let running: Vec<usize> = (0..rings)
+            .filter(|&i| self.stop_ring(id, i).is_some())
             .collect();
-        self.session.memory = Some(memory);
-        for index in 0..self.session.vrings.len() {
-            if running.contains(&index) || self.session.vrings[index].started {
-                let _ = self.refresh_ring(index);
+        self.session_mut(id).memory = Some(memory);
+        for index in 0..rings {
+            if running.contains(&index) || self.session_mut(id).vrings[index].started {
+                let _ = self.refresh_ring(id, index);
             }
         }
         Outcome::Ok
     }
 
-    fn get_vring_base(&mut self, index: u32) -> Outcome {
+    fn get_vring_base(&mut self, id: SessionId, index: u32) -> Outcome {
         let i = index as usize;
-        if i >= self.session.vrings.len() {
+        if i >= self.session_mut(id).vrings.len() {
             return Outcome::Failed(format!("ring {index} does not exist"));
         }
-        let base = self.stop_ring(i).unwrap_or(self.session.vrings[i].base);
-        self.session.vrings[i].started = false;
+        let stopped = self.stop_ring(id, i);
+        let setup = &mut self.session_mut(id).vrings[i];
+        let base = stopped.unwrap_or(setup.base);
+        setup.started = false;
         let state = VhostUserVringState::new(index, u32::from(base));
         Outcome::Reply(state.as_slice().to_vec())
     }
@@ -316,11 +315,17 @@ impl NetBackend {
         }
     }
 
-    /// Sends CONFIG_CHANGE_MSG if the frontend asked for config
+    /// Sends CONFIG_CHANGE_MSG to the frontend that drives the device (or,
+    /// while none does, the one connected), if it asked for config
     /// notifications and gave a channel.
-    /// Goes to the driving session (the focused one if none drives).
     pub(super) fn notify_config_change(&mut self) {
-        let session = self.driving_session().unwrap_or(&self.session);
+        let Some(session) = self
+            .sessions
+            .driving()
+            .or_else(|| self.sessions.iter().find(|s| s.connected))
+        else {
+            return;
+        };
         let proto = &session.proto;
         let negotiated = proto.has(protocol::BACKEND_REQ) && proto.has(protocol::CONFIG);
         let sent = match (negotiated, &session.backend_channel) {
@@ -353,4 +358,19 @@ fn nonblocking(fd: &OwnedFd) -> Result<(), String> {
     )
     .map(drop)
     .map_err(|e| format!("fcntl: {e}"))
+}
+
+/// The device behind a frontend's connection.
+impl crate::vhost_user::connection::Device for NetBackend {
+    fn handle(&mut self, session: SessionId, request: Request) -> Outcome {
+        NetBackend::handle(self, session, request)
+    }
+
+    fn malformed(&mut self, _session: SessionId, code: u32, error: RequestError) -> Outcome {
+        NetBackend::malformed(self, code, error.to_string())
+    }
+
+    fn reply_ack(&self, session: SessionId) -> bool {
+        self.protocol(session).is_some_and(|p| p.reply_ack())
+    }
 }

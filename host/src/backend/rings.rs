@@ -1,12 +1,13 @@
-//! Starting and stopping rings as the frontend's requests come in.
+//! Starting and stopping a session's rings as the frontend's requests come
+//! in.
 //!
 //! A ring runs when it was started (kick fd), is enabled, and its size,
-//! addresses and guest memory are known — and the other session, if any,
-//! drives nothing. Any change to those stops the ring (remembering where it
-//! was) and starts it again, so the datapath always works on a consistent
-//! ring.
+//! addresses and guest memory are known — and no other session drives the
+//! device. Any change to those stops the ring (remembering where it was)
+//! and starts it again, so the datapath always works on a consistent ring.
 
-use super::{NetBackend, Session};
+use super::session::{Session, SessionId};
+use super::NetBackend;
 use crate::datapath::vring::Vring;
 use crate::datapath::Direction;
 use crate::memory::guest_memory::GuestMemory;
@@ -21,27 +22,18 @@ pub(super) enum Slot {
     Ctrl,
 }
 
-/// A ring that should run was not started: the other session drives the
+/// A ring that should run was not started: another session drives the
 /// device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "another frontend drives this device; it must stop its rings (GET_VRING_BASE) or leave first"
+)]
 pub(super) struct OtherSessionDrives;
-
-impl std::fmt::Display for OtherSessionDrives {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "another frontend drives this device; it must stop its rings (GET_VRING_BASE) or leave first",
-        )
-    }
-}
 
 impl NetBackend {
     /// The control queue follows the data queues: index 2 without MQ,
-    /// `2 * max_queue_pairs` with it.
-    fn ctrl_index(&self) -> usize {
-        self.ctrl_index_of(&self.session)
-    }
-
-    fn ctrl_index_of(&self, session: &Session) -> usize {
+    /// `2 * max_queue_pairs` with it (as `session` negotiated).
+    fn ctrl_index(&self, session: &Session) -> usize {
         let pairs = if session.proto.device_features() & features::MQ != 0 {
             usize::from(self.device.config().max_queue_pairs)
         } else {
@@ -50,9 +42,10 @@ impl NetBackend {
         2 * pairs
     }
 
-    pub(super) fn slot(&self, index: usize) -> Option<Slot> {
+    /// What virtqueue `index` of `session` is.
+    pub(super) fn slot(&self, session: &Session, index: usize) -> Option<Slot> {
         let data_queues = 2 * self.datapath.pair_count();
-        if index == self.ctrl_index() {
+        if index == self.ctrl_index(session) {
             Some(Slot::Ctrl)
         } else if index < data_queues {
             Some(Slot::Data {
@@ -68,39 +61,32 @@ impl NetBackend {
         }
     }
 
-    fn wants_running(&self, index: usize) -> bool {
-        let v = &self.session.vrings[index];
-        v.started
-            && v.enabled
-            && v.num > 0
-            && v.addrs.is_some()
-            && v.kick.is_some()
-            && self.session.memory.is_some()
-    }
-
-    /// Stops ring `index` of the focused session if it runs; returns (and
+    /// Stops ring `index` of session `id` if it runs; returns (and
     /// remembers) where the driver should continue.
-    pub(super) fn stop_ring(&mut self, index: usize) -> Option<u16> {
-        if !self.session.vrings.get(index)?.running {
+    pub(super) fn stop_ring(&mut self, id: SessionId, index: usize) -> Option<u16> {
+        let session = self.sessions.get(id)?;
+        if !session.vrings.get(index)?.running {
             return None;
         }
-        self.session.vrings[index].running = false;
-        let next = match self.slot(index)? {
+        let slot = self.slot(session, index);
+        self.sessions.get_mut(id)?.vrings[index].running = false;
+        let next = match slot? {
             Slot::Ctrl => self.ctrl.take().map(|ring| {
                 use virtio_queue::QueueT;
                 ring.queue.next_avail()
             }),
             Slot::Data { pair, dir } => self.datapath.stop_ring(pair, dir),
         }?;
-        self.session.vrings[index].base = next;
+        self.sessions.get_mut(id)?.vrings[index].base = next;
         Some(next)
     }
 
-    /// Stops every ring of the focused session (each base recorded, RX
-    /// buffers taken ahead given back); returns how many were running.
-    pub(super) fn stop_all_rings(&mut self) -> usize {
-        (0..self.session.vrings.len())
-            .filter(|&index| self.stop_ring(index).is_some())
+    /// Stops every ring of session `id` (each base recorded, RX buffers
+    /// taken ahead given back); returns how many were running.
+    pub(super) fn stop_all_rings(&mut self, id: SessionId) -> usize {
+        let rings = self.sessions.get(id).map_or(0, |s| s.vrings.len());
+        (0..rings)
+            .filter(|&index| self.stop_ring(id, index).is_some())
             .count()
     }
 
@@ -109,56 +95,77 @@ impl NetBackend {
     /// published, RX buffers taken ahead go back to the guest. Returns how
     /// many rings were running.
     pub fn stop_for_exit(&mut self) -> usize {
-        self.focus_driver();
-        self.stop_all_rings()
+        match self.sessions.driving().map(|s| s.id) {
+            Some(id) => self.stop_all_rings(id),
+            None => 0,
+        }
     }
 
-    /// Brings ring `index` in line with its configuration: restarts it if
-    /// it should run, leaves it stopped otherwise. Refused while the other
-    /// session drives the device.
-    pub(super) fn refresh_ring(&mut self, index: usize) -> Result<(), OtherSessionDrives> {
-        self.stop_ring(index);
-        if !self.wants_running(index) {
+    /// Brings ring `index` of session `id` in line with its configuration:
+    /// restarts it if it should run, leaves it stopped otherwise. Refused
+    /// while another session drives the device.
+    pub(super) fn refresh_ring(
+        &mut self,
+        id: SessionId,
+        index: usize,
+    ) -> Result<(), OtherSessionDrives> {
+        self.stop_ring(id, index);
+        let Some(session) = self.sessions.get(id) else {
+            return Ok(());
+        };
+        if !session.wants_running(index) {
             return Ok(());
         }
-        if self.other_drives() {
+        if self.sessions.other_drives(id) {
             self.counters.standby_refusals += 1;
             warn!(
+                session = id,
                 ring = index,
                 "standby frontend tried to start a ring: {OtherSessionDrives}"
             );
             return Err(OtherSessionDrives);
         }
-        let (Some(slot), Some(memory)) = (self.slot(index), self.session.memory.clone()) else {
+        let (Some(slot), Some(memory)) = (self.slot(session, index), session.memory.clone()) else {
             return Ok(());
         };
         self.install_memory(&memory);
-        self.sync_dirty_log();
-        let event_idx = self.session.proto.device_features() & features::EVENT_IDX != 0;
-        let log = self.settings.dirty_log.clone();
-        let setup = &self.session.vrings[index];
-        match Vring::start(index as u16, setup, &memory, event_idx, log.as_ref()) {
+        self.sync_dirty_log(id);
+        let Some(session) = self.sessions.get(id) else {
+            return Ok(());
+        };
+        let event_idx = session.proto.device_features() & features::EVENT_IDX != 0;
+        let log = self.settings.dirty_log.as_ref();
+        match Vring::start(
+            index as u16,
+            &session.vrings[index],
+            &memory,
+            event_idx,
+            log,
+        ) {
             Ok(ring) => {
                 match slot {
                     Slot::Ctrl => self.ctrl = Some(ring),
                     Slot::Data { pair, dir } => self.datapath.install_ring(pair, dir, ring),
                 }
-                self.session.vrings[index].running = true;
-                self.session.ever_ran = true;
+                if let Some(session) = self.sessions.get_mut(id) {
+                    session.vrings[index].running = true;
+                    session.ever_ran = true;
+                }
             }
             Err(e) => {
                 self.counters.bad_requests += 1;
-                warn!("cannot start ring: {e}");
+                warn!(session = id, "cannot start ring: {e}");
             }
         }
         Ok(())
     }
 
-    /// Refreshes every ring; a refusal (the other session drives) is
-    /// counted in `refresh_ring` and changes nothing.
-    pub(super) fn refresh_all_rings(&mut self) {
-        for index in 0..self.session.vrings.len() {
-            let _ = self.refresh_ring(index);
+    /// Refreshes every ring of session `id`; a refusal (another session
+    /// drives) is counted in `refresh_ring` and changes nothing.
+    pub(super) fn refresh_all_rings(&mut self, id: SessionId) {
+        let rings = self.sessions.get(id).map_or(0, |s| s.vrings.len());
+        for index in 0..rings {
+            let _ = self.refresh_ring(id, index);
         }
     }
 
@@ -179,7 +186,7 @@ impl NetBackend {
     /// attached until the frontend disables it: a frontend that sets its
     /// rings up one by one runs the first before it enables the others.
     pub(super) fn sync_active_pairs(&mut self) {
-        let Some(driver) = self.driving_session() else {
+        let Some(driver) = self.sessions.driving() else {
             return;
         };
         let wanted = if self.ctrl_in_backend(driver) {
@@ -206,7 +213,7 @@ impl NetBackend {
     fn ctrl_in_backend(&self, session: &Session) -> bool {
         session
             .vrings
-            .get(self.ctrl_index_of(session))
+            .get(self.ctrl_index(session))
             .is_some_and(|v| v.started)
     }
 
@@ -223,8 +230,8 @@ impl NetBackend {
             .count() as u16
     }
 
-    /// Points the datapath at `memory` (the focused session's, about to
-    /// drive) unless it already works on it.
+    /// Points the datapath at `memory` (the session's about to drive)
+    /// unless it already works on it.
     fn install_memory(&mut self, memory: &Arc<GuestMemory>) {
         let installed = self
             .installed_memory
@@ -236,10 +243,10 @@ impl NetBackend {
         }
     }
 
-    /// Gives the datapath the focused session's dirty log (or none) if it
-    /// does not have it yet.
-    fn sync_dirty_log(&mut self) {
-        let wanted = self.session.dirty_log().cloned();
+    /// Gives the datapath session `id`'s dirty log (or none) if it does
+    /// not have it yet.
+    fn sync_dirty_log(&mut self, id: SessionId) {
+        let wanted = self.sessions.get(id).and_then(|s| s.dirty_log().cloned());
         let same = match (&self.settings.dirty_log, &wanted) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,

@@ -20,15 +20,13 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Names a frontend connection for as long as the process lives (never
-/// reused, so a late event for a gone connection cannot reach a new one).
-pub type SessionId = u64;
+pub use crate::vhost_user::connection::SessionId;
 
 /// What one frontend connection has set up.
 pub struct Session {
     pub id: SessionId,
-    /// A frontend is connected to this session (the first session exists
-    /// before any frontend does).
+    /// A frontend is connected to this session (a handover's destination
+    /// fills its session before it serves the connection that came along).
     pub connected: bool,
     pub proto: ProtocolState,
     /// One per virtqueue: `2 * max_queue_pairs` data queues and the
@@ -49,6 +47,64 @@ pub struct Session {
     /// Why this session looks stuck, once `SETUP_GRACE` passed without a
     /// running ring (logged once, shown in `status`).
     pub stalled: Option<String>,
+}
+
+/// The sessions of the frontends connected (at most two: a running VMM
+/// and, during a local migration, its successor), by id. Every operation
+/// on a session names it; none is "current".
+#[derive(Default)]
+pub struct Sessions {
+    list: Vec<Session>,
+    next_id: SessionId,
+}
+
+impl Sessions {
+    pub fn get(&self, id: SessionId) -> Option<&Session> {
+        self.list.iter().find(|s| s.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        self.list.iter_mut().find(|s| s.id == id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.list.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Session> {
+        self.list.iter_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The session that drives the device (some ring of it runs), if any.
+    pub fn driving(&self) -> Option<&Session> {
+        self.list.iter().find(|s| s.drives())
+    }
+
+    /// A session other than `id` drives the device.
+    pub fn other_drives(&self, id: SessionId) -> bool {
+        self.list.iter().any(|s| s.id != id && s.drives())
+    }
+
+    /// A new session with `queues` rings, not connected yet.
+    pub fn open(&mut self, queues: usize) -> SessionId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.list.push(Session::new(id, queues));
+        id
+    }
+
+    pub fn remove(&mut self, id: SessionId) -> Option<Session> {
+        let at = self.list.iter().position(|s| s.id == id)?;
+        Some(self.list.remove(at))
+    }
 }
 
 /// How long a frontend may take from setting the features to running a
@@ -104,6 +160,14 @@ impl Session {
     /// Some ring of this session runs: it drives the device.
     pub fn drives(&self) -> bool {
         self.vrings.iter().any(|v| v.running)
+    }
+
+    /// Ring `index` is fully set up and enabled: it should run (if no
+    /// other session drives the device).
+    pub fn wants_running(&self, index: usize) -> bool {
+        self.vrings.get(index).is_some_and(|v| {
+            v.started && v.enabled && v.num > 0 && v.addrs.is_some() && v.kick.is_some()
+        }) && self.memory.is_some()
     }
 
     /// The log to mark while this session drives: only while the frontend

@@ -1,9 +1,11 @@
 //! The vhost-user protocol: framing (`wire.rs`), request parsing
-//! (`request.rs`), the backend→frontend channel (`backend_channel.rs`) and
+//! (`request.rs`), a frontend's connection and the reply policy
+//! (`connection.rs`), the backend→frontend channel (`backend_channel.rs`) and
 //! the negotiated protocol state (`ProtocolState`, kept as plain data so a
 //! handover can carry it to a new process).
 
 pub mod backend_channel;
+pub mod connection;
 pub mod request;
 pub mod wire;
 

@@ -1,0 +1,150 @@
+//! `sandnic serve`: set the device up (`setup.rs`: a fresh one on a TAP,
+//! or one a running sandnic hands over with `--incoming`), confine every
+//! thread, and run the reactor (`reactor.rs`) until a signal or a handover
+//! (`handover_driver.rs`) ends it.
+
+mod handover_driver;
+mod reactor;
+mod setup;
+
+use crate::daemon::notify::Notifier;
+use crate::datapath::DatapathOptions;
+use crate::hardening::allowlists::Role;
+use crate::hardening::privileges::{self, Target};
+use crate::hardening::seccomp::{self, Mode};
+use crate::sandbox::{ComponentSource, Runtime};
+use reactor::{Exit, Server};
+use sandnic_device::Mac;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::info;
+
+#[derive(Debug, Clone)]
+pub enum TapSource {
+    Name(String),
+    Fds(Vec<RawFd>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The vhost-user socket (not with `incoming`: it comes with the device).
+    pub socket: Option<PathBuf>,
+    /// Inherited listening sockets (`--socket-fd`, `--api-fd`); systemd's
+    /// socket activation needs no option.
+    pub socket_fd: Option<RawFd>,
+    pub api_fd: Option<RawFd>,
+    pub tap: Option<TapSource>,
+    /// None: derived from the machine and the TAP name (`default_mac`).
+    pub mac: Option<Mac>,
+    pub queues: u16,
+    pub mtu: Option<u16>,
+    /// None: the builtin one (a fresh device), or what the source's state
+    /// needs (a handover destination: `destination::component_for`).
+    pub component: Option<ComponentSource>,
+    pub api: Option<PathBuf>,
+    /// Wait here for a running sandnic to hand its device over.
+    pub incoming: Option<PathBuf>,
+    /// Incoming: open the TAP by name instead of taking the source's fds.
+    pub new_tap: bool,
+    pub datapath: DatapathOptions,
+    /// Become this user once everything that needs root is open.
+    pub user: Option<Target>,
+    pub seccomp: Mode,
+}
+
+/// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    let usage = |e: String| ServeError::Usage(e);
+    seccomp::install_violation_reporter();
+    let notifier = Notifier::from_env().map_err(usage)?;
+    let signals = setup::block_signals().map_err(ServeError::Runtime)?;
+    let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))
+        .map_err(ServeError::Runtime)?;
+    let component = match &opts.component {
+        Some(source) => Some(runtime.load(source).map_err(|e| usage(format!("{e:#}")))?),
+        None => None,
+    };
+    let serving = match &opts.incoming {
+        Some(path) => match setup::incoming(&opts, path, runtime.clone(), component, &signals)? {
+            Some(serving) => serving,
+            None => {
+                info!("signal received while waiting for a handover; exiting");
+                return Ok(());
+            }
+        },
+        None => {
+            let component = match component {
+                Some(component) => component,
+                None => runtime
+                    .load(&ComponentSource::Builtin)
+                    .map_err(ServeError::Runtime)?,
+            };
+            let serving = setup::fresh(&opts, runtime.clone(), component)?;
+            drop_privileges(&opts)?;
+            serving
+        }
+    };
+    let mut server = Server::new(serving, runtime, signals);
+    confine(&opts, &server).map_err(ServeError::Runtime)?;
+    if let Some(notifier) = &notifier {
+        notifier.ready();
+    }
+    match server.run().map_err(ServeError::Runtime)? {
+        Exit::Signal => {
+            if let Some(notifier) = &notifier {
+                notifier.stopping();
+            }
+            let rings = server.stop_for_exit();
+            info!(rings, "rings stopped, used entries published; exiting");
+            Ok(())
+        }
+        Exit::HandedOver => {
+            // The destination owns the sockets (and their files) now.
+            server.forget_socket_files();
+            Ok(())
+        }
+    }
+}
+
+/// Gives up root if `--user` asks for it (before any filter goes on), and
+/// forbids new privileges either way.
+fn drop_privileges(opts: &ServeOptions) -> Result<(), ServeError> {
+    // Still root: keep the handover's pause at real-time priority possible.
+    crate::handover::priority::allow_after_drop();
+    let result = match opts.user {
+        Some(target) => privileges::drop_to(target).map(|()| {
+            info!(
+                uid = target.uid.as_raw(),
+                gid = target.gid.as_raw(),
+                "dropped privileges"
+            );
+        }),
+        None => privileges::forbid_new_privileges(),
+    };
+    result.map_err(|e| ServeError::Runtime(anyhow::anyhow!(e)))
+}
+
+/// Puts each thread's seccomp filter on: the datapath threads', then this
+/// (the control) thread's.
+fn confine(opts: &ServeOptions, server: &Server) -> anyhow::Result<()> {
+    let datapath = seccomp::filter(Role::Datapath, opts.seccomp)?;
+    let control = seccomp::filter(Role::Control, opts.seccomp)?;
+    if let (Some(datapath), Some(control)) = (datapath, control) {
+        server
+            .datapath()
+            .confine(Arc::new(datapath))
+            .map_err(anyhow::Error::msg)?;
+        seccomp::apply(Role::Control, &control)?;
+        info!(mode = ?opts.seccomp, "seccomp filters on every thread");
+    }
+    Ok(())
+}
