@@ -3,7 +3,7 @@
 //! directly, and the same test frontend driving DPDK's `dpdk-testpmd` as a
 //! peer vhost-user backend forwarding to a TAP. Besides criterion's
 //! measurements, paired rounds (see `paired`) give the sandnic / raw ratios
-//! the README holds to the goals. `scripts/bench-report tx rx` prints both.
+//! docs/performance.md holds to the goals. `scripts/bench-report tx rx` prints both.
 //!
 //! Needs root (TAP devices, network namespaces); skips loudly otherwise.
 //! Frames are UDP (64 B, 1500 B) or a 64 KiB TCP segment with TSO, addressed
@@ -406,7 +406,7 @@ const PAIRED_ROUNDS: usize = 10;
 /// from run to run), and criterion measures one variant for seconds before
 /// the other, so its ratio carries that drift. Rounds a fraction of a
 /// second long, each comparing both variants, cancel it: the median of the
-/// per-round ratios is what the README reports against the goals.
+/// per-round ratios is what docs/performance.md reports against the goals.
 fn paired(
     dir: &str,
     case: Case,

@@ -6,7 +6,7 @@
 //! percentiles and, for the slowest, the pause step by step.
 //!
 //! `cargo bench --bench handover` (needs root). Prints a table; the numbers
-//! go to the README.
+//! go to docs/performance.md.
 
 use sandnic::frontend::NicConfig;
 use sandnic::guest::{self, GuestRig, Kind};

@@ -1,4 +1,4 @@
-//! VM live migration with sandnic, against the comparisons the README
+//! VM live migration with sandnic, against the comparisons docs/migration.md
 //! holds it to, in one run (QEMU 7.2 TCG guests, the host flood-pinging the
 //! guest every 2 ms):
 //!

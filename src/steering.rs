@@ -175,17 +175,30 @@ pub fn natural_queues(
     let mut found = Vec::with_capacity(ports.len());
     for &port in ports {
         let socket = ns.inside(move || Ok(UdpSocket::bind((host_ip, port))?))?;
-        socket.send_to(b"probe", (guest_ip, guest_port))?;
-        found.push(queue_of(&tap, port)?);
+        found.push(queue_of(&tap, &socket, (guest_ip, guest_port))?);
     }
     Ok(found)
 }
 
-/// The queue of `tap` that the probe sent from `port` came out of.
-fn queue_of(tap: &Tap, port: u16) -> anyhow::Result<usize> {
+/// The queue of `tap` that a probe sent on `socket` to `to` comes out of.
+/// The probe is sent again every 50 ms until one comes out: a TAP whose
+/// first queue was just attached gets its carrier at once but its queueing
+/// discipline only when the kernel's link watcher runs (up to a second
+/// later), and until then what is sent on it is dropped.
+fn queue_of(
+    tap: &Tap,
+    socket: &UdpSocket,
+    to: (std::net::Ipv4Addr, u16),
+) -> anyhow::Result<usize> {
+    let port = socket.local_addr()?.port();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = [0u8; 2048];
+    let mut next_send = Instant::now();
     while Instant::now() < deadline {
+        if Instant::now() >= next_send {
+            socket.send_to(b"probe", to)?;
+            next_send = Instant::now() + Duration::from_millis(50);
+        }
         for queue in 0..tap.queue_count() {
             let fd = tap.queue(queue).context("queue")?;
             let n = match nix::unistd::read(fd.as_fd().as_raw_fd(), &mut buf) {

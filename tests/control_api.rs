@@ -102,20 +102,33 @@ fn ctl_commands_and_swap_through_the_api() {
     let v1 = sandnic_host::sandbox::components::built::v1();
     let (code, refused) = ctl(&["swap", v1.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(
-        refused["error"].as_str().unwrap().contains("newer"),
-        "{refused}"
-    );
+    assert_eq!(refused["kind"], "swap_refused", "{refused}");
     assert_eq!(ctl(&["status"]).1["component"]["version"], "0.2.0");
     // A bad request over the raw API.
-    assert_eq!(
-        rig.sandnic.api(json!({"cmd": "frobnicate"})).unwrap()["ok"],
-        false
-    );
-    assert_eq!(
-        rig.sandnic.api(json!({"cmd": "link"})).unwrap()["ok"],
-        false
-    );
+    for bad in [
+        json!({"cmd": "frobnicate"}),
+        json!({"cmd": "link"}),
+        json!({}),
+    ] {
+        let reply = rig.sandnic.api(bad.clone()).unwrap();
+        assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        assert_eq!(reply["kind"], "bad_request", "{bad}: {reply}");
+    }
+    // Output into a pipe nobody reads any more (`ctl status | head -1`,
+    // once head has gone): `ctl` ends quietly, with no panic or backtrace.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(sandnic_binary())
+        .arg("ctl")
+        .arg("--api")
+        .arg(&rig.sandnic.api)
+        .arg("status")
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "ctl wrote to stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(0));
 }
 
 fn serve(args: &[&str]) -> std::process::Output {

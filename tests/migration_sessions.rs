@@ -316,10 +316,7 @@ fn handover_is_refused_while_a_migration_is_under_way() {
     wait_sessions(&rig, 2);
     let reply = rig.sandnic.handover(&target, false).unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
-    assert!(
-        reply["error"].as_str().unwrap().contains("second frontend"),
-        "{reply}"
-    );
+    assert_eq!(reply["kind"], "migration_under_way", "{reply}");
     drop(standby);
     wait_sessions(&rig, 1);
     let log = std::fs::File::from(
@@ -330,10 +327,7 @@ fn handover_is_refused_while_a_migration_is_under_way() {
     rig.nic.start_dirty_log(&log, 1 << 20, 0).unwrap();
     let reply = rig.sandnic.handover(&target, false).unwrap();
     assert_eq!(reply["ok"], false, "{reply}");
-    assert!(
-        reply["error"].as_str().unwrap().contains("dirty pages"),
-        "{reply}"
-    );
+    assert_eq!(reply["kind"], "migration_under_way", "{reply}");
     assert_rig_works(&mut rig, &sock, 7);
     rig.nic.stop_dirty_log().unwrap();
 }

@@ -1,6 +1,6 @@
 //! The migration soak, short: one migration of every variant on each QEMU
 //! (`sandnic::soak`), under a CPU hog. `SANDNIC_SOAK_ROUNDS=N` runs N of
-//! each; `scripts/bench migration_soak` runs the long soak the README
+//! each; `scripts/bench migration_soak` runs the long soak docs/migration.md
 //! reports.
 //!
 //! On QEMU 10 every migration must come out clean. On QEMU 7.2 a lost

@@ -84,7 +84,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
         };
         let outcome = match request::parse(message) {
             Ok(req) => backend.handle(session, req),
-            Err(e) => backend.malformed(code, e.to_string()),
+            Err(e) => backend.malformed(code, e),
         };
         if let Outcome::Disconnect(_) = outcome {
             break;

@@ -1,24 +1,11 @@
 //! The WIT boundary: converts between the generated bindings and the plain
 //! types of this crate. No device logic lives here.
 
-use crate::log::Level;
+use crate::bindings::exports::sandnic::device::device::{Guest, GuestNetDevice};
+use crate::bindings::sandnic::device::types as wit;
 use crate::types as native;
 use crate::NetDevice;
-use exports::sandnic::device::device::{Guest, GuestNetDevice};
-use sandnic::device::types as wit;
 use std::cell::RefCell;
-
-wit_bindgen::generate!({ world: "virtio-net-device", path: "../wit" });
-
-pub(crate) fn host_log(level: Level, message: &str) {
-    let level = match level {
-        Level::Error => wit::LogLevel::Error,
-        Level::Warn => wit::LogLevel::Warn,
-        Level::Info => wit::LogLevel::Info,
-        Level::Debug => wit::LogLevel::Debug,
-    };
-    sandnic::device::host_log::log(level, message);
-}
 
 struct Component;
 
@@ -180,4 +167,4 @@ fn mac_from_wit((a, b, c, d, e, f): wit::MacAddress) -> native::Mac {
     [a, b, c, d, e, f]
 }
 
-export!(Component);
+crate::bindings::export!(Component with_types_in crate::bindings);

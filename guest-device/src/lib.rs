@@ -14,6 +14,8 @@
 //! - `device.rs` — the device: status rules, command semantics, effects
 //! - `state.rs` — save/load format, versions, validation, describe
 //! - `allocator.rs` — the component's allocator (free lists per size class)
+//! - `bindings.rs` / `component.rs` — the WIT bindings, and the adapter
+//!   from them to the plain types above (wasm builds only)
 
 pub mod allocator;
 pub mod config_space;
@@ -26,6 +28,8 @@ pub mod rx_filter;
 pub mod state;
 pub mod types;
 
+#[cfg(target_arch = "wasm32")]
+mod bindings;
 #[cfg(target_arch = "wasm32")]
 mod component;
 

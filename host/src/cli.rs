@@ -142,19 +142,28 @@ pub enum CtlCommand {
     },
 }
 
-fn parse_mac(text: &str) -> Result<Mac, String> {
+/// A `--mac` the device cannot use.
+#[derive(Debug, thiserror::Error)]
+enum MacError {
+    #[error("expected six hex bytes like 52:54:00:12:34:56")]
+    Format,
+    #[error("not a unicast address")]
+    NotUnicast,
+}
+
+fn parse_mac(text: &str) -> Result<Mac, MacError> {
     let parts: Vec<&str> = text.split(':').collect();
     let bytes: Result<Vec<u8>, _> = parts.iter().map(|p| u8::from_str_radix(p, 16)).collect();
     match bytes {
         Ok(b) if b.len() == 6 && parts.iter().all(|p| p.len() == 2) => {
-            let mac: Mac = b.try_into().expect("6 bytes");
+            let mac: Mac = b.try_into().map_err(|_| MacError::Format)?;
             if sandnic_device::is_valid_unicast(&mac) {
                 Ok(mac)
             } else {
-                Err("not a unicast address".into())
+                Err(MacError::NotUnicast)
             }
         }
-        _ => Err("expected six hex bytes like 52:54:00:12:34:56".into()),
+        _ => Err(MacError::Format),
     }
 }
 
@@ -284,7 +293,7 @@ fn init_tracing() {
         .try_init();
 }
 
-fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
+fn ctl(api: &std::path::Path, command: CtlCommand) -> ExitCode {
     let request = match command {
         CtlCommand::Status => serde_json::json!({ "cmd": "status" }),
         CtlCommand::Stats => serde_json::json!({ "cmd": "stats" }),
@@ -309,17 +318,7 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
         }
     };
     match crate::api::client(api, request) {
-        Ok((reply, ok)) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&reply).unwrap_or_default()
-            );
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
+        Ok((reply, ok)) => print_reply(&reply, ok),
         Err(e) => {
             eprintln!("sandnic: {e}");
             ExitCode::from(1)
@@ -327,35 +326,46 @@ fn ctl(api: &PathBuf, command: CtlCommand) -> ExitCode {
     }
 }
 
+/// Prints a reply as pretty JSON; exit 0 if it was ok. A closed stdout
+/// (`sandnic ctl … | head -3`) ends the command quietly, as Unix tools
+/// do.
+fn print_reply(reply: &serde_json::Value, ok: bool) -> ExitCode {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(reply).unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        _ if ok => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
 /// `ctl save FILE`: the running device's state, written to FILE.
-fn save(api: &PathBuf, file: &PathBuf) -> ExitCode {
-    let written =
-        crate::api::client(api, serde_json::json!({ "cmd": "save" })).and_then(|(reply, ok)| {
-            if !ok {
-                return Err(reply["error"].as_str().unwrap_or("save failed").to_string());
-            }
-            let state = reply["state"]
-                .as_str()
-                .and_then(crate::api::from_hex)
-                .ok_or("the reply carries no state")?;
-            std::fs::write(file, &state).map_err(|e| format!("writing {}: {e}", file.display()))?;
-            Ok(serde_json::json!({
-                "ok": true,
-                "file": file,
-                "bytes": state.len(),
-                "component": reply["component"],
-            }))
-        });
-    match written {
-        Ok(summary) => {
-            println!("{summary:#}");
-            ExitCode::SUCCESS
-        }
+fn save(api: &std::path::Path, file: &std::path::Path) -> ExitCode {
+    match save_to(api, file) {
+        Ok(summary) => print_reply(&summary, true),
         Err(e) => {
-            eprintln!("sandnic: {e}");
+            eprintln!("sandnic: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn save_to(api: &std::path::Path, file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let (reply, ok) = crate::api::client(api, serde_json::json!({ "cmd": "save" }))?;
+    anyhow::ensure!(ok, "{}", reply["error"].as_str().unwrap_or("save failed"));
+    let state = reply["state"]
+        .as_str()
+        .and_then(crate::api::from_hex)
+        .context("the reply carries no state")?;
+    std::fs::write(file, &state).with_context(|| format!("writing {}", file.display()))?;
+    Ok(serde_json::json!({
+        "ok": true,
+        "file": file,
+        "bytes": state.len(),
+        "component": reply["component"],
+    }))
 }
 
 fn inspect(file: &PathBuf, component: Option<ComponentSource>) -> anyhow::Result<()> {

@@ -14,8 +14,10 @@
 //! - `default_mac.rs` — the device's MAC when `--mac` gives none
 //! - `daemon/` — inherited sockets (systemd socket activation, `--socket-fd`)
 //!   and readiness notifications (`sd_notify`)
-//! - `serve.rs` — `sandnic serve`'s event loop
-//! - `api.rs` — the JSON-lines control API and `sandnic ctl`
+//! - `unix_socket.rs` — listening sockets sandnic binds (appear only once
+//!   listening)
+//! - `serve/` — `sandnic serve`: set-up, the reactor, a handover's driver
+//! - `api/` — the JSON-lines control API and its client (`sandnic ctl`)
 //! - `cli.rs` — command-line interface of the `sandnic` binary
 
 pub mod api;
@@ -31,6 +33,7 @@ pub mod memory;
 pub mod sandbox;
 pub mod serve;
 pub mod tap;
+pub mod unix_socket;
 pub mod vhost_user;
 
 pub use sandnic_device as device_model;

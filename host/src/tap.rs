@@ -67,7 +67,7 @@ pub const TUNSETQUEUE: u64 =
 pub const TUNSETCARRIER: u64 =
     nix::request_code_write!(b'T', 226, std::mem::size_of::<libc::c_int>()) as u64;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TapError {
     /// The TUN/TAP driver is not available.
     #[error("cannot open /dev/net/tun: {0} (is the tun module loaded?)")]
@@ -98,6 +98,43 @@ pub enum TapError {
     },
 }
 
+/// The rule for an interface name (the kernel's IFNAMSIZ less its NUL, no
+/// path separator): checked before it reaches an ioctl, whether an
+/// operator or a handover source named it.
+pub fn check_name(name: &str) -> Result<(), TapError> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains('\0') {
+        return Err(TapError::BadName(name.into()));
+    }
+    Ok(())
+}
+
+/// What the datapath needs of a TAP: an fd per queue that reads and
+/// writes whole frames (virtio-net header first), and a way to stop the
+/// kernel steering frames to a queue no one reads. `Tap` is the real one;
+/// the datapath's unit tests run it on a stand-in made of socketpairs
+/// (`datapath::testing::FakeTap`), which needs no root.
+pub trait TapQueues: Send + Sync + 'static {
+    fn queue_count(&self) -> usize;
+    fn queue(&self, index: usize) -> Option<BorrowedFd<'_>>;
+    /// Attaches or detaches queue `index` (a detached queue receives
+    /// nothing, and what it held is dropped).
+    fn set_queue_attached(&self, index: usize, attached: bool) -> Result<(), TapError>;
+}
+
+impl TapQueues for Tap {
+    fn queue_count(&self) -> usize {
+        Tap::queue_count(self)
+    }
+
+    fn queue(&self, index: usize) -> Option<BorrowedFd<'_>> {
+        Tap::queue(self, index)
+    }
+
+    fn set_queue_attached(&self, index: usize, attached: bool) -> Result<(), TapError> {
+        Tap::set_queue_attached(self, index, attached)
+    }
+}
+
 /// An open TAP device: one fd per queue.
 #[derive(Debug)]
 pub struct Tap {
@@ -123,9 +160,7 @@ impl Tap {
 
     /// Attaches `queues` queues to the existing TAP device `name`.
     pub fn open(name: &str, queues: usize) -> Result<Self, TapError> {
-        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains('\0') {
-            return Err(TapError::BadName(name.into()));
-        }
+        check_name(name)?;
         // Asked through the calling thread's network namespace (sysfs would
         // show the namespace it was mounted in).
         if nix::net::if_::if_nametoindex(name).is_err() {

@@ -71,7 +71,7 @@ impl NetBackend {
     pub(super) fn apply_result(
         &mut self,
         result: Result<Vec<Effect>, DeviceError>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeviceError> {
         match result {
             Ok(effects) => {
                 self.apply(effects);
@@ -79,12 +79,11 @@ impl NetBackend {
             }
             Err(e) => {
                 self.note_failure(&e);
-                Err(e.to_string())
+                Err(e)
             }
         }
     }
 
-    /// The host's view of the link changed (API `link`).
     /// The link goes up or down (`ctl link`). What each side sees:
     ///
     /// - the host: the TAP's carrier follows (`ip link` shows NO-CARRIER,
@@ -96,7 +95,7 @@ impl NetBackend {
     ///   guests keep their carrier and see only traffic stop;
     /// - traffic: frames the guest sends are dropped, and none are
     ///   delivered to it.
-    pub fn set_link(&mut self, up: bool) -> Result<(), String> {
+    pub fn set_link(&mut self, up: bool) -> Result<(), DeviceError> {
         let result = self.device.link_changed(up);
         self.apply_result(result)?;
         self.settings.link_up = up;
@@ -109,7 +108,7 @@ impl NetBackend {
     }
 
     /// Asks the guest to announce itself (after a migration).
-    pub fn announce(&mut self) -> Result<(), String> {
+    pub fn announce(&mut self) -> Result<(), DeviceError> {
         let result = self.device.announce();
         self.apply_result(result)
     }

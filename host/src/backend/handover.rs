@@ -55,6 +55,15 @@ pub struct TapState {
     pub queues: u16,
 }
 
+/// Why a device cannot be handed over now: a VM migration is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MigrationUnderWay {
+    #[error("a second frontend is connected (a VM migration is under way)")]
+    SecondFrontend,
+    #[error("the frontend is logging dirty pages (a VM migration is under way)")]
+    DirtyLogging,
+}
+
 /// The host's half of the device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostState {
@@ -109,14 +118,12 @@ impl NetBackend {
     /// migration is under way (a second frontend is connected, or the
     /// frontend logs dirty pages). Its state (the standby's connection, the
     /// log) does not travel in a handover, and the migration would break.
-    pub fn handover_blocker(&self) -> Option<String> {
+    pub fn handover_blocker(&self) -> Option<MigrationUnderWay> {
         if self.sessions.len() > 1 {
-            return Some("a second frontend is connected (a VM migration is under way)".into());
+            return Some(MigrationUnderWay::SecondFrontend);
         }
         if self.handed_over().is_some_and(|s| s.dirty_log().is_some()) {
-            return Some(
-                "the frontend is logging dirty pages (a VM migration is under way)".into(),
-            );
+            return Some(MigrationUnderWay::DirtyLogging);
         }
         None
     }
@@ -296,12 +303,7 @@ impl NetBackend {
         };
         for setup in &session.vrings {
             let Some(addrs) = setup.addrs else { continue };
-            let n = u64::from(setup.num);
-            for (va, len) in [
-                (addrs.desc, 16 * n),
-                (addrs.avail, 6 + 2 * n),
-                (addrs.used, 6 + 8 * n),
-            ] {
+            for (_, va, len) in addrs.parts(setup.num) {
                 memory.prefault(va, len);
             }
         }

@@ -4,9 +4,10 @@
 //! (SEND_RARP). Two frontend sessions during a local migration are in
 //! `session.rs`.
 
-use super::{NetBackend, Outcome, SessionId};
+use super::{NetBackend, Outcome, Refusal, SessionId};
 use crate::memory::dirty_log::DirtyLog;
 use crate::vhost_user::protocol;
+use crate::vhost_user::request::RequestError;
 use sandnic_device::format_mac;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -39,19 +40,17 @@ impl NetBackend {
             Ok(log) => log,
             Err(e) => {
                 self.counters.log_failures += 1;
-                return Outcome::Disconnect(format!("SET_LOG_BASE: {e}"));
+                return Outcome::Disconnect(e.into());
             }
         };
         let Some(session) = self.sessions.get_mut(id) else {
-            return Outcome::Failed(format!("no session {id}"));
+            return Outcome::Failed(Refusal::NoSession(id));
         };
         if let Some(memory) = &session.memory {
             if !log.covers(memory.end()) {
                 let end = memory.end();
                 self.counters.log_failures += 1;
-                return Outcome::Disconnect(format!(
-                    "SET_LOG_BASE: a log of {size} bytes does not cover guest memory up to {end:#x}"
-                ));
+                return Outcome::Disconnect(Refusal::LogShort { size, end });
             }
         }
         session.log = Some(Arc::new(log));
@@ -73,13 +72,13 @@ impl NetBackend {
     /// A request that did not parse. A malformed SET_LOG_BASE cannot be
     /// refused any more than a valid one that cannot be honoured (see
     /// `set_log_base`): the connection is closed.
-    pub fn malformed(&mut self, code: u32, error: String) -> Outcome {
+    pub fn malformed(&mut self, code: u32, error: RequestError) -> Outcome {
         self.counters.bad_requests += 1;
         if code == FrontendReq::SET_LOG_BASE as u32 {
             self.counters.log_failures += 1;
-            return Outcome::Disconnect(format!("malformed SET_LOG_BASE: {error}"));
+            return Outcome::Disconnect(Refusal::MalformedLogBase(error));
         }
-        Outcome::Failed(error)
+        Outcome::Failed(Refusal::Malformed(error))
     }
 
     /// SEND_RARP: announce `mac` from the TAP, so bridges and switches
@@ -88,16 +87,13 @@ impl NetBackend {
     /// GUEST_ANNOUNCE).
     pub(super) fn send_rarp(&mut self, mac: [u8; 6]) -> Outcome {
         if mac[0] & 1 != 0 {
-            return Outcome::Failed(format!(
-                "SEND_RARP: {} is not a unicast MAC",
-                format_mac(&mac)
-            ));
+            return Outcome::Failed(Refusal::RarpNotUnicast(format_mac(&mac)));
         }
         let mut frame = vec![0u8; self.settings.hdr_len];
         frame.extend_from_slice(&rarp_frame(mac));
         let tap = self.datapath.tap().clone();
         let Some(queue) = tap.queue(0) else {
-            return Outcome::Failed("SEND_RARP: no TAP queue".into());
+            return Outcome::Failed(Refusal::RarpNoTap);
         };
         match nix::unistd::write(queue, &frame) {
             Ok(_) => {
@@ -107,7 +103,7 @@ impl NetBackend {
             }
             Err(e) => {
                 warn!(fd = queue.as_raw_fd(), "SEND_RARP: writing to the TAP: {e}");
-                Outcome::Failed(format!("SEND_RARP: writing to the TAP: {e}"))
+                Outcome::Failed(Refusal::RarpWrite(e))
             }
         }
     }

@@ -7,7 +7,10 @@
 mod ctrl_queue;
 mod effects;
 pub mod handover;
+pub use handover::MigrationUnderWay;
 mod migration;
+mod refusal;
+pub use refusal::Refusal;
 mod requests;
 mod rings;
 mod session;
@@ -22,7 +25,8 @@ use serde::Serialize;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-pub use crate::vhost_user::connection::Outcome;
+/// The answer to a frontend's request, with the backend's reasons.
+pub type Outcome = crate::vhost_user::connection::Outcome<Refusal>;
 pub use session::{Session, SessionId, SessionReport, Sessions};
 
 /// Things that went wrong on the control path, counted for `stats`.

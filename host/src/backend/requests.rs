@@ -2,11 +2,11 @@
 
 use super::rings::OtherSessionDrives;
 use super::session::Session;
-use super::{NetBackend, SessionId};
+use super::{NetBackend, Outcome, Refusal, SessionId};
 use crate::datapath::vring::{RingAddrs, VringSetup};
 use crate::memory::guest_memory::{GuestMemory, RegionInfo};
 use crate::sandbox::DeviceError;
-use crate::vhost_user::connection::Outcome;
+
 use crate::vhost_user::request::{Request, RequestError};
 use crate::vhost_user::{protocol, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use sandnic_device::features;
@@ -27,7 +27,7 @@ impl NetBackend {
         self.setup_changes += 1;
         debug!(session = id, ?request, "vhost-user request");
         if self.sessions.get(id).is_none() {
-            return Outcome::Failed(format!("no session {id}"));
+            return Outcome::Failed(Refusal::NoSession(id));
         }
         let outcome = self.dispatch(id, request);
         self.sync_active_pairs();
@@ -76,7 +76,7 @@ impl NetBackend {
             Request::GetQueueNum => u64_reply(u64::from(self.device.config().max_queue_pairs)),
             Request::SetMemTable(regions, fds) => self.set_mem_table(id, regions, fds),
             Request::SetVringNum { index, num } => self.with_ring(id, index, |v| {
-                v.num = u16::try_from(num).map_err(|_| format!("ring size {num}"))?;
+                v.num = u16::try_from(num).map_err(|_| Refusal::RingSize(num))?;
                 Ok(())
             }),
             Request::SetVringAddr {
@@ -91,12 +91,12 @@ impl NetBackend {
                 Ok(())
             }),
             Request::SetVringBase { index, base } => self.with_ring(id, index, |v| {
-                v.base = u16::try_from(base).map_err(|_| format!("ring base {base}"))?;
+                v.base = u16::try_from(base).map_err(|_| Refusal::RingBase(base))?;
                 Ok(())
             }),
             Request::GetVringBase { index } => self.get_vring_base(id, index),
             Request::SetVringKick { index, fd } => self.with_ring(id, index, |v| {
-                let fd = fd.ok_or("polling without a kick fd is not supported")?;
+                let fd = fd.ok_or(Refusal::NoKickFd)?;
                 pollable(&fd)?;
                 nonblocking(&fd)?;
                 v.kick = Some(Arc::new(fd));
@@ -127,7 +127,7 @@ impl NetBackend {
                 let result = self.device.write_config(offset, &data);
                 match self.apply_result(result) {
                     Ok(()) => Outcome::Ok,
-                    Err(why) => Outcome::Failed(why),
+                    Err(why) => Outcome::Failed(Refusal::ConfigWrite(why)),
                 }
             }
             Request::SetBackendReqFd(fd) => {
@@ -142,16 +142,16 @@ impl NetBackend {
             Request::SendRarp(mac) => self.send_rarp(mac),
             Request::Unsupported(code) => {
                 self.counters.unsupported_requests += 1;
-                Outcome::Failed(format!("unsupported request {code}"))
+                Outcome::Failed(Refusal::Unsupported(code))
             }
         }
     }
 
     /// A standby asked for something that would change the device the
     /// other session drives.
-    fn refuse_standby(&mut self, what: &str) -> Outcome {
+    fn refuse_standby(&mut self, what: &'static str) -> Outcome {
         self.counters.standby_refusals += 1;
-        Outcome::Failed(format!("{what}: {OtherSessionDrives}"))
+        Outcome::Failed(Refusal::Standby(what))
     }
 
     /// Applies a change to ring `index` of session `id` and brings the ring
@@ -160,19 +160,19 @@ impl NetBackend {
         &mut self,
         id: SessionId,
         index: u32,
-        change: impl FnOnce(&mut VringSetup) -> Result<(), String>,
+        change: impl FnOnce(&mut VringSetup) -> Result<(), Refusal>,
     ) -> Outcome {
         let i = index as usize;
         let rings = self.session_mut(id).vrings.len();
         let Some(setup) = self.session_mut(id).vrings.get_mut(i) else {
-            return Outcome::Failed(format!("ring {index} does not exist ({rings} rings)"));
+            return Outcome::Failed(Refusal::NoRing { index, rings });
         };
         if let Err(why) = change(setup) {
             return Outcome::Failed(why);
         }
         match self.refresh_ring(id, i) {
             Ok(()) => Outcome::Ok,
-            Err(refused) => Outcome::Failed(format!("ring {index}: {refused}")),
+            Err(OtherSessionDrives) => Outcome::Failed(Refusal::RingOfStandby { index }),
         }
     }
 
@@ -204,7 +204,7 @@ impl NetBackend {
                     self.session_mut(id).proto.acked_features = previous;
                     self.note_failure(&e);
                     self.refresh_all_rings(id);
-                    return Outcome::Failed(format!("features {acked:#x}: {e}"));
+                    return Outcome::Failed(Refusal::Features { acked, error: e });
                 }
             }
         }
@@ -225,7 +225,7 @@ impl NetBackend {
             .acked_features
             .is_some_and(|f| f & F_PROTOCOL_FEATURES == 0)
         {
-            return Outcome::Failed("SET_VRING_ENABLE without protocol features".into());
+            return Outcome::Failed(Refusal::EnableWithoutProtocolFeatures);
         }
         let outcome = self.with_ring(id, index, |v| {
             v.enabled = enable;
@@ -234,7 +234,7 @@ impl NetBackend {
         });
         // The device model hears of it only from the session that may
         // drive the device; a standby's rings are its own business.
-        if outcome == Outcome::Ok && !self.sessions.other_drives(id) {
+        if matches!(outcome, Outcome::Ok) && !self.sessions.other_drives(id) {
             let effects = self.device.queue_enabled(index as u16, enable);
             if let Err(e) = self.apply_result(effects) {
                 warn!("queue-enabled: {e}");
@@ -251,16 +251,16 @@ impl NetBackend {
     ) -> Outcome {
         let memory = match GuestMemory::map(regions, fds) {
             Ok(memory) => Arc::new(memory),
-            Err(e) => return Outcome::Failed(e.to_string()),
+            Err(e) => return Outcome::Failed(e.into()),
         };
         if let Some(log) = self.session_mut(id).dirty_log() {
             if !log.covers(memory.end()) {
                 let size = log.size();
                 self.counters.log_failures += 1;
-                return Outcome::Disconnect(format!(
-                    "the dirty log ({size} bytes) does not cover the new memory table (ends at {:#x})",
-                    memory.end()
-                ));
+                return Outcome::Disconnect(Refusal::LogShort {
+                    size,
+                    end: memory.end(),
+                });
             }
         }
         let rings = self.session_mut(id).vrings.len();
@@ -279,7 +279,10 @@ impl NetBackend {
     fn get_vring_base(&mut self, id: SessionId, index: u32) -> Outcome {
         let i = index as usize;
         if i >= self.session_mut(id).vrings.len() {
-            return Outcome::Failed(format!("ring {index} does not exist"));
+            return Outcome::Failed(Refusal::NoRing {
+                index,
+                rings: self.session_mut(id).vrings.len(),
+            });
         }
         let stopped = self.stop_ring(id, i);
         let setup = &mut self.session_mut(id).vrings[i];
@@ -296,7 +299,11 @@ impl NetBackend {
             Ok(data) => data,
             Err(e) => {
                 self.note_failure(&e);
-                return Outcome::Failed(format!("config read at {offset} of {size} bytes: {e}"));
+                return Outcome::Failed(Refusal::ConfigRead {
+                    offset,
+                    size,
+                    error: e,
+                });
             }
         };
         let head = VhostUserConfig::new(
@@ -341,33 +348,35 @@ impl NetBackend {
 
 /// The datapath waits for kicks in epoll: an fd epoll refuses (a regular
 /// file, a memfd) would leave the ring's thread unable to wait at all.
-fn pollable(fd: &OwnedFd) -> Result<(), String> {
+fn pollable(fd: &OwnedFd) -> Result<(), Refusal> {
     use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(Refusal::KickNotPollable)?;
     epoll
         .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 0))
-        .map_err(|e| format!("the kick fd cannot be polled ({e})"))
+        .map_err(Refusal::KickNotPollable)
 }
 
-fn nonblocking(fd: &OwnedFd) -> Result<(), String> {
+fn nonblocking(fd: &OwnedFd) -> Result<(), Refusal> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| format!("fcntl: {e}"))?;
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(Refusal::Fcntl)?;
     fcntl(
         fd.as_fd().as_raw_fd(),
         FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
     )
     .map(drop)
-    .map_err(|e| format!("fcntl: {e}"))
+    .map_err(Refusal::Fcntl)
 }
 
 /// The device behind a frontend's connection.
 impl crate::vhost_user::connection::Device for NetBackend {
+    type Refusal = Refusal;
+
     fn handle(&mut self, session: SessionId, request: Request) -> Outcome {
         NetBackend::handle(self, session, request)
     }
 
     fn malformed(&mut self, _session: SessionId, code: u32, error: RequestError) -> Outcome {
-        NetBackend::malformed(self, code, error.to_string())
+        NetBackend::malformed(self, code, error)
     }
 
     fn reply_ack(&self, session: SessionId) -> bool {

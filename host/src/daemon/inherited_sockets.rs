@@ -19,6 +19,32 @@ pub const VHOST_USER_NAME: &str = "vhost-user";
 /// The `FileDescriptorName=` of the API socket unit.
 pub const API_NAME: &str = "api";
 
+/// Why inherited fds cannot be used as they were passed.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("the {0} socket is both socket-activated and given with a flag")]
+    Twice(&'static str),
+    #[error("--socket-fd and --api-fd name the same fd")]
+    SameFd,
+    #[error("fd {0} is named twice on the command line")]
+    Claimed(RawFd),
+    #[error("socket activation passed a socket named {0:?}; sandnic takes {VHOST_USER_NAME:?} and {API_NAME:?}")]
+    UnknownName(String),
+    #[error("LISTEN_FDS={0:?} is not a count sandnic can use")]
+    Count(String),
+    #[error("LISTEN_FDNAMES names fewer than {0} fds")]
+    TooFewNames(RawFd),
+    #[error("two socket-activated fds are named {0:?}")]
+    SameName(String),
+    /// The fd is not a listening UNIX stream socket sandnic may take.
+    #[error("the {what} socket (fd {fd}): {why}")]
+    NotAListener {
+        what: &'static str,
+        fd: RawFd,
+        why: String,
+    },
+}
+
 /// Sockets inherited at start, by role.
 #[derive(Debug, Default)]
 pub struct InheritedSockets {
@@ -33,35 +59,29 @@ pub fn take(
     socket_fd: Option<RawFd>,
     api_fd: Option<RawFd>,
     claimed: &[RawFd],
-) -> Result<InheritedSockets, String> {
+) -> Result<InheritedSockets, InheritError> {
     let mut named = systemd_fds()?;
-    let mut pick = |flag: Option<RawFd>, name: &str| -> Result<Option<UnixListener>, String> {
-        match (flag, named.remove(name)) {
-            (Some(_), Some(_)) => Err(format!(
-                "the {name} socket is both socket-activated and given with a flag"
-            )),
-            (Some(fd), None) | (None, Some(fd)) => adopt(fd, name).map(Some),
-            (None, None) => Ok(None),
-        }
+    let mut pick = |flag: Option<RawFd>, name: &'static str| match (flag, named.remove(name)) {
+        (Some(_), Some(_)) => Err(InheritError::Twice(name)),
+        (Some(fd), None) | (None, Some(fd)) => adopt(fd, name).map(Some),
+        (None, None) => Ok(None),
     };
     if socket_fd.is_some() && socket_fd == api_fd {
-        return Err("--socket-fd and --api-fd name the same fd".into());
+        return Err(InheritError::SameFd);
     }
     if let Some(fd) = [socket_fd, api_fd]
         .into_iter()
         .flatten()
         .find(|fd| claimed.contains(fd))
     {
-        return Err(format!("fd {fd} is named twice on the command line"));
+        return Err(InheritError::Claimed(fd));
     }
     let sockets = InheritedSockets {
         vhost_user: pick(socket_fd, VHOST_USER_NAME)?,
         api: pick(api_fd, API_NAME)?,
     };
-    if let Some(name) = named.keys().next() {
-        return Err(format!(
-            "socket activation passed a socket named {name:?}; sandnic takes {VHOST_USER_NAME:?} and {API_NAME:?}"
-        ));
+    if let Some(name) = named.into_keys().next() {
+        return Err(InheritError::UnknownName(name));
     }
     Ok(sockets)
 }
@@ -70,7 +90,7 @@ pub fn take(
 /// `LISTEN_PID` is not this process (the variables were meant for a
 /// parent). The variables are removed so that no child takes them too. A
 /// single unnamed fd is the vhost-user socket.
-fn systemd_fds() -> Result<HashMap<String, RawFd>, String> {
+fn systemd_fds() -> Result<HashMap<String, RawFd>, InheritError> {
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
@@ -87,7 +107,7 @@ fn systemd_fds() -> Result<HashMap<String, RawFd>, String> {
         .parse()
         .ok()
         .filter(|n| (1..=16).contains(n))
-        .ok_or_else(|| format!("LISTEN_FDS={count:?} is not a count sandnic can use"))?;
+        .ok_or(InheritError::Count(count))?;
     let names: Vec<String> = match names {
         Some(names) => names.split(':').map(str::to_string).collect(),
         None => Vec::new(),
@@ -98,10 +118,10 @@ fn systemd_fds() -> Result<HashMap<String, RawFd>, String> {
             // systemd's name for a socket unit without FileDescriptorName=.
             None | Some("unknown") | Some("") if count == 1 => VHOST_USER_NAME.to_string(),
             Some(name) => name.to_string(),
-            None => return Err(format!("LISTEN_FDNAMES names fewer than {count} fds")),
+            None => return Err(InheritError::TooFewNames(count)),
         };
         if fds.insert(name.clone(), fd).is_some() {
-            return Err(format!("two socket-activated fds are named {name:?}"));
+            return Err(InheritError::SameName(name));
         }
     }
     Ok(fds)
@@ -109,10 +129,10 @@ fn systemd_fds() -> Result<HashMap<String, RawFd>, String> {
 
 /// Takes `fd` as the listening socket for `what`, once it is shown to be
 /// one.
-fn adopt(fd: RawFd, what: &str) -> Result<UnixListener, String> {
+fn adopt(fd: RawFd, what: &'static str) -> Result<UnixListener, InheritError> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
-    let bad = |why: String| format!("the {what} socket (fd {fd}): {why}");
+    let bad = |why: String| InheritError::NotAListener { what, fd, why };
     if fd < FIRST_SYSTEMD_FD {
         return Err(bad(
             "stdin, stdout and stderr are not sockets to listen on".into()

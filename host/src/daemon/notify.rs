@@ -7,6 +7,14 @@
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+/// `$NOTIFY_SOCKET` names no socket this process can send to.
+#[derive(Debug, thiserror::Error)]
+#[error("NOTIFY_SOCKET={value:?}: {error}")]
+pub struct NotifySocketError {
+    value: std::ffi::OsString,
+    error: std::io::Error,
+}
+
 /// A socket to the service manager, made at start (before the seccomp
 /// filters, which allow sending but not creating sockets of this kind).
 pub struct Notifier {
@@ -18,12 +26,15 @@ impl Notifier {
     /// From `$NOTIFY_SOCKET` (a path, or an abstract name written with a
     /// leading `@`); None when no service manager listens. The variable is
     /// removed so that no child process speaks for sandnic.
-    pub fn from_env() -> Result<Option<Self>, String> {
+    pub fn from_env() -> Result<Option<Self>, NotifySocketError> {
         let Some(value) = std::env::var_os("NOTIFY_SOCKET") else {
             return Ok(None);
         };
         std::env::remove_var("NOTIFY_SOCKET");
-        let bad = |e: std::io::Error| format!("NOTIFY_SOCKET={value:?}: {e}");
+        let bad = |error| NotifySocketError {
+            value: value.clone(),
+            error,
+        };
         let bytes = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str());
         let target = match bytes.strip_prefix(b"@") {
             Some(name) => {

@@ -9,19 +9,23 @@
 //! - `worker.rs` — a datapath thread and its epoll loop
 //! - `notify.rs` — kick/call fds
 //! - `stats.rs` — counters
+//! - `testing.rs` — guest RAM, a driver's ring and a fake TAP for the unit
+//!   tests
 
 pub mod notify;
 pub mod rx;
 pub mod rx_filter;
 pub mod stats;
 pub mod tap_io;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tx;
 pub mod vring;
 mod worker;
 
 use crate::memory::dirty_log::DirtyLog;
 use crate::memory::guest_memory::GuestMemory;
-use crate::tap::Tap;
+use crate::tap::{Tap, TapQueues};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rx::RxPending;
 use rx_filter::NativeFilter;
@@ -97,7 +101,8 @@ impl Default for Settings {
 
 /// One queue pair's datapath state. Only touched with the pair's mutex held.
 pub struct PairState {
-    pub memory: Option<Arc<GuestMemory>>,
+    /// Changed only by `set_memory`, which stops the rings on the old one.
+    memory: Option<Arc<GuestMemory>>,
     pub rx: Option<Vring>,
     pub tx: Option<Vring>,
     pub rx_pending: RxPending,
@@ -108,6 +113,38 @@ pub struct PairState {
     pub active: bool,
     /// Bumped whenever the fds to poll change.
     pub generation: u64,
+}
+
+impl PairState {
+    /// Stops one ring: pending RX buffers go back to the guest first. The
+    /// next available index to process, if the ring ran.
+    fn stop_ring(&mut self, dir: Direction) -> Option<u16> {
+        let ring = match dir {
+            Direction::Rx => {
+                let ring = self.rx.as_mut()?;
+                self.rx_pending.rewind(ring);
+                ring
+            }
+            Direction::Tx => self.tx.as_mut()?,
+        };
+        let next = ring.queue.next_avail();
+        match dir {
+            Direction::Rx => self.rx = None,
+            Direction::Tx => self.tx = None,
+        }
+        Some(next)
+    }
+
+    /// The only way the pair's memory changes: the RX buffers taken ahead
+    /// hold raw pointers into the old mapping, so no ring runs across it.
+    fn set_memory(&mut self, memory: Option<Arc<GuestMemory>>) {
+        for dir in [Direction::Rx, Direction::Tx] {
+            if self.stop_ring(dir).is_some() {
+                tracing::warn!(?dir, "a ring still ran when guest memory changed; stopped");
+            }
+        }
+        self.memory = memory;
+    }
 }
 
 pub struct PairShared {
@@ -171,9 +208,9 @@ pub struct PairReport {
     pub frame_room: u64,
 }
 
-/// All queue pairs and their threads.
-pub struct Datapath {
-    tap: Arc<Tap>,
+/// All queue pairs and their threads, on TAP queues `T`.
+pub struct Datapath<T: TapQueues = Tap> {
+    tap: Arc<T>,
     pairs: Vec<Arc<PairShared>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -185,12 +222,12 @@ pub enum Direction {
     Tx,
 }
 
-impl Datapath {
+impl<T: TapQueues> Datapath<T> {
     /// Starts the threads for one pair per TAP queue (`threads_for`),
     /// idle until a ring is installed. Pair `i` goes to thread `i % n`.
     /// Only pair 0 is active until the device model enables more; the TAP's
     /// queue attachment is left to `set_active_pairs`.
-    pub fn start(tap: Arc<Tap>, options: DatapathOptions) -> std::io::Result<Self> {
+    pub fn start(tap: Arc<T>, options: DatapathOptions) -> std::io::Result<Self> {
         let pairs = (0..tap.queue_count())
             .map(|index| PairShared::new(index as u16, options.busy_poll).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -212,7 +249,7 @@ impl Datapath {
         })
     }
 
-    pub fn tap(&self) -> &Arc<Tap> {
+    pub fn tap(&self) -> &Arc<T> {
         &self.tap
     }
 
@@ -266,23 +303,7 @@ impl Datapath {
     /// The frontend gets the answer only after this returns.
     /// (`tests/dirty_log.rs`: `get_vring_base_is_a_barrier_with_every_write_before_it_logged`.)
     pub fn stop_ring(&self, pair: usize, dir: Direction) -> Option<u16> {
-        self.with_pair(pair, |st| {
-            let ring = match dir {
-                Direction::Rx => {
-                    let ring = st.rx.as_mut()?;
-                    st.rx_pending.rewind(ring);
-                    ring
-                }
-                Direction::Tx => st.tx.as_mut()?,
-            };
-            let next = ring.queue.next_avail();
-            match dir {
-                Direction::Rx => st.rx = None,
-                Direction::Tx => st.tx = None,
-            }
-            Some(next)
-        })
-        .flatten()
+        self.with_pair(pair, |st| st.stop_ring(dir)).flatten()
     }
 
     pub fn install_ring(&self, pair: usize, dir: Direction, ring: Vring) {
@@ -295,11 +316,13 @@ impl Datapath {
         });
     }
 
-    /// New guest memory for every pair. Rings must have been stopped (their
-    /// addresses are re-translated against the new table by the caller).
+    /// New guest memory for every pair. Callers stop the rings first and
+    /// keep their positions (GET_VRING_BASE); a ring still running here is
+    /// stopped with its pending RX buffers given back, so that nothing in
+    /// the datapath points into a mapping the pair no longer holds.
     pub fn set_memory(&self, memory: Option<Arc<GuestMemory>>) {
         for pair in 0..self.pairs.len() {
-            self.with_pair(pair, |st| st.memory = memory.clone());
+            self.with_pair(pair, |st| st.set_memory(memory.clone()));
         }
     }
 
@@ -323,7 +346,7 @@ impl Datapath {
     /// only filter itself) and waits until they have (each pair reports
     /// for the thread that serves it). Call once, after
     /// privileges were dropped.
-    pub fn confine(&self, program: Arc<seccompiler::BpfProgram>) -> Result<(), String> {
+    pub fn confine(&self, program: Arc<seccompiler::BpfProgram>) -> Result<(), NotConfined> {
         for p in &self.pairs {
             *p.confinement.lock().unwrap_or_else(|e| e.into_inner()) = Some(program.clone());
             p.wake();
@@ -335,7 +358,7 @@ impl Datapath {
             .all(|p| p.confined.load(Ordering::Acquire))
         {
             if std::time::Instant::now() > deadline {
-                return Err("a datapath thread did not put its seccomp filter on".into());
+                return Err(NotConfined);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -373,7 +396,7 @@ impl Datapath {
     }
 }
 
-impl Drop for Datapath {
+impl<T: TapQueues> Drop for Datapath<T> {
     fn drop(&mut self) {
         for p in &self.pairs {
             p.stop.store(true, Ordering::Release);
@@ -387,8 +410,6 @@ impl Drop for Datapath {
 
 #[cfg(test)]
 mod tests {
-    use super::threads_for;
-    use std::num::NonZeroUsize;
 
     #[test]
     fn threads_follow_the_option_and_never_outnumber_pairs() {
@@ -401,6 +422,124 @@ mod tests {
         assert_eq!(threads_for(0, asked(2)), 0);
     }
 
+    use super::testing::{eventually, frame, Buffer, DriverRing, FakeTap, GuestRam};
+    use super::*;
+
+    /// A running datapath on a fake TAP of `pairs` queues, with guest RAM.
+    fn running(pairs: usize, settings: Settings) -> (Datapath<FakeTap>, Arc<FakeTap>, GuestRam) {
+        let tap = FakeTap::new(pairs);
+        let options = DatapathOptions {
+            busy_poll: std::time::Duration::ZERO,
+            threads: NonZeroUsize::new(1),
+        };
+        let datapath = Datapath::start(tap.clone(), options).unwrap();
+        let ram = GuestRam::new();
+        datapath.set_memory(Some(ram.memory.clone()));
+        datapath.set_settings(&settings);
+        (datapath, tap, ram)
+    }
+
+    fn install(datapath: &Datapath<FakeTap>, ram: &GuestRam, driver: &DriverRing, dir: Direction) {
+        let index = if dir == Direction::Rx { 0 } else { 1 };
+        let ring = Vring::start(index, &driver.setup(), &ram.memory, false, None).unwrap();
+        datapath.install_ring(0, dir, ring);
+    }
+
+    #[test]
+    fn the_worker_moves_frames_both_ways_and_signals_the_driver() {
+        let (datapath, tap, ram) = running(1, Settings::default());
+        let mut rx = DriverRing::new(&ram, 64);
+        let mut tx = DriverRing::new(&ram, 64);
+        install(&datapath, &ram, &rx, Direction::Rx);
+        install(&datapath, &ram, &tx, Direction::Tx);
+        assert_eq!(
+            (rx.notifications(), tx.notifications()),
+            (1, 1),
+            "start signals"
+        );
+        // Guest → TAP: offered and kicked.
+        let sent = frame(200, 5);
+        let addr = ram.alloc(sent.len() as u64);
+        ram.write(addr, &sent);
+        tx.offer(
+            &ram,
+            &[Buffer {
+                addr,
+                len: sent.len() as u32,
+                device_writes: false,
+            }],
+        );
+        tx.kick();
+        assert_eq!(tap.written(0), Some(sent));
+        assert!(
+            eventually(|| tx.notifications() > 0),
+            "TX completion signalled"
+        );
+        assert_eq!(tx.take_used(&ram), vec![(0, 0)]);
+        // TAP → guest: a buffer given, then a frame arriving.
+        let at = ram.alloc(2048);
+        rx.offer(
+            &ram,
+            &[Buffer {
+                addr: at,
+                len: 2048,
+                device_writes: true,
+            }],
+        );
+        rx.kick();
+        let arriving = frame(300, 6);
+        tap.inject(0, &arriving);
+        assert!(eventually(|| rx.notifications() > 0), "RX signalled");
+        assert_eq!(rx.take_used(&ram), vec![(0, 312)]);
+        assert_eq!(ram.read(at + 12, 300), arriving[12..]);
+        let stats = datapath.stats();
+        assert_eq!((stats[0].tx_packets, stats[0].rx_packets), (1, 1));
+    }
+
+    #[test]
+    fn new_memory_gives_back_every_rx_buffer_taken_ahead() {
+        let settings = Settings {
+            mergeable: true,
+            ..Settings::default()
+        };
+        let (datapath, _tap, ram) = running(1, settings);
+        let mut rx = DriverRing::new(&ram, 16);
+        for _ in 0..12 {
+            let addr = ram.alloc(1024);
+            rx.offer(
+                &ram,
+                &[Buffer {
+                    addr,
+                    len: 1024,
+                    device_writes: true,
+                }],
+            );
+        }
+        install(&datapath, &ram, &rx, Direction::Rx);
+        assert!(
+            eventually(|| datapath.pair_states()[0].rx_pending_chains > 0),
+            "buffers taken ahead of a frame"
+        );
+        // Without stopping the ring first: the datapath stops it itself.
+        datapath.set_memory(Some(GuestRam::new().memory));
+        let state = &datapath.pair_states()[0];
+        assert_eq!((state.rx_running, state.rx_pending_chains), (false, 0));
+        assert_eq!(
+            datapath.stop_ring(0, Direction::Rx),
+            None,
+            "already stopped"
+        );
+    }
+
+    #[test]
+    fn only_active_pairs_keep_their_tap_queue_attached() {
+        let (datapath, tap, _ram) = running(3, Settings::default());
+        datapath.set_active_pairs(2);
+        assert!(tap.attached(0) && tap.attached(1) && !tap.attached(2));
+        datapath.set_active_pairs(3);
+        assert!(tap.attached(2));
+    }
+
     #[test]
     fn by_default_one_thread_per_pair_up_to_the_cpus() {
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
@@ -408,3 +547,8 @@ mod tests {
         assert_eq!(threads_for(64, None), cpus.min(64));
     }
 }
+
+/// A datapath thread did not take its seccomp filter in time.
+#[derive(Debug, thiserror::Error)]
+#[error("a datapath thread did not put its seccomp filter on within 5 s")]
+pub struct NotConfined;

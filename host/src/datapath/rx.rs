@@ -331,3 +331,176 @@ fn deliver(
     ring.publish_used(ctx.mem);
     pending.consume(count);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{frame, Buffer, DriverRing, FakeTap, GuestRam};
+    use super::*;
+    use crate::tap::TapQueues;
+    use std::sync::Arc;
+
+    struct Rig {
+        ram: GuestRam,
+        driver: DriverRing,
+        ring: Vring,
+        pending: RxPending,
+        tap: Arc<FakeTap>,
+        filter: NativeFilter,
+        mergeable: bool,
+    }
+
+    fn rig(num: u16, mergeable: bool) -> Rig {
+        let ram = GuestRam::new();
+        let driver = DriverRing::new(&ram, num);
+        let ring = Vring::start(0, &driver.setup(), &ram.memory, false, None).unwrap();
+        Rig {
+            ram,
+            driver,
+            ring,
+            pending: RxPending::default(),
+            tap: FakeTap::new(1),
+            filter: NativeFilter::default(),
+            mergeable,
+        }
+    }
+
+    impl Rig {
+        /// Offers one device-writable buffer of `len` bytes; its address.
+        fn give(&mut self, len: u32) -> u64 {
+            let addr = self.ram.alloc(u64::from(len));
+            self.driver.offer(
+                &self.ram,
+                &[Buffer {
+                    addr,
+                    len,
+                    device_writes: true,
+                }],
+            );
+            addr
+        }
+
+        fn receive(&mut self, budget: usize) -> (Batch, RxOutcome) {
+            let ctx = RxContext {
+                mem: self.ram.memory.mmap(),
+                tap: self.tap.queue(0).unwrap(),
+                hdr_len: 12,
+                mergeable: self.mergeable,
+                frame_room: MAX_FRAME,
+                filter: &self.filter,
+                link_up: true,
+                dirty_log: None,
+            };
+            process_rx(&mut self.ring, &mut self.pending, &ctx, budget)
+        }
+    }
+
+    /// `frame` as the guest finds it: num_buffers (bytes 10..12) set.
+    fn with_num_buffers(mut frame: Vec<u8>, n: u16) -> Vec<u8> {
+        frame[10..12].copy_from_slice(&n.to_le_bytes());
+        frame
+    }
+
+    #[test]
+    fn a_frame_lands_whole_in_the_guest_buffer() {
+        let mut r = rig(16, false);
+        let at = r.give(2048);
+        let sent = frame(1000, 7);
+        r.tap.inject(0, &sent);
+        let (batch, outcome) = r.receive(16);
+        assert_eq!((batch.packets, batch.bytes), (1, 1000));
+        assert_eq!(outcome, RxOutcome::NeedBuffers, "its one buffer used");
+        assert_eq!(r.driver.take_used(&r.ram), vec![(0, 1012)]);
+        assert_eq!(r.ram.read(at, 1012), with_num_buffers(sent, 1));
+    }
+
+    #[test]
+    fn mergeable_frames_span_buffers_and_say_how_many() {
+        let mut r = rig(16, true);
+        // Room for the largest frame before any read (MAX_FRAME).
+        let buffers: Vec<u64> = (0..10).map(|_| r.give(1024)).collect();
+        let sent = frame(3000, 9);
+        r.tap.inject(0, &sent);
+        let (batch, _) = r.receive(16);
+        assert_eq!(batch.packets, 1);
+        assert_eq!(
+            r.driver.take_used(&r.ram),
+            vec![(0, 1024), (1, 1024), (2, 3012 - 2048)]
+        );
+        let landed: Vec<u8> = [
+            r.ram.read(buffers[0], 1024),
+            r.ram.read(buffers[1], 1024),
+            r.ram.read(buffers[2], 3012 - 2048),
+        ]
+        .concat();
+        assert_eq!(landed, with_num_buffers(sent, 3));
+        assert_eq!(r.pending.len(), 7, "taken ahead for the next frame");
+        let before = r.ring.queue.next_avail();
+        r.pending.rewind(&mut r.ring);
+        assert_eq!(r.ring.queue.next_avail(), before - 7, "given back");
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_buffer_is_dropped_and_the_buffer_kept() {
+        let mut r = rig(16, false);
+        r.give(200);
+        r.tap.inject(0, &frame(500, 1));
+        r.tap.inject(0, &frame(100, 2));
+        let (batch, _) = r.receive(16);
+        assert_eq!((batch.drops, batch.packets), (1, 1));
+        assert_eq!(
+            r.driver.take_used(&r.ram),
+            vec![(0, 112)],
+            "no partial frame"
+        );
+    }
+
+    #[test]
+    fn without_buffers_the_frame_waits_in_the_tap() {
+        let mut r = rig(16, false);
+        r.tap.inject(0, &frame(100, 1));
+        let (batch, outcome) = r.receive(16);
+        assert_eq!((batch.packets, outcome), (0, RxOutcome::NeedBuffers));
+        r.give(2048);
+        let (batch, _) = r.receive(16);
+        assert_eq!(batch.packets, 1, "the frame was not lost");
+    }
+
+    #[test]
+    fn a_bad_chain_goes_back_unused_and_the_next_one_serves() {
+        let mut r = rig(16, false);
+        let addr = r.ram.alloc(2048);
+        r.driver.offer(
+            &r.ram,
+            &[Buffer {
+                addr,
+                len: 2048,
+                device_writes: false,
+            }],
+        );
+        r.give(2048);
+        r.tap.inject(0, &frame(100, 1));
+        let (batch, _) = r.receive(16);
+        assert_eq!((batch.bad_chains, batch.packets), (1, 1));
+        assert_eq!(r.driver.take_used(&r.ram), vec![(0, 0), (1, 112)]);
+    }
+
+    #[test]
+    fn the_filter_decides_before_the_guest_sees_a_frame() {
+        let mut r = rig(16, false);
+        r.filter = NativeFilter::from(&sandnic_device::RxFilter {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            ..Default::default()
+        });
+        r.give(2048);
+        let mut other = frame(100, 0);
+        other[12..18].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+        let mut ours = frame(100, 0);
+        ours[12..18].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+        r.tap.inject(0, &other);
+        r.tap.inject(0, &ours);
+        let (batch, _) = r.receive(16);
+        assert_eq!((batch.filtered, batch.packets), (1, 1));
+        let used = r.driver.take_used(&r.ram);
+        assert_eq!(used, vec![(0, 112)]);
+    }
+}

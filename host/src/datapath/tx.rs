@@ -181,3 +181,124 @@ fn send(ctx: &TxContext<'_>, frame: &Frame<'_>, len: u64, batch: &mut Batch) {
         batch.bytes += len - ctx.hdr_len as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{frame, Buffer, DriverRing, FakeTap, GuestRam};
+    use super::*;
+    use crate::tap::TapQueues;
+
+    /// `bytes` in guest RAM as one device-readable buffer.
+    fn readable(ram: &GuestRam, bytes: &[u8]) -> Buffer {
+        let addr = ram.alloc(bytes.len() as u64);
+        ram.write(addr, bytes);
+        Buffer {
+            addr,
+            len: bytes.len() as u32,
+            device_writes: false,
+        }
+    }
+
+    struct Rig {
+        ram: GuestRam,
+        driver: DriverRing,
+        ring: Vring,
+        tap: Arc<FakeTap>,
+    }
+
+    use std::sync::Arc;
+
+    fn rig() -> Rig {
+        let ram = GuestRam::new();
+        let driver = DriverRing::new(&ram, 16);
+        let ring = Vring::start(1, &driver.setup(), &ram.memory, false, None).unwrap();
+        Rig {
+            ram,
+            driver,
+            ring,
+            tap: FakeTap::new(1),
+        }
+    }
+
+    impl Rig {
+        fn send(&mut self, budget: usize, link_up: bool) -> (Batch, bool) {
+            let ctx = TxContext {
+                mem: self.ram.memory.mmap(),
+                tap: self.tap.queue(0).unwrap(),
+                hdr_len: 12,
+                link_up,
+            };
+            process_tx(&mut self.ring, &ctx, &mut Vec::new(), budget)
+        }
+    }
+
+    #[test]
+    fn every_chain_reaches_the_tap_whole_and_goes_back_used() {
+        let mut r = rig();
+        let small = frame(60, 1);
+        let large = frame(1500, 2);
+        let (first, second) = large.split_at(700);
+        let a = r.driver.offer(&r.ram, &[readable(&r.ram, &small)]);
+        let b = r
+            .driver
+            .offer(&r.ram, &[readable(&r.ram, first), readable(&r.ram, second)]);
+        let (batch, more) = r.send(256, true);
+        assert!(!more);
+        assert_eq!((batch.packets, batch.bytes), (2, 60 + 1500));
+        assert_eq!(r.tap.drain(0), vec![small, large]);
+        assert_eq!(
+            r.driver.take_used(&r.ram),
+            vec![(u32::from(a), 0), (u32::from(b), 0)]
+        );
+    }
+
+    #[test]
+    fn a_chain_no_longer_than_the_header_is_returned_unsent() {
+        let mut r = rig();
+        let head = r.driver.offer(&r.ram, &[readable(&r.ram, &[0; 12])]);
+        let (batch, _) = r.send(256, true);
+        assert_eq!((batch.packets, batch.bad_chains), (0, 1));
+        assert!(r.tap.drain(0).is_empty());
+        assert_eq!(r.driver.take_used(&r.ram), vec![(u32::from(head), 0)]);
+    }
+
+    #[test]
+    fn a_device_writable_buffer_makes_a_bad_chain() {
+        let mut r = rig();
+        let mut buffer = readable(&r.ram, &frame(100, 3));
+        buffer.device_writes = true;
+        r.driver.offer(&r.ram, &[buffer]);
+        let (batch, _) = r.send(256, true);
+        assert_eq!(batch.bad_chains, 1);
+        assert!(r.tap.drain(0).is_empty());
+    }
+
+    #[test]
+    fn with_the_link_down_frames_are_consumed_and_dropped() {
+        let mut r = rig();
+        r.driver.offer(&r.ram, &[readable(&r.ram, &frame(100, 4))]);
+        let (batch, _) = r.send(256, false);
+        assert_eq!((batch.packets, batch.drops), (0, 1));
+        assert!(r.tap.drain(0).is_empty());
+        assert_eq!(r.driver.take_used(&r.ram).len(), 1);
+    }
+
+    #[test]
+    fn the_budget_bounds_a_pass_and_says_more_waits() {
+        let mut r = rig();
+        for seed in 0..5 {
+            r.driver
+                .offer(&r.ram, &[readable(&r.ram, &frame(64, seed))]);
+        }
+        let (batch, more) = r.send(2, true);
+        assert_eq!((batch.packets, more), (2, true));
+        let (batch, more) = r.send(256, true);
+        assert_eq!((batch.packets, more), (3, false));
+        let sent = r.tap.drain(0);
+        assert_eq!(sent.len(), 5);
+        assert!(
+            sent.iter().zip(0..).all(|(f, seed)| *f == frame(64, seed)),
+            "in order"
+        );
+    }
+}

@@ -30,12 +30,37 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// writev.
 pub const MAX_SEGMENTS: usize = 1024;
 
+/// A ring size the split ring allows: a power of two, at most 32768.
+pub fn valid_size(num: u16) -> bool {
+    num != 0 && num.is_power_of_two() && num <= MAX_QUEUE_SIZE
+}
+
 /// Ring addresses as the frontend sent them (its virtual addresses).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RingAddrs {
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
+}
+
+impl RingAddrs {
+    /// The three parts of a ring of `num` entries, each with where it
+    /// starts and how many bytes it spans: the descriptor table (16 bytes
+    /// an entry), the available ring (flags, idx, 2 bytes an entry,
+    /// used_event) and the used ring (flags, idx, 8 bytes an entry,
+    /// avail_event).
+    pub fn parts(&self, num: u16) -> [(&'static str, u64, u64); 3] {
+        let n = u64::from(num);
+        [
+            ("descriptor", self.desc, 16 * n),
+            ("available", self.avail, AVAIL_RING_HEADER + 2 * n + 2),
+            (
+                "used",
+                self.used,
+                USED_RING_HEADER + USED_ELEMENT_SIZE * n + 2,
+            ),
+        ]
+    }
 }
 
 /// What the frontend configured for one virtqueue.
@@ -133,18 +158,15 @@ impl Vring {
             return Err(VringError::NotConfigured(index));
         };
         let num = setup.num;
-        if num == 0 || !num.is_power_of_two() || num > MAX_QUEUE_SIZE {
+        if !valid_size(num) {
             return Err(VringError::BadSize { index, num });
         }
-        let n = u64::from(num);
-        let gpa = |part, va: u64, len| {
+        let [desc, avail, used] = addrs.parts(num).map(|(part, va, len)| {
             memory
                 .va_to_gpa(va, len)
                 .ok_or(VringError::BadAddress { index, part, va })
-        };
-        let desc = gpa("descriptor", addrs.desc, 16 * n)?;
-        let avail = gpa("available", addrs.avail, 6 + 2 * n)?;
-        let used = gpa("used", addrs.used, 6 + 8 * n)?;
+        });
+        let (desc, avail, used) = (desc?, avail?, used?);
         let bad = |part, va| VringError::BadAddress { index, part, va };
         let mut queue =
             Queue::new(MAX_QUEUE_SIZE).map_err(|_| VringError::BadSize { index, num })?;
@@ -453,4 +475,204 @@ fn walk_iov(
         offset = 0;
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Buffer, DriverRing, GuestRam};
+    use super::*;
+
+    fn started(ram: &GuestRam, driver: &DriverRing, event_idx: bool) -> Vring {
+        let ring = Vring::start(1, &driver.setup(), &ram.memory, event_idx, None).unwrap();
+        // Starting signals the driver once (see `start`).
+        assert_eq!(driver.notifications(), 1);
+        ring
+    }
+
+    /// Offers and takes one chain, pushing it to the used ring.
+    fn use_one(ram: &GuestRam, driver: &mut DriverRing, ring: &mut Vring) -> u16 {
+        let buffer = Buffer {
+            addr: ram.alloc(64),
+            len: 64,
+            device_writes: false,
+        };
+        let head = driver.offer(ram, &[buffer]);
+        let chain = ring.pop(ram.memory.mmap()).expect("the chain offered");
+        assert_eq!(chain.head_index(), head);
+        ring.push_used(ram.memory.mmap(), head, 7);
+        head
+    }
+
+    #[test]
+    fn used_entries_are_visible_only_once_published() {
+        let ram = GuestRam::new();
+        let mut driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, false);
+        let a = use_one(&ram, &mut driver, &mut ring);
+        let b = use_one(&ram, &mut driver, &mut ring);
+        assert_eq!(driver.used_idx(&ram), 0, "pushed, not yet published");
+        ring.notify(ram.memory.mmap());
+        assert_eq!(
+            driver.take_used(&ram),
+            vec![(u32::from(a), 7), (u32::from(b), 7)]
+        );
+        assert_eq!(driver.notifications(), 1, "one signal for the batch");
+        ring.notify(ram.memory.mmap());
+        assert_eq!(driver.used_idx(&ram), 2, "nothing new to publish");
+    }
+
+    #[test]
+    fn a_head_outside_the_ring_is_never_written() {
+        let ram = GuestRam::new();
+        let driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, false);
+        ring.push_used(ram.memory.mmap(), 8, 1);
+        ring.push_used(ram.memory.mmap(), u16::MAX, 1);
+        ring.publish_used(ram.memory.mmap());
+        assert_eq!(driver.used_idx(&ram), 0);
+    }
+
+    #[test]
+    fn event_idx_notifies_when_used_event_is_passed_and_not_before() {
+        let ram = GuestRam::new();
+        let mut driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, true);
+        driver.set_used_event(&ram, 0);
+        let mut signalled = Vec::new();
+        for _ in 0..6 {
+            use_one(&ram, &mut driver, &mut ring);
+            ring.notify(ram.memory.mmap());
+            signalled.push(driver.notifications());
+            if driver.used_idx(&ram) == 2 {
+                // The driver re-arms: wake me once entry 4 is used.
+                driver.set_used_event(&ram, 4);
+            }
+        }
+        // The first publish after a start always signals (see `start`);
+        // then only the one that moves the index past used_event = 4.
+        assert_eq!(signalled, [1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn event_idx_counts_across_the_index_wrap() {
+        let ram = GuestRam::new();
+        let mut driver = DriverRing::new(&ram, 8);
+        driver.start_at(&ram, 65_533);
+        let mut ring = started(&ram, &driver, true);
+        // Take the unconditional first notification out of the way.
+        use_one(&ram, &mut driver, &mut ring);
+        ring.notify(ram.memory.mmap());
+        assert_eq!((driver.used_idx(&ram), driver.notifications()), (65_534, 1));
+        driver.set_used_event(&ram, 65_535);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            use_one(&ram, &mut driver, &mut ring);
+            ring.notify(ram.memory.mmap());
+            seen.push((driver.used_idx(&ram), driver.notifications()));
+            if driver.used_idx(&ram) == 0 {
+                driver.set_used_event(&ram, 1);
+            }
+        }
+        assert_eq!(seen, [(65_535, 0), (0, 1), (1, 0), (2, 1)]);
+        assert_eq!(
+            driver.take_used(&ram).len(),
+            5,
+            "every entry across the wrap"
+        );
+    }
+
+    #[test]
+    fn a_batch_that_jumps_over_used_event_notifies_once() {
+        let ram = GuestRam::new();
+        let mut driver = DriverRing::new(&ram, 8);
+        driver.start_at(&ram, 65_530);
+        let mut ring = started(&ram, &driver, true);
+        use_one(&ram, &mut driver, &mut ring);
+        ring.notify(ram.memory.mmap());
+        assert_eq!(driver.notifications(), 1);
+        // used_event 65_533 lies inside the next batch, which wraps.
+        driver.set_used_event(&ram, 65_533);
+        for _ in 0..7 {
+            use_one(&ram, &mut driver, &mut ring);
+        }
+        ring.notify(ram.memory.mmap());
+        assert_eq!((driver.used_idx(&ram), driver.notifications()), (2, 1));
+        // used_event now behind the index: no signal until it is re-armed.
+        use_one(&ram, &mut driver, &mut ring);
+        ring.notify(ram.memory.mmap());
+        assert_eq!(driver.notifications(), 0);
+    }
+
+    #[test]
+    fn without_event_idx_every_publish_notifies() {
+        let ram = GuestRam::new();
+        let mut driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, false);
+        for _ in 0..3 {
+            use_one(&ram, &mut driver, &mut ring);
+            ring.notify(ram.memory.mmap());
+            assert_eq!(driver.notifications(), 1);
+        }
+    }
+
+    #[test]
+    fn kicks_are_switched_off_while_draining_and_a_late_entry_is_seen() {
+        let ram = GuestRam::new();
+        let used_flags = |driver: &DriverRing| ram.read(driver.addrs.used, 2)[0];
+        // Without EVENT_IDX: the NO_NOTIFY flag.
+        let mut driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, false);
+        ring.disable_notification(ram.memory.mmap());
+        assert_eq!(used_flags(&driver), 1);
+        assert!(!ring.enable_and_recheck(ram.memory.mmap()), "nothing new");
+        assert_eq!(used_flags(&driver), 0);
+        ring.disable_notification(ram.memory.mmap());
+        let buffer = Buffer {
+            addr: ram.alloc(64),
+            len: 64,
+            device_writes: false,
+        };
+        driver.offer(&ram, &[buffer]);
+        assert!(
+            ring.enable_and_recheck(ram.memory.mmap()),
+            "offered meanwhile"
+        );
+        // With EVENT_IDX: avail_event says where the next kick is wanted.
+        let mut driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, true);
+        use_one(&ram, &mut driver, &mut ring);
+        assert!(!ring.enable_and_recheck(ram.memory.mmap()));
+        let avail_event = ram.read(driver.addrs.used + 4 + 8 * 8, 2);
+        assert_eq!(u16::from_le_bytes([avail_event[0], avail_event[1]]), 1);
+    }
+
+    #[test]
+    fn a_corrupt_available_index_is_no_backlog() {
+        let ram = GuestRam::new();
+        let driver = DriverRing::new(&ram, 8);
+        let mut ring = started(&ram, &driver, false);
+        // 100 entries ahead of a ring of 8.
+        ram.write(driver.addrs.avail + 2, &100u16.to_le_bytes());
+        assert!(!ring.enable_and_recheck(ram.memory.mmap()));
+        assert!(ring.pop(ram.memory.mmap()).is_none());
+    }
+
+    #[test]
+    fn ring_parts_span_what_the_spec_lays_out() {
+        let addrs = RingAddrs {
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+        };
+        assert_eq!(
+            addrs.parts(256),
+            [
+                ("descriptor", 0x1000, 4096),
+                ("available", 0x2000, 518),
+                ("used", 0x3000, 2054)
+            ]
+        );
+        assert!(valid_size(1) && valid_size(32_768));
+        assert!(!valid_size(0) && !valid_size(100) && !valid_size(u16::MAX));
+    }
 }

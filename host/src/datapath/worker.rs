@@ -20,7 +20,7 @@ use super::stats::Batch;
 use super::tx::{process_tx, TxContext};
 use super::{PairShared, PairState};
 use crate::hardening::allowlists::Role;
-use crate::tap::Tap;
+use crate::tap::TapQueues;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -105,7 +105,7 @@ struct Pass {
 }
 
 /// Serves `pairs` until the datapath stops.
-pub fn run(pairs: Vec<Arc<PairShared>>, tap: Arc<Tap>) {
+pub fn run<T: TapQueues>(pairs: Vec<Arc<PairShared>>, tap: Arc<T>) {
     let tid = nix::unistd::gettid().as_raw();
     let mut served = Vec::with_capacity(pairs.len());
     for shared in pairs {

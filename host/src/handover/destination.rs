@@ -49,13 +49,67 @@ pub struct Incoming {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
+    /// The socket to wait on could not be bound.
+    #[error("waiting for the source: {0}")]
+    Bind(#[from] crate::unix_socket::BindError),
     #[error("waiting for the source on {path}: {error}")]
-    Listen { path: PathBuf, error: String },
+    Listen {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// Refused (and told the source why).
     #[error("refused the handover: {0}")]
-    Refused(String),
+    Refused(#[from] Refusal),
+}
+
+/// Why a destination refuses a device; the source is told, keeps running,
+/// and reports `kind`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The source runs as another user.
+    #[error("the source: {0}")]
+    Peer(#[from] crate::hardening::peer::PeerError),
+    /// The offer or commit does not describe a device this build can run.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// No component reads the source's device state.
+    #[error("no component built into this sandnic reads state version {wanted} (the source runs {source_name} {source_version}): start the destination with --component naming one that does")]
+    NoComponent {
+        wanted: u32,
+        source_name: String,
+        source_version: String,
+    },
+    /// A component (the source's, or one built in) did not load.
+    #[error("the component: {0:#}")]
+    Component(anyhow::Error),
+    /// The device model refused or failed on the source's state.
+    #[error("device state: {0}")]
+    DeviceState(crate::sandbox::DeviceError),
+    /// The TAP the device uses could not be taken or has too few queues.
+    #[error("TAP: {0}")]
+    Tap(#[from] crate::tap::TapError),
+    #[error("{queues} TAP queues for {pairs} pairs")]
+    TapQueues { queues: usize, pairs: u16 },
+    /// The device could not be built from what came (memory, rings, fds).
+    #[error("{0:#}")]
+    Build(anyhow::Error),
+}
+
+impl Refusal {
+    /// A stable name for the reason, sent to the source with it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Peer(_) => "peer_not_allowed",
+            Self::State(_) => "invalid_offer",
+            Self::NoComponent { .. } => "no_component",
+            Self::Component(_) => "component_failed",
+            Self::DeviceState(_) => "device_state_refused",
+            Self::Tap(_) | Self::TapQueues { .. } => "tap_unusable",
+            Self::Build(_) => "device_not_built",
+        }
+    }
 }
 
 /// Binds the socket a source will hand its device to (owner only: the
@@ -64,10 +118,7 @@ pub fn listen(
     path: &Path,
     owner: Option<crate::hardening::privileges::Target>,
 ) -> Result<UnixListener, IncomingError> {
-    crate::api::bind_private(path, owner).map_err(|error| IncomingError::Listen {
-        path: path.into(),
-        error,
-    })
+    Ok(crate::unix_socket::bind_private(path, owner)?)
 }
 
 /// Waits on `listener` (bound at `path`) for one source, or for a signal
@@ -82,7 +133,7 @@ pub fn wait_for_source(
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     info!(path = %path.display(), "waiting for a handover");
-    let listen_error = |error: String| IncomingError::Listen {
+    let listen_error = |error: std::io::Error| IncomingError::Listen {
         path: path.into(),
         error,
     };
@@ -93,7 +144,7 @@ pub fn wait_for_source(
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => break Err(listen_error(e.to_string())),
+            Err(e) => break Err(listen_error(e.into())),
             Ok(_) => {}
         }
         let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
@@ -104,7 +155,7 @@ pub fn wait_for_source(
             break listener
                 .accept()
                 .map(|(sock, _)| Some(sock))
-                .map_err(|e| listen_error(e.to_string()));
+                .map_err(listen_error);
         }
     };
     drop(listener);
@@ -122,12 +173,10 @@ pub fn receive(
     new_tap: bool,
     options: DatapathOptions,
 ) -> Result<Incoming, IncomingError> {
-    if let Err(reason) = crate::hardening::peer::same_user(&sock) {
-        return Err(IncomingError::Refused(format!("the source: {reason}")));
-    }
+    crate::hardening::peer::same_user(&sock).map_err(Refusal::Peer)?;
     let offer: Offer = stream::recv(&sock, FRAME_TIMEOUT)?;
     if let Err(reason) = state::validate(&offer, new_tap) {
-        return Err(refuse(&sock, reason));
+        return Err(refuse(&sock, reason.into()));
     }
     let mut fds = receive_fds(&sock, &offer.fds)?;
     let prepared = match component {
@@ -143,7 +192,7 @@ pub fn receive(
     let commit: Commit = stream::recv(&sock, source::PREPARE_TIMEOUT)?;
     let mut marks = DestinationMarks::default();
     if let Err(reason) = state::validate_commit(&commit, &offer.host, new_tap) {
-        return Err(refuse(&sock, reason));
+        return Err(refuse(&sock, reason.into()));
     }
     let changed = !commit.fds.is_empty();
     if changed {
@@ -180,7 +229,7 @@ pub fn receive(
 ///   version (an upgrade moves to the new binary's device logic);
 /// - otherwise the oldest release built into this binary that reads it
 ///   (the source had been swapped to a newer release).
-fn component_for(offer: &Offer, runtime: &Arc<Runtime>) -> Result<Arc<DeviceComponent>, String> {
+fn component_for(offer: &Offer, runtime: &Arc<Runtime>) -> Result<Arc<DeviceComponent>, Refusal> {
     use crate::sandbox::components::RELEASED;
     use crate::sandbox::ComponentSource;
     let source = &offer.source_component;
@@ -191,31 +240,32 @@ fn component_for(offer: &Offer, runtime: &Arc<Runtime>) -> Result<Arc<DeviceComp
         };
         return runtime
             .load(&received)
-            .map_err(|e| format!("the source's component: {e:#}"));
+            .map_err(|e| Refusal::Component(e.context("the source's component")));
     }
     let wanted = source.state_version;
     let candidates = std::iter::once(ComponentSource::Builtin)
         .chain(RELEASED.iter().map(ComponentSource::Released));
     for candidate in candidates {
-        let component = runtime.load(&candidate).map_err(|e| format!("{e:#}"))?;
+        let component = runtime.load(&candidate).map_err(Refusal::Component)?;
         let info = &component.info;
         if (info.oldest_state_version..=info.state_version).contains(&wanted) {
             return Ok(component);
         }
     }
-    Err(format!(
-        "no component built into this sandnic reads state version {wanted} (the source runs {} {}): \
-         start the destination with --component naming one that does",
-        source.name, source.version
-    ))
+    Err(Refusal::NoComponent {
+        wanted,
+        source_name: source.name.clone(),
+        source_version: source.version.clone(),
+    })
 }
 
 /// Tells the source why, and ends the handover here.
-fn refuse(sock: &UnixStream, reason: String) -> IncomingError {
+fn refuse(sock: &UnixStream, reason: Refusal) -> IncomingError {
     let _ = stream::send(
         sock,
         &Reply::Refused {
-            reason: reason.clone(),
+            reason: reason.to_string(),
+            kind: reason.kind().into(),
         },
     );
     IncomingError::Refused(reason)
@@ -251,10 +301,10 @@ impl Prepared {
         component: Arc<DeviceComponent>,
         new_tap: bool,
         options: DatapathOptions,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Refusal> {
         let host = &offer.host;
         let device = SandboxedDevice::new(runtime, component, host.config.clone())
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(Refusal::Component)?;
         let tap_fds: Vec<OwnedFd> = (0..host.tap.queues)
             .filter_map(|q| fds.remove(&FdRole::TapQueue(q)))
             .collect();
@@ -266,7 +316,7 @@ impl Prepared {
         }
         let tap = checked_tap(Tap::adopt(tap_fds), host)?;
         let backend =
-            NetBackend::prepare(device, tap, host, fds, options).map_err(|e| format!("{e:#}"))?;
+            NetBackend::prepare(device, tap, host, fds, options).map_err(Refusal::Build)?;
         Ok(Self::Device(Box::new(backend)))
     }
 
@@ -278,19 +328,19 @@ impl Prepared {
         fds: &mut HashMap<FdRole, OwnedFd>,
         changed: bool,
         marks: &mut DestinationMarks,
-    ) -> Result<NetBackend, String> {
+    ) -> Result<NetBackend, Refusal> {
         let host = &commit.host;
         let load = |device: &mut SandboxedDevice| {
             device
                 .load(&commit.device_state)
-                .map_err(|e| format!("device state: {e}"))
+                .map_err(Refusal::DeviceState)
         };
         match self {
             Self::Device(mut backend) => {
                 let effects = load(backend.device_mut())?;
                 marks.loaded_ns = monotonic_ns();
                 if changed {
-                    backend.adopt_fds(host, fds).map_err(|e| format!("{e:#}"))?;
+                    backend.adopt_fds(host, fds).map_err(Refusal::Build)?;
                 }
                 backend.adopt_stopped_state(host, effects);
                 Ok(*backend)
@@ -305,9 +355,8 @@ impl Prepared {
                     Tap::open(&host.tap.name, usize::from(host.tap.queues)),
                     host,
                 )?;
-                let mut backend =
-                    NetBackend::new(*device, tap, options).map_err(|e| format!("{e:#}"))?;
-                backend.adopt_fds(host, fds).map_err(|e| format!("{e:#}"))?;
+                let mut backend = NetBackend::new(*device, tap, options).map_err(Refusal::Build)?;
+                backend.adopt_fds(host, fds).map_err(Refusal::Build)?;
                 backend.adopt_stopped_state(host, effects);
                 Ok(backend)
             }
@@ -319,14 +368,13 @@ impl Prepared {
 fn checked_tap(
     tap: Result<Tap, crate::tap::TapError>,
     host: &HostState,
-) -> Result<Arc<Tap>, String> {
-    let tap = tap.map_err(|e| format!("TAP: {e}"))?;
+) -> Result<Arc<Tap>, Refusal> {
+    let tap = tap?;
     if tap.queue_count() < usize::from(host.config.max_queue_pairs) {
-        return Err(format!(
-            "{} TAP queues for {} pairs",
-            tap.queue_count(),
-            host.config.max_queue_pairs
-        ));
+        return Err(Refusal::TapQueues {
+            queues: tap.queue_count(),
+            pairs: host.config.max_queue_pairs,
+        });
     }
     Ok(Arc::new(tap))
 }

@@ -48,19 +48,59 @@ pub enum HandoverError {
     },
     /// A VM migration is under way; nothing was stopped or sent.
     #[error("cannot hand over now: {0}")]
-    Busy(String),
+    Busy(crate::backend::MigrationUnderWay),
+    /// The process at the destination runs as another user: the device's
+    /// memory and TAP go to no one else.
+    #[error("the destination is refused: {0}")]
+    Peer(crate::hardening::peer::PeerError),
+    /// There is no listening socket to hand over with the device.
+    #[error("there is no vhost-user listening socket to hand over")]
+    NoListener,
     /// The destination did not prepare in time; nothing was stopped.
     #[error("the destination did not prepare within {0:?}")]
     NotPrepared(Duration),
     /// The device model could not save its state; the device resumed.
     #[error("saving the device state failed: {0}")]
     Save(DeviceError),
-    /// The destination refused the device; the device resumed.
-    #[error("the destination refused the handover: {0}")]
-    Refused(String),
+    /// The destination refused the device; the device resumed. `why` is
+    /// the destination's name for the reason (empty from older releases).
+    #[error("the destination refused the handover: {reason}")]
+    Refused { reason: String, why: String },
+    /// The destination answered something its step does not allow.
+    #[error("the destination answered out of order ({0})")]
+    OutOfOrder(&'static str),
     /// The stream broke or timed out before `Ready`; the device resumed.
     #[error("handover failed before the destination took over: {0}")]
     Stream(#[from] StreamError),
+}
+
+impl HandoverError {
+    /// A stable name for the API's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "handover_unreachable",
+            Self::Busy(_) => "migration_under_way",
+            Self::Peer(_) => "handover_peer_refused",
+            Self::NoListener => "handover_no_listener",
+            Self::NotPrepared(_) => "handover_not_prepared",
+            Self::Save(_) => "handover_save_failed",
+            Self::Refused { .. } => "handover_refused",
+            Self::Stream(StreamError::Timeout) => "handover_timed_out",
+            Self::OutOfOrder(_) => "handover_stream_broken",
+            Self::Stream(_) => "handover_stream_broken",
+        }
+    }
+}
+
+/// A refusal as the destination gave it, or any other answer as out of
+/// order.
+fn unexpected(reply: Reply) -> HandoverError {
+    match reply {
+        Reply::Refused { reason, kind } => HandoverError::Refused { reason, why: kind },
+        Reply::Prepared => HandoverError::OutOfOrder("prepared"),
+        Reply::Ready => HandoverError::OutOfOrder("ready"),
+        Reply::Resumed { .. } => HandoverError::OutOfOrder("resumed"),
+    }
 }
 
 /// The listening sockets and the connection that go with the device.
@@ -98,7 +138,7 @@ pub fn offer(
         error,
     })?;
     // The device's memory and TAP go only to a process of our own user.
-    crate::hardening::peer::same_user(&sock).map_err(HandoverError::Busy)?;
+    crate::hardening::peer::same_user(&sock).map_err(HandoverError::Peer)?;
     let offered_ns = monotonic_ns();
     let (host, fds) = collect(backend, sockets, new_tap);
     let offer = Offer {
@@ -149,12 +189,7 @@ impl Pending {
         let wait = self.time_left().max(Duration::from_millis(1));
         match stream::recv::<Reply>(&self.sock, wait) {
             Ok(Reply::Prepared) => {}
-            Ok(Reply::Refused { reason }) => return Err(HandoverError::Refused(reason)),
-            Ok(_) => {
-                return Err(HandoverError::Refused(
-                    "destination answered out of order".into(),
-                ))
-            }
+            Ok(other) => return Err(unexpected(other)),
             Err(StreamError::Timeout) => return Err(HandoverError::NotPrepared(PREPARE_TIMEOUT)),
             Err(e) => return Err(e.into()),
         }
@@ -248,10 +283,7 @@ impl Pending {
         marks.sent_ns = monotonic_ns();
         match stream::recv::<Reply>(&self.sock, READY_TIMEOUT)? {
             Reply::Ready => Ok(fds.len()),
-            Reply::Refused { reason } => Err(HandoverError::Refused(reason)),
-            _ => Err(HandoverError::Refused(
-                "destination answered out of order".into(),
-            )),
+            other => Err(unexpected(other)),
         }
     }
 }

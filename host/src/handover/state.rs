@@ -8,7 +8,6 @@
 
 use super::phases::DestinationMarks;
 use super::stream::MAX_FDS;
-use crate::datapath::vring::MAX_QUEUE_SIZE;
 use crate::sandbox::ComponentInfo;
 use crate::tap::MAX_TAP_QUEUES;
 use crate::vhost_user::request::MAX_REGIONS;
@@ -59,8 +58,13 @@ pub enum Reply {
     Prepared,
     /// The commit is applied; the destination runs from now on.
     Ready,
-    /// Refused; the source keeps running.
-    Refused { reason: String },
+    /// Refused; the source keeps running. `kind` is a stable name for the
+    /// reason (empty from releases that did not send one).
+    Refused {
+        reason: String,
+        #[serde(default)]
+        kind: String,
+    },
     /// The datapath runs again (after `Ready`).
     Resumed {
         at_ns: u64,
@@ -71,20 +75,65 @@ pub enum Reply {
     },
 }
 
+/// Why an offer or commit is refused: each names what does not add up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The first frame is not a sandnic offer.
+    #[error("not a sandnic handover stream (magic {0:?})")]
+    Magic(String),
+    /// An offer in a format this build does not speak.
+    #[error("handover format version {0} (this build speaks {VERSION})")]
+    Version(u32),
+    /// The device configuration itself is invalid.
+    #[error("device config: {0}")]
+    Config(String),
+    /// More queue pairs than a TAP can have queues.
+    #[error("{0} queue pairs (at most {MAX_TAP_QUEUES})")]
+    QueuePairs(usize),
+    /// Not one ring per queue plus the control queue.
+    #[error("{rings} rings for {pairs} queue pairs")]
+    RingCount { rings: usize, pairs: usize },
+    /// A ring size virtio does not allow.
+    #[error("ring {index}: size {num}")]
+    RingSize { index: usize, num: u16 },
+    /// More memory regions than vhost-user carries.
+    #[error("{0} memory regions (at most {MAX_REGIONS})")]
+    Regions(usize),
+    /// A TAP name no interface can have.
+    #[error(transparent)]
+    TapName(#[from] crate::tap::TapError),
+    /// Fewer TAP queues than the device's queue pairs.
+    #[error("TAP with {queues} queues for {pairs} pairs")]
+    TapQueues { queues: u16, pairs: usize },
+    /// More fds than a handover frame carries.
+    #[error("{0} fds (at most {MAX_FDS})")]
+    TooManyFds(usize),
+    /// A manifest role that names nothing, or names it twice.
+    #[error("fd manifest: {0:?} out of range or repeated")]
+    Manifest(FdRole),
+    /// Not one fd per memory region.
+    #[error("{fds} region fds for {regions} regions")]
+    RegionFds { fds: usize, regions: usize },
+    /// Some but not all of the TAP's queues.
+    #[error("{fds} TAP fds for {queues} queues")]
+    TapFds { fds: usize, queues: u16 },
+    /// The commit's device is not the one offered.
+    #[error("the commit describes another device than the offer")]
+    AnotherDevice,
+    /// The memory table changed but the commit brought no fds to map it.
+    #[error("the memory table changed but no fds came with it")]
+    MemoryWithoutFds,
+}
+
+use super::stream::{MAGIC, VERSION};
+
 /// Checks an offer's host state and manifest.
-pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
-    if offer.magic != super::stream::MAGIC {
-        return Err(format!(
-            "not a sandnic handover stream (magic {:?})",
-            offer.magic
-        ));
+pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), StateError> {
+    if offer.magic != MAGIC {
+        return Err(StateError::Magic(offer.magic.clone()));
     }
-    if offer.version != super::stream::VERSION {
-        return Err(format!(
-            "handover format version {} (this build speaks {})",
-            offer.version,
-            super::stream::VERSION
-        ));
+    if offer.version != VERSION {
+        return Err(StateError::Version(offer.version));
     }
     validate_host(&offer.host)?;
     validate_manifest(&offer.host, &offer.fds, new_tap)
@@ -93,56 +142,59 @@ pub fn validate(offer: &Offer, new_tap: bool) -> Result<(), String> {
 /// Checks a commit against the offer the destination prepared with: the
 /// device's identity (config, TAP) cannot change in between, and without
 /// new fds neither can the memory table they map.
-pub fn validate_commit(commit: &Commit, offered: &HostState, new_tap: bool) -> Result<(), String> {
+pub fn validate_commit(
+    commit: &Commit,
+    offered: &HostState,
+    new_tap: bool,
+) -> Result<(), StateError> {
     let h = &commit.host;
     validate_host(h)?;
     if h.config != offered.config || h.tap != offered.tap || h.vrings.len() != offered.vrings.len()
     {
-        return Err("the commit describes another device than the offer".into());
+        return Err(StateError::AnotherDevice);
     }
     if commit.fds.is_empty() {
         if h.regions != offered.regions {
-            return Err("the memory table changed but no fds came with it".into());
+            return Err(StateError::MemoryWithoutFds);
         }
         return Ok(());
     }
     validate_manifest(h, &commit.fds, new_tap)
 }
 
-fn validate_host(h: &HostState) -> Result<(), String> {
-    h.config
-        .validate()
-        .map_err(|e| format!("device config: {e}"))?;
+fn validate_host(h: &HostState) -> Result<(), StateError> {
+    h.config.validate().map_err(StateError::Config)?;
     let pairs = usize::from(h.config.max_queue_pairs);
     if pairs > MAX_TAP_QUEUES {
-        return Err(format!("{pairs} queue pairs (at most {MAX_TAP_QUEUES})"));
+        return Err(StateError::QueuePairs(pairs));
     }
     if h.vrings.len() != 2 * pairs + 1 {
-        return Err(format!("{} rings for {pairs} queue pairs", h.vrings.len()));
+        return Err(StateError::RingCount {
+            rings: h.vrings.len(),
+            pairs,
+        });
     }
-    for (i, v) in h.vrings.iter().enumerate() {
-        if v.num > MAX_QUEUE_SIZE || (v.num != 0 && !v.num.is_power_of_two()) {
-            return Err(format!("ring {i}: size {}", v.num));
+    for (index, v) in h.vrings.iter().enumerate() {
+        if v.num != 0 && !crate::datapath::vring::valid_size(v.num) {
+            return Err(StateError::RingSize { index, num: v.num });
         }
     }
     if h.regions.len() > MAX_REGIONS {
-        return Err(format!(
-            "{} memory regions (at most {MAX_REGIONS})",
-            h.regions.len()
-        ));
+        return Err(StateError::Regions(h.regions.len()));
     }
-    if h.tap.name.is_empty() || h.tap.name.len() > 15 || usize::from(h.tap.queues) < pairs {
-        return Err(format!(
-            "TAP {:?} with {} queues for {pairs} pairs",
-            h.tap.name, h.tap.queues
-        ));
+    crate::tap::check_name(&h.tap.name)?;
+    if usize::from(h.tap.queues) < pairs {
+        return Err(StateError::TapQueues {
+            queues: h.tap.queues,
+            pairs,
+        });
     }
     Ok(())
 }
 
-fn validate_manifest(h: &HostState, fds: &[FdRole], new_tap: bool) -> Result<(), String> {
+fn validate_manifest(h: &HostState, fds: &[FdRole], new_tap: bool) -> Result<(), StateError> {
     if fds.len() > MAX_FDS {
-        return Err(format!("{} fds (at most {MAX_FDS})", fds.len()));
+        return Err(StateError::TooManyFds(fds.len()));
     }
     let mut seen = HashSet::new();
     for role in fds {
@@ -153,25 +205,23 @@ fn validate_manifest(h: &HostState, fds: &[FdRole], new_tap: bool) -> Result<(),
             _ => true,
         };
         if !in_range || !seen.insert(*role) {
-            return Err(format!("fd manifest: {role:?} out of range or repeated"));
+            return Err(StateError::Manifest(*role));
         }
     }
-    let regions = fds
-        .iter()
-        .filter(|r| matches!(r, FdRole::MemoryRegion(_)))
-        .count();
+    let count = |wanted: fn(&FdRole) -> bool| fds.iter().filter(|r| wanted(r)).count();
+    let regions = count(|r| matches!(r, FdRole::MemoryRegion(_)));
     if regions != h.regions.len() {
-        return Err(format!(
-            "{regions} region fds for {} regions",
-            h.regions.len()
-        ));
+        return Err(StateError::RegionFds {
+            fds: regions,
+            regions: h.regions.len(),
+        });
     }
-    let taps = fds
-        .iter()
-        .filter(|r| matches!(r, FdRole::TapQueue(_)))
-        .count();
+    let taps = count(|r| matches!(r, FdRole::TapQueue(_)));
     if !new_tap && taps != 0 && taps != usize::from(h.tap.queues) {
-        return Err(format!("{taps} TAP fds for {} queues", h.tap.queues));
+        return Err(StateError::TapFds {
+            fds: taps,
+            queues: h.tap.queues,
+        });
     }
     Ok(())
 }
@@ -196,5 +246,178 @@ mod serde_bytes_compat {
             }
         }
         d.deserialize_bytes(Bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::guest_memory::RegionInfo;
+    use sandnic_device::{Compat, DeviceConfig, Offloads};
+
+    /// A one-pair device with one memory region, offered with every fd.
+    fn offer() -> Offer {
+        let ring = VringState {
+            num: 256,
+            addrs: None,
+            base: 0,
+            enabled: true,
+            started: true,
+        };
+        let host = HostState {
+            config: DeviceConfig {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                max_queue_pairs: 1,
+                mtu: None,
+                backend_offloads: Offloads::empty(),
+                compat: Compat::default(),
+            },
+            protocol: Default::default(),
+            vrings: vec![ring; 3],
+            regions: vec![RegionInfo {
+                guest_phys_addr: 0,
+                memory_size: 1 << 20,
+                userspace_addr: 1 << 30,
+                mmap_offset: 0,
+            }],
+            tap: TapState {
+                name: "tap0".into(),
+                queues: 1,
+            },
+            link_up: true,
+            socket_paths: vec![],
+            counters: Default::default(),
+            queue_stats: vec![],
+        };
+        Offer {
+            magic: MAGIC.into(),
+            version: VERSION,
+            source_component: ComponentInfo {
+                name: "t".into(),
+                version: "0".into(),
+                state_version: 1,
+                oldest_state_version: 1,
+            },
+            component_wasm: vec![],
+            host,
+            fds: vec![
+                FdRole::Connection,
+                FdRole::MemoryRegion(0),
+                FdRole::Kick(0),
+                FdRole::Call(0),
+                FdRole::TapQueue(0),
+            ],
+        }
+    }
+
+    fn refused(change: impl FnOnce(&mut Offer)) -> StateError {
+        let mut offer = offer();
+        change(&mut offer);
+        validate(&offer, false).expect_err("a broken offer was accepted")
+    }
+
+    #[test]
+    fn a_whole_offer_is_accepted() {
+        validate(&offer(), false).unwrap();
+        validate(&offer(), true).unwrap();
+    }
+
+    #[test]
+    fn each_broken_field_is_named() {
+        assert_eq!(
+            refused(|o| o.magic = "x".into()),
+            StateError::Magic("x".into())
+        );
+        assert_eq!(
+            refused(|o| o.version += 1),
+            StateError::Version(VERSION + 1)
+        );
+        assert!(matches!(
+            refused(|o| o.host.config.max_queue_pairs = 0),
+            StateError::Config(_)
+        ));
+        assert_eq!(
+            refused(|o| {
+                o.host.vrings.pop();
+            }),
+            StateError::RingCount { rings: 2, pairs: 1 }
+        );
+        assert_eq!(
+            refused(|o| o.host.vrings[1].num = 100),
+            StateError::RingSize { index: 1, num: 100 }
+        );
+        assert!(matches!(
+            refused(|o| o.host.tap.name = "a/b".into()),
+            StateError::TapName(crate::tap::TapError::BadName(_))
+        ));
+        assert!(matches!(
+            refused(|o| o.host.tap.name = "sixteen-letters!".into()),
+            StateError::TapName(_)
+        ));
+        assert_eq!(
+            refused(|o| o.host.tap.queues = 0),
+            StateError::TapQueues {
+                queues: 0,
+                pairs: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_manifest_must_match_what_it_describes() {
+        assert_eq!(
+            refused(|o| o.fds.push(FdRole::Kick(3))),
+            StateError::Manifest(FdRole::Kick(3))
+        );
+        assert_eq!(
+            refused(|o| o.fds.push(FdRole::Connection)),
+            StateError::Manifest(FdRole::Connection)
+        );
+        assert_eq!(
+            refused(|o| o.fds.retain(|r| *r != FdRole::MemoryRegion(0))),
+            StateError::RegionFds { fds: 0, regions: 1 }
+        );
+        assert_eq!(
+            refused(|o| o.fds = vec![FdRole::Connection; MAX_FDS + 1]),
+            StateError::TooManyFds(MAX_FDS + 1)
+        );
+        let mut two_queues = offer();
+        two_queues.host.tap.queues = 2;
+        assert_eq!(
+            validate(&two_queues, false),
+            Err(StateError::TapFds { fds: 1, queues: 2 })
+        );
+        assert_eq!(validate(&two_queues, true), Ok(()), "--new-tap opens them");
+    }
+
+    #[test]
+    fn a_commit_describes_the_device_offered() {
+        let offer = offer();
+        let commit = |change: fn(&mut Commit)| {
+            let mut commit = Commit {
+                stopped_at_ns: 1,
+                host: offer.host.clone(),
+                device_state: vec![],
+                fds: vec![],
+            };
+            change(&mut commit);
+            validate_commit(&commit, &offer.host, false)
+        };
+        assert_eq!(commit(|_| {}), Ok(()));
+        assert_eq!(
+            commit(|c| c.host.config.mac[5] = 2),
+            Err(StateError::AnotherDevice)
+        );
+        assert_eq!(
+            commit(|c| c.host.regions[0].memory_size *= 2),
+            Err(StateError::MemoryWithoutFds)
+        );
+        assert_eq!(
+            commit(|c| {
+                c.host.regions[0].memory_size *= 2;
+                c.fds = vec![FdRole::MemoryRegion(0)];
+            }),
+            Ok(())
+        );
     }
 }

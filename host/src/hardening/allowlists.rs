@@ -215,7 +215,7 @@ fn not_executable(arg: u8) -> SeccompCondition {
     .expect("valid condition")
 }
 
-/// How many syscalls `role` may make (for the README's comparison).
+/// How many syscalls `role` may make (for the comparison in docs/architecture.md).
 pub fn count(role: Role) -> usize {
     rules(role).len()
 }

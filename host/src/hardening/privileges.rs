@@ -6,6 +6,33 @@
 use nix::unistd::{Gid, Group, Uid, User};
 use std::str::FromStr;
 
+/// Why `--user` cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("no user {0:?}")]
+    NoUser(String),
+    #[error("no group {0:?}")]
+    NoGroup(String),
+    /// The user or group database could not be read.
+    #[error("looking up {what:?}: {errno}")]
+    Lookup {
+        what: String,
+        errno: nix::errno::Errno,
+    },
+    /// A call that gives up privileges failed.
+    #[error("{call}: {errno}")]
+    Call {
+        call: &'static str,
+        errno: nix::errno::Errno,
+    },
+    /// The kernel reported success, but the ids are not the target's.
+    #[error("the uid or gid did not change")]
+    Unchanged,
+    /// setuid(0) still worked: the drop would be for show.
+    #[error("root could be regained after dropping it")]
+    RootRegainable,
+}
+
 /// Who to become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
@@ -14,10 +41,10 @@ pub struct Target {
 }
 
 impl FromStr for Target {
-    type Err = String;
+    type Err = PrivilegeError;
 
     /// `USER[:GROUP]`, names or numbers; without a group, the user's own.
-    fn from_str(spec: &str) -> Result<Self, String> {
+    fn from_str(spec: &str) -> Result<Self, PrivilegeError> {
         let (user, group) = match spec.split_once(':') {
             Some((u, g)) => (u, Some(g)),
             None => (spec, None),
@@ -31,7 +58,7 @@ impl FromStr for Target {
     }
 }
 
-fn resolve_user(user: &str) -> Result<(Uid, Gid), String> {
+fn resolve_user(user: &str) -> Result<(Uid, Gid), PrivilegeError> {
     let found = match user.parse::<u32>() {
         Ok(n) => User::from_uid(Uid::from_raw(n)),
         Err(_) => User::from_name(user),
@@ -41,52 +68,57 @@ fn resolve_user(user: &str) -> Result<(Uid, Gid), String> {
         Ok(None) => user
             .parse::<u32>()
             .map(|n| (Uid::from_raw(n), Gid::from_raw(n)))
-            .map_err(|_| format!("no user {user:?}")),
-        Err(e) => Err(format!("looking up user {user:?}: {e}")),
+            .map_err(|_| PrivilegeError::NoUser(user.into())),
+        Err(errno) => Err(PrivilegeError::Lookup {
+            what: user.into(),
+            errno,
+        }),
     }
 }
 
-fn resolve_group(group: &str) -> Result<Gid, String> {
+fn resolve_group(group: &str) -> Result<Gid, PrivilegeError> {
     if let Ok(n) = group.parse::<u32>() {
         return Ok(Gid::from_raw(n));
     }
     match Group::from_name(group) {
         Ok(Some(g)) => Ok(g.gid),
-        Ok(None) => Err(format!("no group {group:?}")),
-        Err(e) => Err(format!("looking up group {group:?}: {e}")),
+        Ok(None) => Err(PrivilegeError::NoGroup(group.into())),
+        Err(errno) => Err(PrivilegeError::Lookup {
+            what: group.into(),
+            errno,
+        }),
     }
 }
 
 /// Becomes `target` for good. Must run before any seccomp filter is on
 /// (glibc signals every thread to apply setuid) and after everything that
 /// needs root is open.
-pub fn drop_to(target: Target) -> Result<(), String> {
-    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
-    nix::unistd::setresgid(target.gid, target.gid, target.gid)
-        .map_err(|e| format!("setresgid({}): {e}", target.gid))?;
-    nix::unistd::setresuid(target.uid, target.uid, target.uid)
-        .map_err(|e| format!("setresuid({}): {e}", target.uid))?;
+pub fn drop_to(target: Target) -> Result<(), PrivilegeError> {
+    let failed = |call| move |errno| PrivilegeError::Call { call, errno };
+    nix::unistd::setgroups(&[]).map_err(failed("setgroups"))?;
+    nix::unistd::setresgid(target.gid, target.gid, target.gid).map_err(failed("setresgid"))?;
+    nix::unistd::setresuid(target.uid, target.uid, target.uid).map_err(failed("setresuid"))?;
     forbid_new_privileges()?;
     if Uid::effective() != target.uid || Gid::effective() != target.gid {
-        return Err("the uid or gid did not change".into());
+        return Err(PrivilegeError::Unchanged);
     }
     if !target.uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-        return Err("root could be regained after dropping it".into());
+        return Err(PrivilegeError::RootRegainable);
     }
     Ok(())
 }
 
 /// PR_SET_NO_NEW_PRIVS: no exec can grant privileges from now on.
-pub fn forbid_new_privileges() -> Result<(), String> {
+pub fn forbid_new_privileges() -> Result<(), PrivilegeError> {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes plain integers.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!(
-            "PR_SET_NO_NEW_PRIVS: {}",
-            std::io::Error::last_os_error()
-        ))
+        Err(PrivilegeError::Call {
+            call: "PR_SET_NO_NEW_PRIVS",
+            errno: nix::errno::Errno::last(),
+        })
     }
 }
 

@@ -21,15 +21,20 @@ pub enum Mode {
     Off,
 }
 
-impl FromStr for Mode {
-    type Err = String;
+/// A `--seccomp` value that names no mode.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not one of trap, log, off")]
+pub struct UnknownMode(String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for Mode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         match s {
             "trap" => Ok(Self::Trap),
             "log" => Ok(Self::Log),
             "off" => Ok(Self::Off),
-            other => Err(format!("{other:?} is not one of trap, log, off")),
+            other => Err(UnknownMode(other.into())),
         }
     }
 }
@@ -42,9 +47,15 @@ pub enum SeccompError {
         role: Role,
         error: seccompiler::BackendError,
     },
+    /// NO_NEW_PRIVS, which an unprivileged filter needs, was refused.
+    #[error("installing the seccomp filter: {0}")]
+    NoNewPrivs(#[from] super::privileges::PrivilegeError),
+    /// More instructions than a BPF program may have.
+    #[error("installing the seccomp filter: {0} instructions")]
+    TooLong(usize),
     /// The kernel refused the filter.
     #[error("installing the seccomp filter: {0}")]
-    Install(String),
+    Install(std::io::Error),
 }
 
 /// The compiled filter of one role.
@@ -87,10 +98,9 @@ pub fn apply(role: Role, program: &BpfProgram) -> Result<(), SeccompError> {
             Role::Datapath => "datapath",
         })
     });
-    super::privileges::forbid_new_privileges().map_err(SeccompError::Install)?;
+    super::privileges::forbid_new_privileges()?;
     let prog = libc::sock_fprog {
-        len: u16::try_from(program.len())
-            .map_err(|_| SeccompError::Install("filter too long".into()))?,
+        len: u16::try_from(program.len()).map_err(|_| SeccompError::TooLong(program.len()))?,
         filter: program.as_ptr().cast_mut().cast(),
     };
     // SAFETY: `prog` points at `program`'s instructions, which outlive the
@@ -107,9 +117,7 @@ pub fn apply(role: Role, program: &BpfProgram) -> Result<(), SeccompError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(SeccompError::Install(
-            std::io::Error::last_os_error().to_string(),
-        ))
+        Err(SeccompError::Install(std::io::Error::last_os_error()))
     }
 }
 

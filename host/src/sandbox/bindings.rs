@@ -1,8 +1,6 @@
-//! Typed bindings for the WIT world (`wit/device.wit`) and the host side of
-//! its one import, `host-log`.
-
-use super::instance::InstanceData;
-use tracing::{debug, error, info, warn};
+//! Typed bindings for the WIT world (`wit/device.wit`) and conversions
+//! between its types and the device model's. What the host does for the
+//! component's one import (`host-log`) is in `store.rs`.
 
 wasmtime::component::bindgen!({
     world: "virtio-net-device",
@@ -11,8 +9,6 @@ wasmtime::component::bindgen!({
 
 pub use exports::sandnic::device::device as device_api;
 pub use sandnic::device::types as wit;
-
-impl sandnic::device::types::Host for InstanceData {}
 
 const OFFLOADS: [(wit::Offloads, sandnic_device::Offloads); 5] = [
     (wit::Offloads::CSUM, sandnic_device::Offloads::CSUM),
@@ -46,18 +42,4 @@ pub fn mac_to_wit([a, b, c, d, e, f]: sandnic_device::Mac) -> wit::MacAddress {
 
 pub fn mac_from_wit((a, b, c, d, e, f): wit::MacAddress) -> sandnic_device::Mac {
     [a, b, c, d, e, f]
-}
-
-impl sandnic::device::host_log::Host for InstanceData {
-    /// Component log lines go to `tracing`, cut to the text limit: the
-    /// component chooses their length.
-    fn log(&mut self, level: wit::LogLevel, message: String) {
-        let message = super::validate::truncate_text(&message, self.max_text_bytes);
-        match level {
-            wit::LogLevel::Error => error!(target: "sandnic::component", "{message}"),
-            wit::LogLevel::Warn => warn!(target: "sandnic::component", "{message}"),
-            wit::LogLevel::Info => info!(target: "sandnic::component", "{message}"),
-            wit::LogLevel::Debug => debug!(target: "sandnic::component", "{message}"),
-        }
-    }
 }

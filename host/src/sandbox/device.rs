@@ -15,7 +15,8 @@
 
 use super::bindings::wit;
 use super::engine::{ComponentInfo, DeviceComponent, Runtime};
-use super::instance::{Instance, SandboxError};
+use super::instance::Instance;
+use super::store::SandboxError;
 use super::validate::{self, Bounds};
 use sandnic_device::{DeviceConfig, Effect};
 use std::ops::Range;
@@ -286,7 +287,7 @@ impl SandboxedDevice {
         call: &'static str,
         f: impl FnOnce(
             super::bindings::device_api::GuestNetDevice<'_>,
-            &mut wasmtime::Store<super::instance::InstanceData>,
+            &mut wasmtime::Store<super::store::InstanceData>,
             wasmtime::component::ResourceAny,
         ) -> wasmtime::Result<R>,
     ) -> Result<R, DeviceError> {
@@ -434,7 +435,7 @@ impl SandboxedDevice {
     fn checked<R>(
         &mut self,
         call: &'static str,
-        result: Result<R, String>,
+        result: Result<R, validate::Invalid>,
     ) -> Result<R, DeviceError> {
         result.map_err(|why| {
             let failure = SandboxError::InvalidOutput { call, why };
@@ -507,7 +508,7 @@ fn perform(
     bounds: &Bounds,
 ) -> Result<Reply, SandboxError> {
     let call = mutation.name();
-    let invalid = |why: String| SandboxError::InvalidOutput { call, why };
+    let invalid = |why| SandboxError::InvalidOutput { call, why };
     let (value, effects) = match mutation {
         Mutation::SetFeatures(acked) => (
             None,
@@ -566,20 +567,39 @@ pub(crate) fn load_into(
     }
 }
 
+/// Why a fresh instance could not be brought to the last good state.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    /// Instantiating or loading the checkpoint failed in the sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The component refused the checkpoint it saved itself.
+    #[error("the component refused its own saved state: {0}")]
+    Refused(String),
+    /// A call that succeeded before failed when replayed.
+    #[error("replaying {call}: {failure}")]
+    Replay {
+        call: &'static str,
+        failure: SandboxError,
+    },
+}
+
 fn rebuild(
     runtime: &Runtime,
     component: &DeviceComponent,
     config: &wit::DeviceConfig,
     checkpoint: &Checkpoint,
     bounds: &Bounds,
-) -> Result<Instance, String> {
-    let mut instance = Instance::new(runtime, component, config).map_err(|e| e.to_string())?;
+) -> Result<Instance, RestoreError> {
+    let mut instance = Instance::new(runtime, component, config)?;
     if let Some(blob) = &checkpoint.blob {
-        load_into(&mut instance, blob, bounds).map_err(|e| e.to_string())??;
+        load_into(&mut instance, blob, bounds)?.map_err(RestoreError::Refused)?;
     }
     for mutation in checkpoint.replay.iter() {
-        perform(&mut instance, mutation, bounds)
-            .map_err(|e| format!("replaying {}: {e}", mutation.name()))?;
+        perform(&mut instance, mutation, bounds).map_err(|failure| RestoreError::Replay {
+            call: mutation.name(),
+            failure,
+        })?;
     }
     Ok(instance)
 }

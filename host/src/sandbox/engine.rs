@@ -7,8 +7,9 @@
 //! component's bytes and the engine's compatibility hash.
 
 use super::bindings::{wit, VirtioNetDevice, VirtioNetDevicePre};
-use super::instance::InstanceData;
 use super::limits::SandboxLimits;
+use super::store::{new_store, run, InstanceData, SandboxError};
+use super::validate::{self, Invalid};
 use anyhow::{bail, Context};
 use nix::unistd::{Gid, Uid};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -45,7 +46,7 @@ impl ComponentSource {
     /// `builtin:VERSION` (a release embedded in this binary, see
     /// `sandnic inspect`), or the path of a component file (`./builtin` for
     /// a file of that name).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, NoSuchRelease> {
         use super::components::RELEASED;
         match text.split_once(':') {
             _ if text == "builtin" => Ok(Self::Builtin),
@@ -53,14 +54,16 @@ impl ComponentSource {
                 .iter()
                 .find(|r| r.version == version)
                 .map(Self::Released)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = RELEASED.iter().map(|r| r.version).collect();
-                    format!("no release {version} is built into this sandnic (it has {known:?})")
-                }),
+                .ok_or_else(|| NoSuchRelease(version.into())),
             _ => Ok(Self::File(PathBuf::from(text))),
         }
     }
 }
+
+/// `builtin:VERSION` names a release this binary does not embed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no release {0} is built into this sandnic (it has {known:?})", known = super::components::RELEASED.iter().map(|r| r.version).collect::<Vec<_>>())]
+pub struct NoSuchRelease(pub String);
 
 /// A compiled component, ready to instantiate cheaply many times.
 pub struct DeviceComponent {
@@ -198,8 +201,8 @@ impl Runtime {
             format!("component {origin} needs imports sandnic does not grant (only host-log and stdio)")
         })?;
         let pre = VirtioNetDevicePre::new(instance_pre)?;
-        let info = super::instance::query_info(self, &pre)
-            .with_context(|| format!("querying component {origin}"))?;
+        let info =
+            query_info(self, &pre).with_context(|| format!("querying component {origin}"))?;
         Ok(Arc::new(DeviceComponent {
             pre,
             info,
@@ -375,25 +378,39 @@ fn usable_cache_dir(dir: &Path, owner: Uid) -> Option<PathBuf> {
 }
 
 impl TryFrom<wit::DeviceInfo> for ComponentInfo {
-    type Error = String;
+    type Error = Invalid;
 
     /// The component's self-description is untrusted like everything else:
     /// short strings, a sane version range.
-    fn try_from(info: wit::DeviceInfo) -> Result<Self, String> {
-        if info.name.len() > 64 || info.version.len() > 64 {
-            return Err("component name or version longer than 64 bytes".into());
-        }
+    fn try_from(info: wit::DeviceInfo) -> Result<Self, Invalid> {
+        let name = validate::bounded_text(info.name, 64, "component name")?;
+        let version = validate::bounded_text(info.version, 64, "component version")?;
         if info.oldest_state_version > info.state_version {
-            return Err(format!(
-                "component claims state versions {}..={}",
-                info.oldest_state_version, info.state_version
-            ));
+            return Err(Invalid::StateVersions {
+                oldest: info.oldest_state_version,
+                newest: info.state_version,
+            });
         }
         Ok(Self {
-            name: info.name,
-            version: info.version,
+            name,
+            version,
             state_version: info.state_version,
             oldest_state_version: info.oldest_state_version,
         })
     }
+}
+
+/// Instantiates a throw-away instance to call the free function `info`.
+fn query_info(
+    runtime: &Runtime,
+    pre: &VirtioNetDevicePre<InstanceData>,
+) -> anyhow::Result<ComponentInfo> {
+    let mut store = new_store(&runtime.engine, &runtime.limits);
+    let fuel = runtime.limits.fuel_per_call;
+    let bindings = run(&mut store, fuel, "instantiate", |s| pre.instantiate(s))?;
+    let info = run(&mut store, fuel, "info", |s| {
+        bindings.sandnic_device_device().call_info(s)
+    })?;
+    ComponentInfo::try_from(info)
+        .map_err(|why| SandboxError::InvalidOutput { call: "info", why }.into())
 }

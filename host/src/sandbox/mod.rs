@@ -1,14 +1,18 @@
 //! The wasm sandbox that runs the device model.
 //!
 //! - `limits.rs` — every CPU, memory, stack and size limit, and why
+//! - `components.rs` — the builtin component and the test builds
+//! - `bindings.rs` — typed bindings of `wit/device.wit`
+//! - `validate.rs` — the boundary: checks on every value the component returns
+//! - `store.rs` — what a call runs in, the `log` import, the single place
+//!   calls are made (`run`) and how their failures are told apart
 //! - `engine.rs` — engine settings, the imports a component gets, the
 //!   precompiled-component cache
-//! - `bindings.rs` — typed bindings of `wit/device.wit`, the `log` import
-//! - `instance.rs` — one instance and the single place calls are made
-//! - `validate.rs` — the boundary: checks on every value the component returns
+//! - `instance.rs` — one instance of a component, its device resource
 //! - `device.rs` — `SandboxedDevice`: guarded calls, restore after failure
 //! - `swap.rs` — hot swap with rollback
-//! - `components.rs` — the builtin component and the test builds
+//!
+//! Each file uses only those above it in this list.
 
 mod bindings;
 pub mod components;
@@ -16,14 +20,15 @@ mod device;
 mod engine;
 mod instance;
 mod limits;
+mod store;
 mod swap;
 pub mod validate;
 
 pub use device::{CtrlOutcome, DeviceError, SandboxStats, SandboxedDevice};
 pub use engine::{
-    default_cache_dir, ComponentInfo, ComponentSource, DeviceComponent, Runtime,
+    default_cache_dir, ComponentInfo, ComponentSource, DeviceComponent, NoSuchRelease, Runtime,
     MAX_COMPONENT_BYTES,
 };
-pub use instance::SandboxError;
 pub use limits::SandboxLimits;
+pub use store::SandboxError;
 pub use swap::{SwapError, SwapReport};

@@ -10,7 +10,7 @@
 use super::bindings::device_api::GuestNetDevice;
 use super::device::{load_into, DeviceError, SandboxedDevice};
 use super::engine::{ComponentInfo, DeviceComponent};
-use super::instance::SandboxError;
+use super::store::SandboxError;
 use super::validate;
 use sandnic_device::Effect;
 use std::sync::Arc;
@@ -45,6 +45,18 @@ pub enum SwapError {
     /// The new component failed or misbehaved while taking over.
     #[error("new component failed while taking over: {0}")]
     Failed(SandboxError),
+}
+
+impl SwapError {
+    /// A stable name for the API's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Save(_) => "swap_save_failed",
+            Self::Instantiate(_) => "swap_instantiate_failed",
+            Self::Refused(_) => "swap_refused",
+            Self::Failed(_) => "swap_failed",
+        }
+    }
 }
 
 impl SandboxedDevice {

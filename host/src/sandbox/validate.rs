@@ -12,6 +12,61 @@ use sandnic_device::{
     DeviceConfig, Effect, Mac, Offloads, RxFilter, MAC_TABLE_ENTRIES, VLAN_WORDS,
 };
 
+/// Why a value that left the component was refused. Each names the bound
+/// it broke, so a log line (and a test) says what the component did.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// More effects from one call than the host applies.
+    #[error("{count} effects, at most {max} allowed")]
+    TooManyEffects { count: usize, max: usize },
+    /// A virtio-net header length the TAP does not take.
+    #[error("virtio-net header length {0} is not 10 or 12")]
+    VnetHdrLen(u32),
+    /// More (or fewer) queue pairs than the device has.
+    #[error("{asked} queue pairs outside 1..={max}")]
+    QueuePairs { asked: u16, max: u16 },
+    /// Offloads the TAP did not report.
+    #[error("{asked:?} not within what the TAP supports ({tap:?})")]
+    OffloadsBeyondTap { asked: Offloads, tap: Offloads },
+    /// Offloads TUNSETOFFLOAD refuses together.
+    #[error("{0:?} is a combination the TAP refuses")]
+    OffloadCombination(Offloads),
+    /// More addresses than the MAC table holds.
+    #[error("rx filter has {0} addresses, at most {MAC_TABLE_ENTRIES}")]
+    FilterTooLarge(usize),
+    /// A VLAN bitmap of the wrong size.
+    #[error("VLAN table of {0} words, expected {VLAN_WORDS}")]
+    VlanTable(usize),
+    /// An address list that is not whole addresses or too long.
+    #[error("{which} address list of {bytes} bytes")]
+    AddressList { which: &'static str, bytes: usize },
+    /// A control-queue ack other than OK and ERR.
+    #[error("control ack {0} is neither OK nor ERR")]
+    Ack(u8),
+    /// Status bits the driver did not write.
+    #[error("status {returned:#x} sets bits the driver did not write ({requested:#x})")]
+    StatusBits { requested: u8, returned: u8 },
+    /// A config read answered with the wrong number of bytes.
+    #[error("{got} config bytes for a {requested}-byte read")]
+    ConfigLength { got: usize, requested: u32 },
+    /// Feature bits the host's datapath does not implement.
+    #[error("offers features the host cannot serve: {}", f::names(*.0).join(","))]
+    FeaturesBeyondHost(u64),
+    /// A device without VERSION_1 (legacy virtio is not served).
+    #[error("does not offer VERSION_1")]
+    NoVersion1,
+    /// Bytes or text longer than the host holds.
+    #[error("{what} of {len} bytes, at most {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// A self-description with an impossible state-version range.
+    #[error("component claims state versions {oldest}..={newest}")]
+    StateVersions { oldest: u32, newest: u32 },
+}
+
 /// What effects may ask for on this device.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -30,82 +85,101 @@ impl Bounds {
     }
 }
 
-pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, String> {
-    if list.len() > bounds.max_effects {
-        return Err(format!(
-            "{} effects, at most {} allowed",
-            list.len(),
-            bounds.max_effects
-        ));
-    }
+/// The effects of one call, lifted from the wit types and checked.
+pub fn effects(list: Vec<wit::Effect>, bounds: &Bounds) -> Result<Vec<Effect>, Invalid> {
+    check_count(list.len(), bounds)?;
     // Collected into a fresh vector: an in-place collect would reuse the
     // lifted list's allocation and then shrink it with a `realloc`.
     let mut effects = Vec::with_capacity(list.len());
     for e in list {
-        effects.push(effect(e, bounds)?);
+        let effect = lift(e)?;
+        check(&effect, bounds)?;
+        effects.push(effect);
     }
     Ok(effects)
 }
 
-fn effect(effect: wit::Effect, bounds: &Bounds) -> Result<Effect, String> {
+/// Checks effects already in the host's types: what `effects` checks after
+/// lifting. The fuzz harness holds the native device to the same bounds.
+pub fn check_effects(effects: &[Effect], bounds: &Bounds) -> Result<(), Invalid> {
+    check_count(effects.len(), bounds)?;
+    effects.iter().try_for_each(|e| check(e, bounds))
+}
+
+fn check_count(count: usize, bounds: &Bounds) -> Result<(), Invalid> {
+    if count > bounds.max_effects {
+        return Err(Invalid::TooManyEffects {
+            count,
+            max: bounds.max_effects,
+        });
+    }
+    Ok(())
+}
+
+/// The wit value as the host's type; only what the types cannot hold
+/// (address lists of whole addresses) is refused here.
+fn lift(effect: wit::Effect) -> Result<Effect, Invalid> {
     Ok(match effect {
         wit::Effect::SetRxFilter(filter) => Effect::SetRxFilter(rx_filter(filter)?),
-        wit::Effect::SetTapOffloads(o) => {
-            Effect::SetTapOffloads(tap_offloads(o, bounds.backend_offloads)?)
-        }
-        wit::Effect::SetVnetHdrLen(len @ (10 | 12)) => Effect::SetVnetHdrLen(len),
-        wit::Effect::SetVnetHdrLen(len) => {
-            return Err(format!("virtio-net header length {len} is not 10 or 12"))
-        }
-        wit::Effect::EnableQueuePairs(n) if (1..=bounds.max_queue_pairs).contains(&n) => {
-            Effect::EnableQueuePairs(n)
-        }
-        wit::Effect::EnableQueuePairs(n) => {
-            return Err(format!(
-                "{n} queue pairs outside 1..={}",
-                bounds.max_queue_pairs
-            ));
-        }
+        wit::Effect::SetTapOffloads(o) => Effect::SetTapOffloads(Offloads::from(o)),
+        wit::Effect::SetVnetHdrLen(len) => Effect::SetVnetHdrLen(len),
+        wit::Effect::EnableQueuePairs(n) => Effect::EnableQueuePairs(n),
         wit::Effect::ConfigChanged => Effect::ConfigChanged,
         wit::Effect::NeedsReset => Effect::NeedsReset,
     })
 }
 
+/// The host's bounds on one effect.
+fn check(effect: &Effect, bounds: &Bounds) -> Result<(), Invalid> {
+    match *effect {
+        Effect::SetRxFilter(ref filter) => check_rx_filter(filter),
+        Effect::SetTapOffloads(offloads) => check_tap_offloads(offloads, bounds.backend_offloads),
+        Effect::SetVnetHdrLen(10 | 12) => Ok(()),
+        Effect::SetVnetHdrLen(len) => Err(Invalid::VnetHdrLen(len)),
+        Effect::EnableQueuePairs(asked) if (1..=bounds.max_queue_pairs).contains(&asked) => Ok(()),
+        Effect::EnableQueuePairs(asked) => Err(Invalid::QueuePairs {
+            asked,
+            max: bounds.max_queue_pairs,
+        }),
+        Effect::ConfigChanged | Effect::NeedsReset => Ok(()),
+    }
+}
+
 /// Offloads must be a subset of what the TAP reported and a combination
 /// TUNSETOFFLOAD accepts (segmentation needs checksum; ECN needs TSO).
-fn tap_offloads(offloads: wit::Offloads, backend: Offloads) -> Result<Offloads, String> {
-    let offloads = Offloads::from(offloads);
+fn check_tap_offloads(offloads: Offloads, backend: Offloads) -> Result<(), Invalid> {
     if !backend.contains(offloads) {
-        return Err(format!(
-            "{offloads:?} not within what the TAP supports ({backend:?})"
-        ));
+        return Err(Invalid::OffloadsBeyondTap {
+            asked: offloads,
+            tap: backend,
+        });
     }
     let needs_csum = Offloads::TSO4 | Offloads::TSO6 | Offloads::ECN | Offloads::UFO;
     let tso = Offloads::TSO4 | Offloads::TSO6;
     if (!(offloads & needs_csum).is_empty() && !offloads.contains(Offloads::CSUM))
         || (offloads.contains(Offloads::ECN) && (offloads & tso).is_empty())
     {
-        return Err(format!("{offloads:?} is a combination the TAP refuses"));
+        return Err(Invalid::OffloadCombination(offloads));
     }
-    Ok(offloads)
+    Ok(())
 }
 
-fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
+/// At most a MAC table's worth of addresses and a whole VLAN bitmap.
+fn check_rx_filter(filter: &RxFilter) -> Result<(), Invalid> {
+    let addresses = filter.unicast.len() + filter.multicast.len();
+    if addresses > MAC_TABLE_ENTRIES {
+        return Err(Invalid::FilterTooLarge(addresses));
+    }
+    if filter.vlans.len() != VLAN_WORDS {
+        return Err(Invalid::VlanTable(filter.vlans.len()));
+    }
+    Ok(())
+}
+
+fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, Invalid> {
     let mac = super::bindings::mac_from_wit(filter.mac);
     let unicast = mac_list(filter.unicast, "unicast")?;
     let multicast = mac_list(filter.multicast, "multicast")?;
-    if unicast.len() + multicast.len() > MAC_TABLE_ENTRIES {
-        return Err(format!(
-            "rx filter has {} addresses, at most {MAC_TABLE_ENTRIES}",
-            unicast.len() + multicast.len()
-        ));
-    }
-    if filter.vlans.len() != VLAN_WORDS {
-        return Err(format!(
-            "VLAN table of {} words, expected {VLAN_WORDS}",
-            filter.vlans.len()
-        ));
-    }
     let on = |switch| filter.switches.contains(switch);
     use wit::RxSwitches as S;
     Ok(RxFilter {
@@ -127,38 +201,42 @@ fn rx_filter(filter: wit::RxFilter) -> Result<RxFilter, String> {
 
 /// Concatenated 6-byte addresses as a list of addresses (at most 64, so
 /// the copy is at most 384 bytes).
-fn mac_list(bytes: Vec<u8>, which: &str) -> Result<Vec<Mac>, String> {
+fn mac_list(bytes: Vec<u8>, which: &'static str) -> Result<Vec<Mac>, Invalid> {
     if !bytes.len().is_multiple_of(6) || bytes.len() / 6 > MAC_TABLE_ENTRIES {
-        return Err(format!("{which} address list of {} bytes", bytes.len()));
+        return Err(Invalid::AddressList {
+            which,
+            bytes: bytes.len(),
+        });
     }
     Ok(bytes.as_chunks::<6>().0.to_vec())
 }
 
-pub fn ack(ack: u8) -> Result<u8, String> {
+pub fn ack(ack: u8) -> Result<u8, Invalid> {
     match ack {
         sandnic_device::ACK_OK | sandnic_device::ACK_ERR => Ok(ack),
-        other => Err(format!("control ack {other} is neither OK nor ERR")),
+        other => Err(Invalid::Ack(other)),
     }
 }
 
 /// The device may clear bits the driver wrote (FEATURES_OK) and keep
 /// DEVICE_NEEDS_RESET; it may not invent others.
-pub fn status(requested: u8, returned: u8) -> Result<u8, String> {
+pub fn status(requested: u8, returned: u8) -> Result<u8, Invalid> {
     use sandnic_device::device::status::NEEDS_RESET;
     if returned & !(requested | NEEDS_RESET) != 0 {
-        return Err(format!(
-            "status {returned:#x} sets bits the driver did not write ({requested:#x})"
-        ));
+        return Err(Invalid::StatusBits {
+            requested,
+            returned,
+        });
     }
     Ok(returned)
 }
 
-pub fn config_bytes(bytes: Vec<u8>, requested: u32) -> Result<Vec<u8>, String> {
+pub fn config_bytes(bytes: Vec<u8>, requested: u32) -> Result<Vec<u8>, Invalid> {
     if bytes.len() != requested as usize {
-        return Err(format!(
-            "{} config bytes for a {requested}-byte read",
-            bytes.len()
-        ));
+        return Err(Invalid::ConfigLength {
+            got: bytes.len(),
+            requested,
+        });
     }
     Ok(bytes)
 }
@@ -200,32 +278,32 @@ pub fn feature_ceiling(config: &DeviceConfig) -> u64 {
     ceiling
 }
 
-pub fn device_features(bits: u64, config: &DeviceConfig) -> Result<u64, String> {
+pub fn device_features(bits: u64, config: &DeviceConfig) -> Result<u64, Invalid> {
     let extra = bits & !feature_ceiling(config);
     if extra != 0 {
-        return Err(format!(
-            "offers features the host cannot serve: {}",
-            f::names(extra).join(",")
-        ));
+        return Err(Invalid::FeaturesBeyondHost(extra));
     }
     if bits & f::VERSION_1 == 0 {
-        return Err("does not offer VERSION_1".into());
+        return Err(Invalid::NoVersion1);
     }
     Ok(bits)
 }
 
-pub fn bounded_bytes(bytes: Vec<u8>, max: usize, what: &str) -> Result<Vec<u8>, String> {
-    if bytes.len() > max {
-        return Err(format!("{what} of {} bytes, at most {max}", bytes.len()));
-    }
+pub fn bounded_bytes(bytes: Vec<u8>, max: usize, what: &'static str) -> Result<Vec<u8>, Invalid> {
+    within(bytes.len(), max, what)?;
     Ok(bytes)
 }
 
-pub fn bounded_text(text: String, max: usize, what: &str) -> Result<String, String> {
-    if text.len() > max {
-        return Err(format!("{what} of {} bytes, at most {max}", text.len()));
-    }
+pub fn bounded_text(text: String, max: usize, what: &'static str) -> Result<String, Invalid> {
+    within(text.len(), max, what)?;
     Ok(text)
+}
+
+fn within(len: usize, max: usize, what: &'static str) -> Result<(), Invalid> {
+    if len > max {
+        return Err(Invalid::TooLong { what, len, max });
+    }
+    Ok(())
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, for logging

@@ -4,7 +4,7 @@
 //! paused, committed, answered — when the destination answers or runs out
 //! of time.
 
-use crate::api::{self, HandoverRequest};
+use crate::api::{ApiError, HandoverRequest};
 use crate::backend::NetBackend;
 use crate::handover::{source, HandoverReport};
 use std::os::fd::BorrowedFd;
@@ -63,7 +63,7 @@ impl HandoverDriver {
             return None;
         };
         let Some(sockets) = sockets else {
-            return Some(refused(client, "no listening socket to hand over"));
+            return Some(refused(client, source::HandoverError::NoListener));
         };
         match source::offer(backend, sockets, &request.destination, request.new_tap) {
             Ok(pending) => {
@@ -105,7 +105,7 @@ impl HandoverDriver {
             return None;
         };
         let Some(sockets) = sockets else {
-            return Some(refused(client, "no listening socket to hand over"));
+            return Some(refused(client, source::HandoverError::NoListener));
         };
         Some(match pending.finish(backend, sockets) {
             Ok(report) => Ended {
@@ -118,10 +118,10 @@ impl HandoverDriver {
     }
 }
 
-fn refused(client: usize, why: impl std::fmt::Display) -> Ended {
+fn refused(client: usize, why: source::HandoverError) -> Ended {
     Ended {
         client,
-        reply: api::error(why),
+        reply: ApiError::Handover(why).reply(),
         handed_over: false,
     }
 }

@@ -65,7 +65,7 @@ pub enum ServeError {
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
     seccomp::install_violation_reporter();
-    let notifier = Notifier::from_env().map_err(usage)?;
+    let notifier = Notifier::from_env().map_err(|e| usage(e.to_string()))?;
     let signals = setup::block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))
         .map_err(ServeError::Runtime)?;
@@ -130,7 +130,7 @@ fn drop_privileges(opts: &ServeOptions) -> Result<(), ServeError> {
         }),
         None => privileges::forbid_new_privileges(),
     };
-    result.map_err(|e| ServeError::Runtime(anyhow::anyhow!(e)))
+    result.map_err(|e| ServeError::Runtime(e.into()))
 }
 
 /// Puts each thread's seccomp filter on: the datapath threads', then this
@@ -139,10 +139,7 @@ fn confine(opts: &ServeOptions, server: &Server) -> anyhow::Result<()> {
     let datapath = seccomp::filter(Role::Datapath, opts.seccomp)?;
     let control = seccomp::filter(Role::Control, opts.seccomp)?;
     if let (Some(datapath), Some(control)) = (datapath, control) {
-        server
-            .datapath()
-            .confine(Arc::new(datapath))
-            .map_err(anyhow::Error::msg)?;
+        server.datapath().confine(Arc::new(datapath))?;
         seccomp::apply(Role::Control, &control)?;
         info!(mode = ?opts.seccomp, "seccomp filters on every thread");
     }

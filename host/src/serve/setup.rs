@@ -3,12 +3,12 @@
 //! running sandnic hands over (`--incoming`).
 
 use super::{drop_privileges, ServeError, ServeOptions, TapSource};
-use crate::api;
 use crate::backend::NetBackend;
 use crate::daemon::inherited_sockets;
 use crate::handover::destination;
 use crate::sandbox::{DeviceComponent, Runtime, SandboxedDevice};
 use crate::tap::Tap;
+use crate::unix_socket::{self, BindError};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use sandnic_device::{Compat, DeviceConfig};
@@ -82,7 +82,8 @@ pub fn fresh(
         Some(TapSource::Fds(fds)) => fds.as_slice(),
         _ => &[],
     };
-    let inherited = inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed).map_err(usage)?;
+    let inherited = inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed)
+        .map_err(|e| usage(e.to_string()))?;
     let mut missing = Vec::new();
     if opts.tap.is_none() {
         missing.push("--tap NAME (or --tap-fd FD)");
@@ -115,19 +116,19 @@ pub fn fresh(
         inherited.vhost_user,
         opts.socket.as_ref(),
         "--socket",
-        api::bind_unix,
+        unix_socket::bind_unix,
         &mut files,
     )
-    .map_err(usage)?
+    .map_err(|e| usage(e.to_string()))?
     .ok_or_else(|| usage("no vhost-user socket".into()))?;
     let api_listener = inherited_or_bound(
         inherited.api,
         opts.api.as_ref(),
         "--api",
-        |path| api::bind_private(path, opts.user),
+        |path| unix_socket::bind_private(path, opts.user),
         &mut files,
     )
-    .map_err(usage)?;
+    .map_err(|e| usage(e.to_string()))?;
     let backend =
         NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
     let socket_name = opts
@@ -157,12 +158,12 @@ pub fn fresh(
 fn inherited_or_bound(
     inherited: Option<UnixListener>,
     path: Option<&PathBuf>,
-    flag: &str,
-    bind: impl FnOnce(&std::path::Path) -> Result<UnixListener, String>,
+    flag: &'static str,
+    bind: impl FnOnce(&std::path::Path) -> Result<UnixListener, BindError>,
     files: &mut SocketFiles,
-) -> Result<Option<UnixListener>, String> {
+) -> Result<Option<UnixListener>, ListenError> {
     match (inherited, path) {
-        (Some(_), Some(_)) => Err(format!("{flag} given, but that socket is socket-activated")),
+        (Some(_), Some(_)) => Err(ListenError::AlsoActivated(flag)),
         (Some(listener), None) => Ok(Some(listener)),
         (None, Some(path)) => {
             let listener = bind(path)?;
@@ -171,6 +172,15 @@ fn inherited_or_bound(
         }
         (None, None) => Ok(None),
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    /// The flag names a socket that socket activation brought as well.
+    #[error("{0} given, but that socket is socket-activated")]
+    AlsoActivated(&'static str),
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// Where a listener listens, for the log.

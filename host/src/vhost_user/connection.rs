@@ -11,20 +11,20 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// The answer to one request.
+/// The answer to one request; `E` is the device's reason for a refusal.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Outcome<E> {
     /// A reply body (GET_* requests).
     Reply(Vec<u8>),
     /// Done; acked with 0 if the frontend asked for an ack.
     Ok,
     /// Refused; acked with 1 if the frontend asked for an ack.
-    Failed(String),
+    Failed(E),
     /// Cannot be honoured and cannot be refused either (the frontend would
     /// not notice): the connection must be closed. Only for a dirty log
     /// that cannot be kept, where going on would let a migration complete
     /// with pages unlogged.
-    Disconnect(String),
+    Disconnect(E),
 }
 
 /// Names a frontend connection (and its session in the backend) for as
@@ -38,10 +38,17 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What answers a frontend's requests: the device behind the connection,
 /// told which session each request comes from.
 pub trait Device {
+    /// Why the device refuses a request or ends a connection.
+    type Refusal: std::error::Error + Send + Sync + 'static;
     /// The answer to a well-formed request of session `session`.
-    fn handle(&mut self, session: SessionId, request: Request) -> Outcome;
+    fn handle(&mut self, session: SessionId, request: Request) -> Outcome<Self::Refusal>;
     /// The answer to a request of session `session` that did not parse.
-    fn malformed(&mut self, session: SessionId, code: u32, error: RequestError) -> Outcome;
+    fn malformed(
+        &mut self,
+        session: SessionId,
+        code: u32,
+        error: RequestError,
+    ) -> Outcome<Self::Refusal>;
     /// Whether session `session` negotiated REPLY_ACK.
     fn reply_ack(&self, session: SessionId) -> bool;
 }
@@ -56,8 +63,8 @@ pub enum Closed {
     #[error("unreadable message: {0}")]
     Unreadable(WireError),
     /// The device asked for it (a dirty log it cannot keep).
-    #[error("{0}")]
-    ByDevice(String),
+    #[error(transparent)]
+    ByDevice(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A frontend's connection and the session it speaks for.
@@ -97,7 +104,7 @@ impl FrontendConnection {
             }
         };
         if let Outcome::Disconnect(why) = outcome {
-            return Err(Closed::ByDevice(why));
+            return Err(Closed::ByDevice(Box::new(why)));
         }
         let reply_ack = device.reply_ack(self.session);
         if let Err(e) = answer(sock, header, ring, outcome, reply_ack) {
@@ -133,11 +140,11 @@ fn first_word(payload: &[u8]) -> Option<u32> {
 /// failed (`request::failure_body`: the frontend blocks until it comes);
 /// otherwise an ack (0 ok, 1 failed) only when REPLY_ACK was negotiated and
 /// the request asked for one.
-fn answer(
+fn answer<E>(
     sock: BorrowedFd<'_>,
     header: Header,
     ring: Option<u32>,
-    outcome: Outcome,
+    outcome: Outcome<E>,
     reply_ack: bool,
 ) -> Result<(), WireError> {
     let failure_body = request::failure_body(header.request, ring);
