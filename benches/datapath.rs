@@ -499,35 +499,74 @@ fn logging_rounds(
 /// the same namespace, in paired rounds: `tx-seccomp-*` and `rx-seccomp-*`
 /// record filtered / unfiltered throughput per round. Two processes,
 /// because a filter cannot be taken off a running thread.
-fn seccomp_rounds(
+fn seccomp_rounds(case: Case, ns: &NetNs, ours: Ours<'_>) {
+    let other = sandnic::harness::sandnic_binary();
+    second_process_rounds("seccomp", case, ns, &other, &["--seccomp", "off"], ours);
+}
+
+/// This build against another build's `sandnic` (`SANDNIC_AB_BASELINE`, a
+/// path), both as they run by default, in paired rounds: `tx-ab-*` and
+/// `rx-ab-*` record this build's throughput / the baseline's per round.
+/// How a change to the code is shown to cost nothing: build the commit
+/// before it, copy its `target/release/sandnic` aside, run this.
+fn ab_rounds(case: Case, ns: &NetNs, ours: Ours<'_>) {
+    let Some(baseline) = std::env::var_os("SANDNIC_AB_BASELINE") else {
+        return;
+    };
+    second_process_rounds("ab", case, ns, std::path::Path::new(&baseline), &[], ours);
+}
+
+/// The sandnic every round compares against, with its injector and the
+/// frames each direction sends.
+struct Ours<'a> {
+    nic: &'a mut TestNic,
+    inject: &'a Injector,
+    tx: (&'a [u8], &'a [u8; 12]),
+    rx: (&'a [u8], &'a [u8; 12]),
+}
+
+/// Paired rounds `tx-<label>-*` and `rx-<label>-*`: a second sandnic
+/// (`binary` with `args`, on its own TAP `tap1` in `ns`) first, `ours`
+/// second, so each ratio is ours / the other's throughput.
+fn second_process_rounds(
+    label: &str,
     case: Case,
     ns: &NetNs,
-    filtered: &mut TestNic,
-    filtered_inject: &Injector,
-    tx: (&[u8], &[u8; 12]),
-    rx: (&[u8], &[u8; 12]),
+    binary: &std::path::Path,
+    args: &[&str],
+    ours: Ours<'_>,
 ) {
     ns.add_tap("tap1", "10.56.0.1/24").unwrap();
     let _ = ns.ip(&["link", "set", "tap1", "txqueuelen", "10000"]);
     let dir = ScratchDir::new().unwrap();
-    let unfiltered = Sandnic::serve(ns, &dir, &["--tap", "tap1", "--seccomp", "off"]).unwrap();
-    let mut nic = TestNic::connect(&unfiltered.socket, &nic_config(case, true)).unwrap();
-    pin_process(unfiltered.child.id(), DATAPATH_CPU);
+    let mut all_args = vec!["--tap", "tap1", "--mac", "52:54:00:12:34:56"];
+    all_args.extend_from_slice(args);
+    let other = Sandnic::serve_binary(binary, ns, &dir, &all_args, &[]).unwrap();
+    let mut nic = TestNic::connect(&other.socket, &nic_config(case, true)).unwrap();
+    pin_process(other.child.id(), DATAPATH_CPU);
     let inject = Injector::new(ns, "tap1");
     let nic = std::cell::RefCell::new(&mut nic);
-    let filtered = std::cell::RefCell::new(filtered);
+    let Ours {
+        nic: ours_nic,
+        inject: ours_inject,
+        tx,
+        rx,
+    } = ours;
+    let ours_nic = std::cell::RefCell::new(ours_nic);
     paired(
-        "tx-seccomp",
+        &format!("tx-{label}"),
         case,
         |n| tx_through(&mut nic.borrow_mut(), n, tx.0, tx.1),
-        |n| tx_through(&mut filtered.borrow_mut(), n, tx.0, tx.1),
+        |n| tx_through(&mut ours_nic.borrow_mut(), n, tx.0, tx.1),
     );
     paired(
-        "rx-seccomp",
+        &format!("rx-{label}"),
         case,
         |n| rx_through(&mut nic.borrow_mut(), &inject, n, rx.0, rx.1),
-        |n| rx_through(&mut filtered.borrow_mut(), filtered_inject, n, rx.0, rx.1),
+        |n| rx_through(&mut ours_nic.borrow_mut(), ours_inject, n, rx.0, rx.1),
     );
+    drop(other);
+    let _ = ns.ip(&["link", "del", "tap1"]);
 }
 
 fn group<'a>(
@@ -607,14 +646,15 @@ fn bench(c: &mut Criterion) {
             (&tx_frame, &tx_hdr),
             (&rx_frame, &rx_hdr),
         );
-        seccomp_rounds(
-            case,
-            &ns,
-            &mut nic,
-            &inject,
-            (&tx_frame, &tx_hdr),
-            (&rx_frame, &rx_hdr),
-        );
+        for rounds in [seccomp_rounds, ab_rounds] {
+            let ours = Ours {
+                nic: &mut nic,
+                inject: &inject,
+                tx: (&tx_frame, &tx_hdr),
+                rx: (&rx_frame, &rx_hdr),
+            };
+            rounds(case, &ns, ours);
+        }
         drop(nic);
         drop(sandnic);
 

@@ -399,9 +399,9 @@ pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<std::proces
     }
 }
 
-/// `sandnic serve` in `ns`, logging to `log`, with the test component cache.
-fn serve_command(ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
-    let binary = sandnic_binary();
+/// `sandnic serve` of `binary` in `ns`, logging to `log`, with the test
+/// component cache.
+fn serve_command(binary: &Path, ns: &NetNs, log: &Path) -> anyhow::Result<Command> {
     if !binary.exists() {
         // `cargo bench` builds only the root package's targets (`cargo test
         // --workspace` builds every binary).
@@ -454,10 +454,22 @@ impl Sandnic {
         args: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> anyhow::Result<Self> {
+        Self::serve_binary(&sandnic_binary(), ns, dir, args, env)
+    }
+
+    /// `serve_exactly` with another build's `sandnic` (an A/B bench's
+    /// baseline).
+    pub fn serve_binary(
+        binary: &Path,
+        ns: &NetNs,
+        dir: &ScratchDir,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let socket = dir.path("vhost.sock");
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
-        let mut cmd = serve_command(ns, &log)?;
+        let mut cmd = serve_command(binary, ns, &log)?;
         cmd.arg("--socket")
             .arg(&socket)
             .arg("--api")
@@ -508,7 +520,7 @@ impl Sandnic {
     ) -> anyhow::Result<(Self, PathBuf)> {
         let incoming = dir.path(&format!("{name}.handover"));
         let log = dir.path(&format!("{name}.log"));
-        let mut cmd = serve_command(ns, &log)?;
+        let mut cmd = serve_command(&sandnic_binary(), ns, &log)?;
         cmd.arg("--incoming")
             .arg(&incoming)
             .args(args)

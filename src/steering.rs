@@ -185,11 +185,7 @@ pub fn natural_queues(
 /// first queue was just attached gets its carrier at once but its queueing
 /// discipline only when the kernel's link watcher runs (up to a second
 /// later), and until then what is sent on it is dropped.
-fn queue_of(
-    tap: &Tap,
-    socket: &UdpSocket,
-    to: (std::net::Ipv4Addr, u16),
-) -> anyhow::Result<usize> {
+fn queue_of(tap: &Tap, socket: &UdpSocket, to: (std::net::Ipv4Addr, u16)) -> anyhow::Result<usize> {
     let port = socket.local_addr()?.port();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = [0u8; 2048];

@@ -225,6 +225,28 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
         running.socket.exists(),
         "the running server's socket is untouched"
     );
+    // A TAP whose queues the running server holds: a second server would
+    // take half the guest's inbound flows, so it is refused before it
+    // attaches a queue.
+    let other = dir.path("other.sock");
+    let out = ns
+        .command(sandnic_binary().to_str().unwrap())
+        .args([
+            "serve",
+            "--socket",
+            other.to_str().unwrap(),
+            "--tap",
+            "tap0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(one_line(&out).contains("TAP \"tap0\" is in use"), "{out:?}");
+    assert!(!other.exists(), "no socket left behind");
+    assert_eq!(
+        running.api(serde_json::json!({"cmd": "status"})).unwrap()["ok"],
+        true
+    );
 }
 
 /// `sandnic inspect FILE` reads every shipped fixture (states of every

@@ -200,7 +200,7 @@ fn open_tap(opts: &ServeOptions) -> Result<Tap, ServeError> {
         .as_ref()
         .ok_or_else(|| ServeError::Usage("no TAP".into()))?
     {
-        TapSource::Name(name) => Tap::open(name, usize::from(opts.queues)),
+        TapSource::Name(name) => Tap::open_unused(name, usize::from(opts.queues)),
         TapSource::Fds(fds) => {
             // SAFETY: the fds were named on the command line as ours to
             // take over (inherited from the parent); each is adopted once.

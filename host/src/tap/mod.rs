@@ -6,6 +6,9 @@
 //! `struct tun_struct`), so they are set through queue 0; attach/detach is per
 //! queue.
 
+mod in_use;
+
+pub use in_use::QueuesOpen;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
 use nix::sys::stat::Mode;
@@ -81,6 +84,13 @@ pub enum TapError {
     /// Several queues were asked of a TAP created without multi_queue.
     #[error("TAP {name:?} was created without multi_queue, and {queues} queue pairs need a queue each (recreate it: ip tuntap add dev {name} mode tap vnet_hdr multi_queue)")]
     SingleQueue { name: String, queues: usize },
+    /// Another process holds queues of the TAP (a running sandnic, or a
+    /// service manager's fd store).
+    #[error("TAP {name:?} is in use: {} queues attached, {} detached but open (another sandnic, or a service manager's fd store, holds them)", open.attached, open.detached)]
+    InUse { name: String, open: QueuesOpen },
+    /// The kernel could not say whether the TAP is in use.
+    #[error("asking the kernel whether TAP {name:?} is in use: {errno}")]
+    Query { name: String, errno: Errno },
     /// TUNSETIFF refused the device.
     #[error("cannot attach to TAP {name:?}: {errno}")]
     Attach { name: String, errno: Errno },
@@ -156,6 +166,28 @@ impl Tap {
             multi_queue: false,
             offload_caps: Offloads::empty(),
         }
+    }
+
+    /// Attaches `queues` queues to the TAP device `name`, which no one else
+    /// may hold queues of: the device a new `sandnic serve --tap NAME`
+    /// starts on. (A handover's destination opening the TAP by name shares
+    /// it with its source on purpose, and uses `open`.)
+    pub fn open_unused(name: &str, queues: usize) -> Result<Self, TapError> {
+        check_name(name)?;
+        let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+            return Err(TapError::Missing(name.into()));
+        };
+        let open = in_use::queues_open(index).map_err(|e| TapError::Query {
+            name: name.into(),
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        if open.any() {
+            return Err(TapError::InUse {
+                name: name.into(),
+                open,
+            });
+        }
+        Self::open(name, queues)
     }
 
     /// Attaches `queues` queues to the existing TAP device `name`.
