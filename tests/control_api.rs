@@ -42,6 +42,54 @@ fn link_down_and_up_notify_the_driver() {
     assert_eq!(rig.control_stat("config_notifications"), 2);
 }
 
+/// A TAP deleted under a running device (`ip link del`): said once in the
+/// log, the guest's link goes down with a config change, `status` reports
+/// it, nothing retries the dead queue (it used to, a thousand times a
+/// second, silently), and `link up` is refused with its kind.
+#[test]
+fn a_deleted_tap_takes_the_link_down_and_says_so_once() {
+    require_network!("a_deleted_tap_takes_the_link_down_and_says_so_once");
+    let mut rig = Rig::new(&[], NicConfig::default()).unwrap();
+    rig.nic.fill_rx(0);
+    rig.ns.ip(&["link", "del", "tap0"]).unwrap();
+    assert!(
+        rig.nic.wait_config_change(Duration::from_secs(5)),
+        "the guest is told"
+    );
+    assert_eq!(&rig.nic.config(12).unwrap()[6..8], &[0, 0], "link down");
+    let status = rig.sandnic.api(json!({"cmd": "status"})).unwrap();
+    assert_eq!(status["tap_gone"], true, "{status}");
+    assert_eq!(status["link_up"], false, "{status}");
+    let errors = rig.stat(0, "rx_errors");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        rig.stat(0, "rx_errors"),
+        errors,
+        "the dead queue is left alone"
+    );
+    let reply = rig.sandnic.api(json!({"cmd": "link", "up": true})).unwrap();
+    assert_eq!(reply["kind"], "tap_gone", "{reply}");
+    let status = rig.sandnic.api(json!({"cmd": "status"})).unwrap();
+    assert_eq!(
+        status["link_up"], false,
+        "a refused link up changed nothing"
+    );
+    // What the guest sends now is dropped, and counted.
+    let frame = rig.guest_udp(6200, &[1; 20]);
+    rig.nic.send(0, &frame).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while rig.stat(0, "tx_drops") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rig.stat(0, "tx_drops"), 1);
+    assert_eq!(
+        rig.sandnic.log().matches("the TAP device is gone").count(),
+        1,
+        "{}",
+        rig.sandnic.log()
+    );
+}
+
 #[test]
 fn announce_sets_the_status_bit() {
     require_network!("announce_sets_the_status_bit");

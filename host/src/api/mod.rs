@@ -71,6 +71,9 @@ pub enum ApiError {
     /// The handover did not happen; this process serves on.
     #[error("{0}")]
     Handover(#[from] crate::handover::source::HandoverError),
+    /// The TAP device was deleted: the link stays down.
+    #[error("the TAP {0:?} is gone: the link stays down (serve the device on a new TAP)")]
+    TapGone(String),
 }
 
 impl ApiError {
@@ -84,6 +87,7 @@ impl ApiError {
             Self::NoSuchRelease(_) | Self::Component(_) => "component",
             Self::Swap(e) => e.kind(),
             Self::Handover(e) => e.kind(),
+            Self::TapGone(_) => "tap_gone",
         }
     }
 
@@ -129,6 +133,10 @@ fn handle(request: Request, ctx: &mut ApiContext<'_>) -> Result<Value, ApiError>
         Request::Status => Ok(status(ctx)),
         Request::Stats => Ok(stats(ctx)),
         Request::Link { up } => {
+            if up && ctx.backend.tap_is_gone() {
+                let name = ctx.backend.datapath().tap().name().to_string();
+                return Err(ApiError::TapGone(name));
+            }
             ctx.backend.set_link(up)?;
             Ok(json!({ "ok": true, "link_up": up }))
         }
@@ -172,6 +180,7 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
         "tap": b.datapath().tap().name(),
         "queue_pairs": { "max": config.max_queue_pairs, "active": b.active_pairs() },
         "link_up": b.link_up(),
+        "tap_gone": b.tap_is_gone(),
         "features_acked": primary.and_then(|s| s.acked_features).map(|f| sandnic_device::features::names(f & !transport_bits)),
         "protocol_features": primary.map_or(0, |s| s.protocol_features),
         "sessions": sessions,

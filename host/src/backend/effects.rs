@@ -96,15 +96,45 @@ impl NetBackend {
     /// - traffic: frames the guest sends are dropped, and none are
     ///   delivered to it.
     pub fn set_link(&mut self, up: bool) -> Result<(), DeviceError> {
-        let result = self.device.link_changed(up);
-        self.apply_result(result)?;
-        self.settings.link_up = up;
-        self.datapath.set_settings(&self.settings);
+        self.change_link(up)?;
         if let Err(e) = self.datapath.tap().set_carrier(up) {
             warn!("the TAP's carrier stays as it was: {e}");
         }
         info!(up, "link changed");
         Ok(())
+    }
+
+    /// The link bit as the guest and the datapath see it.
+    fn change_link(&mut self, up: bool) -> Result<(), DeviceError> {
+        let result = self.device.link_changed(up);
+        self.apply_result(result)?;
+        self.settings.link_up = up;
+        self.datapath.set_settings(&self.settings);
+        Ok(())
+    }
+
+    /// Called when the datapath's `TapGone` alarm fires: the TAP device was
+    /// deleted under the running device. Said once, at warn level; the
+    /// guest's link goes down (a config change where the frontend passes
+    /// one on), so its stack sees what happened instead of sending into a
+    /// void, and nothing reads the dead queues again. `status` reports it
+    /// (`tap_gone`) and `ctl link up` is refused from then on.
+    pub fn tap_alarm(&mut self) {
+        if !self.datapath.tap_gone().acknowledge() {
+            return;
+        }
+        warn!(
+            tap = %self.datapath.tap().name(),
+            "the TAP device is gone (deleted?): the guest's link is down and what it sends is dropped; serve it on a new TAP (a handover with new_tap, or a restart)"
+        );
+        if let Err(e) = self.change_link(false) {
+            warn!("taking the link down after the TAP went away: {e}");
+        }
+    }
+
+    /// The TAP device was deleted under the running device.
+    pub fn tap_is_gone(&self) -> bool {
+        self.datapath.tap_gone().is_gone()
     }
 
     /// Asks the guest to announce itself (after a migration).

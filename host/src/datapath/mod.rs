@@ -8,6 +8,7 @@
 //! - `rx_filter.rs` — the native receive filter
 //! - `worker.rs` — a datapath thread and its epoll loop
 //! - `notify.rs` — kick/call fds
+//! - `tap_gone.rs` — the alarm raised when the TAP device is deleted
 //! - `stats.rs` — counters
 //! - `testing.rs` — guest RAM, a driver's ring and a fake TAP for the unit
 //!   tests
@@ -16,6 +17,7 @@ pub mod notify;
 pub mod rx;
 pub mod rx_filter;
 pub mod stats;
+pub mod tap_gone;
 pub mod tap_io;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -35,6 +37,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use tap_gone::TapGone;
 use virtio_queue::QueueT;
 use vring::Vring;
 
@@ -160,10 +163,16 @@ pub struct PairShared {
     confined: AtomicBool,
     /// The thread's id once it runs (0 before).
     tid: AtomicI32,
+    /// Shared by every pair: raised when the kernel detached the queues.
+    tap_gone: Arc<TapGone>,
 }
 
 impl PairShared {
-    fn new(index: u16, busy_poll: std::time::Duration) -> std::io::Result<Self> {
+    fn new(
+        index: u16,
+        busy_poll: std::time::Duration,
+        tap_gone: Arc<TapGone>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             index,
             state: Mutex::new(PairState {
@@ -184,6 +193,7 @@ impl PairShared {
             wake: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(std::io::Error::from)?,
             stop: AtomicBool::new(false),
+            tap_gone,
         })
     }
 
@@ -213,6 +223,7 @@ pub struct Datapath<T: TapQueues = Tap> {
     tap: Arc<T>,
     pairs: Vec<Arc<PairShared>>,
     threads: Vec<JoinHandle<()>>,
+    tap_gone: Arc<TapGone>,
 }
 
 /// Which ring of a pair a virtqueue index is.
@@ -228,8 +239,11 @@ impl<T: TapQueues> Datapath<T> {
     /// Only pair 0 is active until the device model enables more; the TAP's
     /// queue attachment is left to `set_active_pairs`.
     pub fn start(tap: Arc<T>, options: DatapathOptions) -> std::io::Result<Self> {
+        let tap_gone = Arc::new(TapGone::new()?);
         let pairs = (0..tap.queue_count())
-            .map(|index| PairShared::new(index as u16, options.busy_poll).map(Arc::new))
+            .map(|index| {
+                PairShared::new(index as u16, options.busy_poll, tap_gone.clone()).map(Arc::new)
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         let n = threads_for(pairs.len(), options.threads);
         let mut threads = Vec::with_capacity(n);
@@ -246,11 +260,18 @@ impl<T: TapQueues> Datapath<T> {
             tap,
             pairs,
             threads,
+            tap_gone,
         })
     }
 
     pub fn tap(&self) -> &Arc<T> {
         &self.tap
+    }
+
+    /// Raised once the kernel has detached the TAP's queues (the device
+    /// was deleted); the control thread watches its fd.
+    pub fn tap_gone(&self) -> &TapGone {
+        &self.tap_gone
     }
 
     /// The ids of the threads that run so far (a handover raises their

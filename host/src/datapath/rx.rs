@@ -153,6 +153,8 @@ pub enum RxOutcome {
     /// Reading the TAP failed, and so did discarding a frame from it: try
     /// again later rather than at once (the TAP may stay readable).
     TapError,
+    /// The kernel detached the queue: the TAP device is gone, for good.
+    TapGone,
 }
 
 /// Moves up to `budget` frames from the TAP into the guest.
@@ -177,6 +179,10 @@ pub fn process_rx(
                 break;
             }
             Err(Errno::EINTR) => continue,
+            Err(Errno::EBADFD) => {
+                outcome = RxOutcome::TapGone;
+                break;
+            }
             Err(_) => {
                 batch.errors += 1;
                 match discard_frame(ctx.tap) {

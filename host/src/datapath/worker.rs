@@ -378,7 +378,7 @@ fn one_batch(
     }
     // RX is tried on every pass (cheap when the ring is empty), so a kick
     // that raced with a drain cannot leave the ring starved for good.
-    let rx_ready = st.active && settings.link_up;
+    let rx_ready = st.active && settings.link_up && !shared.tap_gone.is_gone();
     if let (Some(rx), true) = (st.rx.as_mut(), rx_ready) {
         let ctx = RxContext {
             mem,
@@ -404,11 +404,12 @@ fn one_batch(
                 st.rx_starved = false;
                 tap_failing = true;
             }
+            RxOutcome::TapGone => shared.tap_gone.raise(),
         }
     }
     Pass {
         more: more && !tap_failing,
-        want_tap: st.rx.is_some() && rx_ready && !st.rx_starved,
+        want_tap: st.rx.is_some() && rx_ready && !st.rx_starved && !shared.tap_gone.is_gone(),
         worked,
         tap_failing,
     }

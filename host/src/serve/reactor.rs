@@ -34,6 +34,8 @@ enum Token {
     Signals,
     /// The destination of a handover answered.
     Destination,
+    /// The datapath found the TAP device deleted (`datapath::tap_gone`).
+    TapGone,
     ApiClient(usize),
     Frontend(SessionId),
 }
@@ -51,6 +53,7 @@ impl Token {
             Self::ApiListener => 4,
             Self::Signals => 5,
             Self::Destination => 6,
+            Self::TapGone => 7,
             Self::ApiClient(slot) => API_CLIENT_BASE + slot as u64,
             Self::Frontend(session) => FRONTEND_BASE + session,
         }
@@ -63,6 +66,7 @@ impl Token {
             4 => Self::ApiListener,
             5 => Self::Signals,
             6 => Self::Destination,
+            7 => Self::TapGone,
             r if r >= FRONTEND_BASE => Self::Frontend(r - FRONTEND_BASE),
             r if r >= API_CLIENT_BASE => Self::ApiClient((r - API_CLIENT_BASE) as usize),
             _ => return None,
@@ -140,6 +144,10 @@ impl Server {
             epoll.add(f.stream().as_fd(), Token::Frontend(f.session).event())?;
         }
         epoll.add(self.signals.as_fd(), Token::Signals.event())?;
+        epoll.add(
+            self.backend.datapath().tap_gone().fd(),
+            Token::TapGone.event(),
+        )?;
         if let Some(api) = &self.api_listener {
             epoll.add(api.as_fd(), Token::ApiListener.event())?;
         }
@@ -167,6 +175,7 @@ impl Server {
                     Some(Token::Destination) => destination_answered = true,
                     Some(Token::Frontend(session)) => self.serve_frontend(session, &epoll),
                     Some(Token::CtrlKick) => self.backend.process_ctrl_queue(),
+                    Some(Token::TapGone) => self.backend.tap_alarm(),
                     Some(Token::ApiListener) => self.accept_api(&epoll),
                     Some(Token::ApiClient(slot)) => self.serve_api(slot, &epoll),
                     None => {}
