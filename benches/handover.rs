@@ -61,6 +61,7 @@ fn handovers(new_tap: bool) {
         ns,
         tap_mac,
         dir,
+        ..
     } = rig;
     let spacing = Duration::from_millis(250);
     let duration = spacing * (RUNS as u32 + 2);
@@ -106,6 +107,7 @@ fn busy_handovers() {
         ns,
         tap_mac,
         dir,
+        ..
     } = rig;
     let neighbour = Neighbour::start();
     let spacing = Duration::from_millis(150);

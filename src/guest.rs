@@ -249,6 +249,9 @@ pub struct QemuOptions {
     /// `netns`, where the TAP is.
     pub tap: Option<String>,
     pub netns: Option<String>,
+    /// QEMU listens on the vhost-user socket (`server=on,wait=off`) and
+    /// sandnic dials it (client mode, `serve --connect`).
+    pub server: bool,
 }
 
 pub struct GuestOptions<'a> {
@@ -326,8 +329,12 @@ impl Guest {
                         ));
                     }
                     None => {
+                        let listen = if q.server { ",server=on,wait=off" } else { "" };
                         c.arg("-chardev")
-                            .arg(format!("socket,id=c0,path={}", opts.socket.display()))
+                            .arg(format!(
+                                "socket,id=c0,path={}{listen}",
+                                opts.socket.display()
+                            ))
                             .arg("-netdev")
                             .arg(format!("vhost-user,id=n0,chardev=c0,queues={queues}"));
                     }
@@ -506,9 +513,18 @@ impl GuestRig {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.88.0.1/24")?;
         let dir = ScratchDir::new()?;
-        let mut args = vec!["--tap", "tap0", "--user", crate::harness::UNPRIVILEGED_USER];
+        let mut args = vec!["--tap", "tap0"];
+        // In client mode sandnic dials QEMU's socket, which QEMU (root
+        // here) creates writable by its owner only.
+        if !qemu.server {
+            args.extend(["--user", crate::harness::UNPRIVILEGED_USER]);
+        }
         args.extend_from_slice(serve_args);
-        let sandnic = Sandnic::serve(&ns, &dir, &args)?;
+        let sandnic = if qemu.server {
+            Sandnic::serve_client(&ns, &dir, &dir.path("frontend.sock"), &args)?
+        } else {
+            Sandnic::serve(&ns, &dir, &args)?
+        };
         let hostdir = HostDir(dir.path("share"));
         std::fs::create_dir_all(&hostdir.0)?;
         let script = format!("{STEP_FN}{script}");

@@ -426,6 +426,14 @@ fn serve_command(binary: &Path, ns: &NetNs, log: &Path) -> anyhow::Result<Comman
     Ok(cmd)
 }
 
+/// How a `sandnic serve` reaches its frontend.
+enum Vhost<'a> {
+    /// It listens (`--socket`).
+    Listen,
+    /// It dials the frontend listening there (`--connect`, client mode).
+    Dial(&'a Path),
+}
+
 /// A running `sandnic serve`; stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Sandnic {
     pub child: Child,
@@ -466,13 +474,54 @@ impl Sandnic {
         args: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> anyhow::Result<Self> {
-        let socket = dir.path("vhost.sock");
+        Self::start(binary, ns, dir, Vhost::Listen, args, env)
+    }
+
+    /// `serve` in client mode: dials the frontend listening at `frontend`
+    /// (`--connect`); returns once its API socket is there.
+    pub fn serve_client(
+        ns: &NetNs,
+        dir: &ScratchDir,
+        frontend: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = args.to_vec();
+        if !args.contains(&"--mac") {
+            args.extend(["--mac", "52:54:00:12:34:56"]);
+        }
+        Self::start(
+            &sandnic_binary(),
+            ns,
+            dir,
+            Vhost::Dial(frontend),
+            &args,
+            &[],
+        )
+    }
+
+    fn start(
+        binary: &Path,
+        ns: &NetNs,
+        dir: &ScratchDir,
+        vhost: Vhost<'_>,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let api = dir.path("api.sock");
         let log = dir.path("sandnic.log");
         let mut cmd = serve_command(binary, ns, &log)?;
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--api")
+        let socket = match vhost {
+            Vhost::Listen => {
+                let socket = dir.path("vhost.sock");
+                cmd.arg("--socket").arg(&socket);
+                socket
+            }
+            Vhost::Dial(frontend) => {
+                cmd.arg("--connect").arg(frontend);
+                frontend.to_owned()
+            }
+        };
+        cmd.arg("--api")
             .arg(&api)
             .args(args)
             .envs(env.iter().copied());
@@ -483,8 +532,9 @@ impl Sandnic {
             api,
             log,
         };
+        let listens = matches!(vhost, Vhost::Listen);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(me.socket.exists() && me.api.exists()) {
+        while !((me.socket.exists() || !listens) && me.api.exists()) {
             if let Some(status) = me.child.try_wait()? {
                 bail!("sandnic serve exited with {status}: {}", me.log());
             }
@@ -608,6 +658,8 @@ pub struct Rig {
     pub ns: NetNs,
     pub tap_mac: crate::frames::Mac,
     pub dir: ScratchDir,
+    /// Client mode (`Rig::client_mode`): where the test frontend listens.
+    pub frontend_listener: Option<std::os::unix::net::UnixListener>,
 }
 
 pub const RIG_GUEST_MAC: crate::frames::Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -637,6 +689,40 @@ impl Rig {
         Self::build(serve_args, config, true)
     }
 
+    /// A rig in client mode: sandnic is started first and dials
+    /// `frontend.sock`, where the test frontend starts listening only
+    /// after a while (so sandnic's first dials fail, as they do while a
+    /// VMM starts).
+    pub fn client_mode(config: crate::frontend::NicConfig) -> anyhow::Result<Self> {
+        let (ns, dir) = Self::namespace(true)?;
+        let frontend = dir.path("frontend.sock");
+        let sandnic = Sandnic::serve_client(&ns, &dir, &frontend, &["--tap", "tap0"])?;
+        std::thread::sleep(Duration::from_millis(100));
+        let listener = std::os::unix::net::UnixListener::bind(&frontend)?;
+        let nic = crate::frontend::TestNic::accept(&listener, &config, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", sandnic.log()))?;
+        let tap_mac = ns.mac_of("tap0")?;
+        Ok(Self {
+            nic,
+            sandnic,
+            ns,
+            tap_mac,
+            dir,
+            frontend_listener: Some(listener),
+        })
+    }
+
+    /// The rig's namespace with `tap0` and the guest as its neighbour.
+    fn namespace(steered: bool) -> anyhow::Result<(NetNs, ScratchDir)> {
+        let ns = NetNs::new()?;
+        ns.add_tap("tap0", "10.77.0.1/24")?;
+        ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")?;
+        if steered {
+            crate::steering::steer_by_priority(&ns, "tap0")?;
+        }
+        Ok((ns, ScratchDir::new()?))
+    }
+
     /// A rig whose TAP has no steering program: the kernel picks the queue
     /// of a host frame from the flow's hash (or its flow table). Only for
     /// showing that the hash picks what `steering::natural_queues` says.
@@ -652,13 +738,7 @@ impl Rig {
         config: crate::frontend::NicConfig,
         steered: bool,
     ) -> anyhow::Result<Self> {
-        let ns = NetNs::new()?;
-        ns.add_tap("tap0", "10.77.0.1/24")?;
-        ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")?;
-        if steered {
-            crate::steering::steer_by_priority(&ns, "tap0")?;
-        }
-        let dir = ScratchDir::new()?;
+        let (ns, dir) = Self::namespace(steered)?;
         let mut args = vec!["--tap", "tap0"];
         args.extend_from_slice(serve_args);
         let sandnic = Sandnic::serve(&ns, &dir, &args)?;
@@ -671,6 +751,7 @@ impl Rig {
             ns,
             tap_mac,
             dir,
+            frontend_listener: None,
         })
     }
 

@@ -725,6 +725,7 @@ fn a_frontend_that_disconnects_can_be_replaced() {
         ns,
         tap_mac,
         dir,
+        frontend_listener,
     } = rig();
     drop(nic);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -738,6 +739,7 @@ fn a_frontend_that_disconnects_can_be_replaced() {
         ns,
         tap_mac,
         dir,
+        frontend_listener,
     };
     let sock = host_udp(&rig, 6100);
     assert_pair0_works(&mut rig, &sock, 4);

@@ -229,6 +229,7 @@ fn serve_usage_errors_exit_2_and_leave_nothing_behind() {
         vec!["--api", s],
         vec!["--tap", "x"],
         vec!["--socket", s],
+        vec!["--connect", s],
     ] {
         let mut args = vec!["--incoming", i];
         args.extend(&flag);

@@ -403,3 +403,57 @@ fn notifications_follow_event_idx_and_a_restarted_ring_signals_once() {
     delivered(&rig, 4);
     assert!(!rig.nic.notified(rx), "used_event far ahead: no interrupt");
 }
+
+/// One UDP datagram each way between the rig's guest and `sock`, with
+/// `tag` in it.
+fn one_each_way(rig: &mut Rig, sock: &UdpSocket, tag: u8) {
+    let frame = frames::udp_frame(
+        rig.tap_mac,
+        GUEST_MAC,
+        (GUEST_IP, HOST_IP),
+        (5000, 6000),
+        &[tag; 64],
+    );
+    rig.nic.send(0, &frame).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("guest → host {tag}: {e}\n{}", rig.sandnic.log()));
+    assert_eq!(&buf[..n], &[tag; 64][..]);
+    sock.send_to(&[tag; 80], "10.77.0.2:5000").unwrap();
+    let payload = recv_udp(&mut rig.nic, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("host → guest {tag}\n{}", rig.sandnic.log()));
+    assert_eq!(payload, [tag; 80]);
+}
+
+/// Client mode (`serve --connect`): sandnic dials a frontend that listens,
+/// and keeps dialling while there is none (the rig starts listening only
+/// after sandnic started). When the frontend goes away and a new one
+/// listens on the same path, as a restarted QEMU with `server=on` does,
+/// sandnic dials it and serves it like the first.
+#[test]
+fn client_mode_dials_the_frontend_and_again_when_it_comes_back() {
+    require_network!("client_mode_dials_the_frontend_and_again_when_it_comes_back");
+    let mut rig = Rig::client_mode(NicConfig::default()).expect("rig");
+    let sock = host_udp(&rig.ns, 6000);
+    one_each_way(&mut rig, &sock, 1);
+    assert!(
+        rig.sandnic.log().contains("no frontend listening"),
+        "the first dials failed: {}",
+        rig.sandnic.log()
+    );
+    // The frontend exits; a new one binds the path anew a little later.
+    // (Its listening socket first, as a VMM's exit leaves no listener
+    // behind to take a dial.)
+    let path = rig.dir.path("frontend.sock");
+    drop(rig.frontend_listener.take());
+    std::fs::remove_file(&path).unwrap();
+    rig.nic.hang_up();
+    std::thread::sleep(Duration::from_millis(200));
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    rig.nic = TestNic::accept(&listener, &NicConfig::default(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.sandnic.log()));
+    one_each_way(&mut rig, &sock, 2);
+    assert_eq!(rig.control_stat("frontends_accepted"), 2);
+    assert_eq!(rig.control_stat("disconnects"), 1);
+}

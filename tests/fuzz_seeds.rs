@@ -126,6 +126,7 @@ fn offer_frame() -> Vec<u8> {
         },
         link_up: true,
         socket_paths: vec![],
+        connect: None,
         counters: Default::default(),
         queue_stats: vec![],
     };

@@ -453,6 +453,7 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
             },
             link_up: true,
             socket_paths: vec![],
+            connect: None,
             counters: Default::default(),
             queue_stats: vec![],
         },
@@ -547,4 +548,33 @@ fn a_handover_after_a_swap_needs_no_component_flag() {
         rig.sandnic = destination;
         still_serving(&mut rig);
     }
+}
+
+/// Client mode (`serve --connect`): the handover carries the dialled
+/// connection and the path it was dialled on. The destination serves the
+/// same connection, and when that frontend goes and a new one listens, the
+/// destination dials it.
+#[test]
+fn a_client_mode_handover_serves_on_and_dials_again() {
+    require_network!("a_client_mode_handover_serves_on_and_dials_again");
+    let mut rig = Rig::client_mode(NicConfig::default()).expect("rig");
+    let (destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
+    let reply = rig.sandnic.handover(&path, false).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
+    rig.sandnic = destination;
+    still_serving(&mut rig);
+    let frontend = rig.dir.path("frontend.sock");
+    drop(rig.frontend_listener.take());
+    std::fs::remove_file(&frontend).unwrap();
+    rig.nic.hang_up();
+    std::thread::sleep(Duration::from_millis(100));
+    let listener = UnixListener::bind(&frontend).unwrap();
+    rig.nic = sandnic::frontend::TestNic::accept(
+        &listener,
+        &NicConfig::default(),
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.sandnic.log()));
+    still_serving(&mut rig);
 }

@@ -256,6 +256,7 @@ fn the_standby_takes_over_when_the_first_leaves_running() {
         ns,
         tap_mac,
         dir,
+        frontend_listener,
     } = rig;
     drop(nic);
     // Start only once sandnic has seen the first frontend go: before that
@@ -278,6 +279,7 @@ fn the_standby_takes_over_when_the_first_leaves_running() {
         ns,
         tap_mac,
         dir,
+        frontend_listener,
     };
     let s = wait_sessions(&rig, 1);
     assert_eq!(s[0]["drives"], true, "{s:?}");

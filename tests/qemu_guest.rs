@@ -172,3 +172,52 @@ fn qemu_without_shared_memory_is_called_out() {
         rig.sandnic.log()
     );
 }
+
+/// Client mode with QEMU as the server (`server=on,wait=off`, what
+/// libvirt's `<source mode='server'>` gives): sandnic dials QEMU, and
+/// after a `kill -9` a new sandnic on the same TAP dials QEMU's socket
+/// again; the guest answers again each time.
+#[test]
+fn qemu_client_mode_comes_back_after_sandnic_is_killed() {
+    let test = "qemu_client_mode_comes_back_after_sandnic_is_killed";
+    require_network!(test);
+    if let Some(why) = QemuBuild::Debian.unavailable() {
+        sandnic::harness::skip(test, &why);
+        return;
+    }
+    let script = "ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\necho GUEST-UP\n\
+                  i=0; while [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n";
+    let qemu = QemuOptions {
+        server: true,
+        ..on(QemuBuild::Debian)
+    };
+    let mut rig = GuestRig::boot_with(Kind::Qemu, qemu, &[], script).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.guest.console().contains("GUEST-UP") {
+        assert!(Instant::now() < deadline, "{}", rig.guest.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(host_pings_guest(&rig.ns), "{}", rig.sandnic.log());
+    let frontend = rig.dir.path("frontend.sock");
+    let mut dirs = Vec::new();
+    for round in 0..2 {
+        rig.sandnic.child.kill().unwrap();
+        rig.sandnic.child.wait().unwrap();
+        let dir = sandnic::harness::ScratchDir::new().unwrap();
+        rig.sandnic =
+            sandnic::harness::Sandnic::serve_client(&rig.ns, &dir, &frontend, &["--tap", "tap0"])
+                .unwrap();
+        dirs.push(dir);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !host_pings_guest(&rig.ns) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no answer\n{}\n{}",
+                rig.sandnic.log(),
+                rig.guest.console()
+            );
+        }
+        let stats = rig.sandnic.stats().unwrap();
+        assert_eq!(stats["control"]["frontends_accepted"], 1, "{stats}");
+    }
+}

@@ -37,6 +37,11 @@ pub enum Command {
         /// (opened by a manager such as libvirt).
         #[arg(long, conflicts_with = "socket")]
         socket_fd: Option<i32>,
+        /// Client mode: dial the frontend listening here (QEMU
+        /// `-chardev socket,path=PATH,server=on,wait=off`) instead of
+        /// listening, and dial again whenever the connection drops.
+        #[arg(long, conflicts_with_all = ["socket", "socket_fd"])]
+        connect: Option<PathBuf>,
         /// An existing TAP device to attach to (one queue per queue pair).
         #[arg(long, conflicts_with = "tap_fd")]
         tap: Option<String>,
@@ -187,6 +192,7 @@ pub fn main() -> ExitCode {
         Command::Serve {
             socket,
             socket_fd,
+            connect,
             api_fd,
             tap,
             tap_fd,
@@ -206,6 +212,7 @@ pub fn main() -> ExitCode {
                 let device_flags = [
                     ("--socket", socket.is_some()),
                     ("--socket-fd", socket_fd.is_some()),
+                    ("--connect", connect.is_some()),
                     ("--tap", tap.is_some()),
                     ("--tap-fd", !tap_fd.is_empty()),
                     ("--mac", mac.is_some()),
@@ -230,6 +237,7 @@ pub fn main() -> ExitCode {
             };
             let opts = ServeOptions {
                 socket,
+                connect,
                 socket_fd,
                 api_fd,
                 tap,

@@ -245,6 +245,42 @@ impl TestNic {
         Self::connect_standby(socket, config)?.start()
     }
 
+    /// Waits on `listener` for the backend to dial in (client mode, as a
+    /// QEMU with `server=on` does) and sets up every queue.
+    pub fn accept(
+        listener: &std::os::unix::net::UnixListener,
+        config: &NicConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        bail!("no backend dialled in within {timeout:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        Standby::negotiate(
+            Frontend::from_stream(stream, 2 * u64::from(config.pairs) + 1),
+            config,
+        )?
+        .start()
+    }
+
+    /// Hangs up the connection, as a frontend that exits does.
+    pub fn hang_up(&self) {
+        // SAFETY: the fd is this frontend's open connection; shutdown does
+        // not close it (it is closed when the frontend is dropped).
+        unsafe { libc::shutdown(self.socket_fd(), libc::SHUT_RDWR) };
+    }
+
     /// Connects and negotiates only, as a migration's destination VMM does
     /// at its start; `Standby::start` sets up memory and queues later.
     pub fn connect_standby(socket: &Path, config: &NicConfig) -> anyhow::Result<Standby> {

@@ -75,6 +75,10 @@ pub struct HostState {
     pub link_up: bool,
     /// Socket files the destination takes over (and removes when done).
     pub socket_paths: Vec<PathBuf>,
+    /// Client mode: the frontend's socket, which the destination dials
+    /// when the connection drops (absent from older releases: none).
+    #[serde(default)]
+    pub connect: Option<PathBuf>,
     /// The counters so far, so that `stats` goes on counting in the new
     /// process (absent from older releases: counting then starts anew).
     #[serde(default)]
@@ -176,6 +180,7 @@ impl NetBackend {
             },
             link_up: self.settings.link_up,
             socket_paths: Vec::new(),
+            connect: None,
             counters: self.counters.clone(),
             queue_stats: self.datapath.stats(),
         };

@@ -38,6 +38,8 @@ pub struct Incoming {
     pub listener: Option<UnixListener>,
     pub api_listener: Option<UnixListener>,
     pub socket_paths: Vec<PathBuf>,
+    /// Client mode: the frontend's socket to dial.
+    pub connect: Option<PathBuf>,
     /// Kept open until the caller has resumed the datapath and reported it.
     pub source: UnixStream,
     pub stopped_at_ns: u64,
@@ -213,6 +215,7 @@ pub fn receive(
         listener: listener(fds.remove(&FdRole::Listener)),
         api_listener: listener(fds.remove(&FdRole::ApiListener)),
         socket_paths: commit.host.socket_paths.clone(),
+        connect: commit.host.connect.clone(),
         source: sock,
         stopped_at_ns: commit.stopped_at_ns,
         marks,

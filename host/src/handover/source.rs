@@ -106,7 +106,9 @@ fn unexpected(reply: Reply) -> HandoverError {
 /// The listening sockets and the connection that go with the device.
 pub struct Sockets {
     pub connection: Option<RawFd>,
-    pub listener: RawFd,
+    /// None in client mode, where `connect` names the frontend's socket.
+    pub listener: Option<RawFd>,
+    pub connect: Option<PathBuf>,
     pub api_listener: Option<RawFd>,
     /// Their paths, for the destination to clean up at the end.
     pub paths: Vec<PathBuf>,
@@ -296,10 +298,13 @@ fn collect(
 ) -> (HostState, Vec<(FdRole, RawFd)>) {
     let (mut host, mut fds) = backend.export(!new_tap);
     host.socket_paths = sockets.paths;
+    host.connect = sockets.connect;
     if let Some(conn) = sockets.connection {
         fds.insert(0, (FdRole::Connection, conn));
     }
-    fds.push((FdRole::Listener, sockets.listener));
+    if let Some(listener) = sockets.listener {
+        fds.push((FdRole::Listener, listener));
+    }
     if let Some(api) = sockets.api_listener {
         fds.push((FdRole::ApiListener, api));
     }

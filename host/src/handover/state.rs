@@ -286,6 +286,7 @@ mod tests {
             },
             link_up: true,
             socket_paths: vec![],
+            connect: None,
             counters: Default::default(),
             queue_stats: vec![],
         };

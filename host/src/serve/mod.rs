@@ -3,6 +3,7 @@
 //! thread, and run the reactor (`reactor.rs`) until a signal or a handover
 //! (`handover_driver.rs`) ends it.
 
+mod dialer;
 mod handover_driver;
 mod reactor;
 mod setup;
@@ -30,6 +31,8 @@ pub enum TapSource {
 pub struct ServeOptions {
     /// The vhost-user socket (not with `incoming`: it comes with the device).
     pub socket: Option<PathBuf>,
+    /// Client mode: dial the frontend listening here instead (`dialer.rs`).
+    pub connect: Option<PathBuf>,
     /// Inherited listening sockets (`--socket-fd`, `--api-fd`); systemd's
     /// socket activation needs no option.
     pub socket_fd: Option<RawFd>,

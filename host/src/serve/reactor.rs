@@ -3,6 +3,7 @@
 //! API's listener and clients, the signals, and a handover's destination.
 //! Each event goes to its owner; the reactor only routes.
 
+use super::dialer::Dialer;
 use super::handover_driver::{Ended, HandoverDriver};
 use super::setup::{Serving, SocketFiles};
 use crate::api::{self, ApiClient, ApiContext};
@@ -14,7 +15,7 @@ use crate::vhost_user::connection::{FrontendConnection, SessionId};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signalfd::SignalFd;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -82,6 +83,8 @@ pub struct Server {
     backend: NetBackend,
     runtime: Arc<Runtime>,
     listener: Option<UnixListener>,
+    /// Client mode: sandnic dials the frontend instead of listening.
+    dialer: Option<Dialer>,
     api_listener: Option<UnixListener>,
     signals: SignalFd,
     /// At most two: a running VMM and, during a local migration, its
@@ -101,16 +104,19 @@ impl Server {
             listener,
             api_listener,
             connection,
+            connect,
             socket_files,
         } = serving;
-        let frontends = connection
+        let frontends: Vec<_> = connection
             .and_then(|stream| FrontendConnection::new(backend.connect()?, stream).ok())
             .into_iter()
             .collect();
+        let dialer = connect.map(|path| Dialer::new(path, !frontends.is_empty()));
         Self {
             backend,
             runtime,
             listener,
+            dialer,
             api_listener,
             signals,
             frontends,
@@ -158,6 +164,7 @@ impl Server {
             // command the driver sends before anything else wakes this loop
             // would otherwise wait unseen (Linux spins on it holding RTNL).
             self.sync_ctrl_kick(&epoll);
+            self.dial_frontend(&epoll);
             let setup_due = self.backend.check_setup(Instant::now());
             let n = match epoll.wait(&mut events, self.wait_timeout(setup_due)) {
                 Ok(n) => n,
@@ -194,11 +201,14 @@ impl Server {
         }
     }
 
-    /// Sleep until an event, a handover's destination is out of time, or a
-    /// session's setup is due to be judged (`setup_due`).
+    /// Sleep until an event, a handover's destination is out of time, a
+    /// session's setup is due to be judged (`setup_due`), or (client mode)
+    /// the next dial is due.
     fn wait_timeout(&self, setup_due: Option<Instant>) -> EpollTimeout {
-        let setup = setup_due.map(|due| due.saturating_duration_since(Instant::now()));
-        match [self.handover.time_left(), setup]
+        let now = Instant::now();
+        let until = |due: Instant| due.saturating_duration_since(now);
+        let dial = self.dialer.as_ref().and_then(Dialer::due).map(until);
+        match [self.handover.time_left(), setup_due.map(until), dial]
             .into_iter()
             .flatten()
             .min()
@@ -215,9 +225,13 @@ impl Server {
     /// The connection and listeners that travel with the device.
     fn sockets(&self) -> Option<source::Sockets> {
         use std::os::fd::AsRawFd;
+        if self.listener.is_none() && self.dialer.is_none() {
+            return None;
+        }
         Some(source::Sockets {
             connection: self.frontends.first().map(|f| f.stream().as_raw_fd()),
-            listener: self.listener.as_ref()?.as_raw_fd(),
+            listener: self.listener.as_ref().map(|l| l.as_raw_fd()),
+            connect: self.dialer.as_ref().map(|d| d.path().to_owned()),
             api_listener: self.api_listener.as_ref().map(|l| l.as_raw_fd()),
             paths: self.socket_files.0.clone(),
         })
@@ -253,16 +267,39 @@ impl Server {
         let Some(listener) = &self.listener else {
             return;
         };
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!("accept: {e}");
-                return;
+        match listener.accept() {
+            Ok((stream, _)) => {
+                self.adopt_frontend(stream, epoll);
             }
+            Err(e) => warn!("accept: {e}"),
+        }
+    }
+
+    /// Client mode: dials the frontend if no connection is up and a dial
+    /// is due.
+    fn dial_frontend(&mut self, epoll: &Epoll) {
+        if !self.frontends.is_empty() {
+            return;
+        }
+        let Some(dialer) = &mut self.dialer else {
+            return;
         };
+        let Some(stream) = dialer.dial(Instant::now()) else {
+            return;
+        };
+        if !self.adopt_frontend(stream, epoll) {
+            if let Some(dialer) = &mut self.dialer {
+                dialer.connection_lost();
+            }
+        }
+    }
+
+    /// Serves a new frontend connection (accepted or dialled); false if it
+    /// could not be.
+    fn adopt_frontend(&mut self, stream: UnixStream, epoll: &Epoll) -> bool {
         let Some(session) = self.backend.connect() else {
             warn!("two frontends are connected already; refusing a third");
-            return;
+            return false;
         };
         self.backend.counters.frontends_accepted += 1;
         let connection = match FrontendConnection::new(session, stream) {
@@ -270,7 +307,7 @@ impl Server {
             Err(e) => {
                 warn!(session, "setting up the frontend connection: {e}");
                 self.backend.disconnected(session);
-                return;
+                return false;
             }
         };
         if let Err(e) = epoll.add(
@@ -279,7 +316,7 @@ impl Server {
         ) {
             warn!(session, "watching the frontend connection: {e}");
             self.backend.disconnected(session);
-            return;
+            return false;
         }
         let role = if self.frontends.is_empty() {
             "frontend"
@@ -288,6 +325,7 @@ impl Server {
         };
         info!(session, "{role} connected");
         self.frontends.push(connection);
+        true
     }
 
     /// Serves the message waiting on frontend `session`'s connection, and
@@ -301,6 +339,9 @@ impl Server {
             connection.log_close(&why);
             let _ = epoll.delete(connection.stream().as_fd());
             self.backend.disconnected(session);
+            if let (true, Some(dialer)) = (self.frontends.is_empty(), &mut self.dialer) {
+                dialer.connection_lost();
+            }
         }
     }
 

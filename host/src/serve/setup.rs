@@ -25,6 +25,8 @@ pub struct Serving {
     pub api_listener: Option<UnixListener>,
     /// The frontend's connection, when it came with a handover.
     pub connection: Option<UnixStream>,
+    /// Client mode: where the frontend listens (sandnic dials it).
+    pub connect: Option<PathBuf>,
     pub socket_files: SocketFiles,
 }
 
@@ -66,6 +68,7 @@ pub fn incoming(
         api_listener: incoming.api_listener.take(),
         listener: incoming.listener.take(),
         connection: incoming.connection.take(),
+        connect: incoming.connect.take(),
         socket_files: SocketFiles(std::mem::take(&mut incoming.socket_paths)),
         backend: incoming.backend,
     }))
@@ -88,8 +91,14 @@ pub fn fresh(
     if opts.tap.is_none() {
         missing.push("--tap NAME (or --tap-fd FD)");
     }
-    if inherited.vhost_user.is_none() && opts.socket.is_none() {
-        missing.push("--socket PATH (or --socket-fd FD, or a socket-activated vhost-user socket)");
+    let listens = inherited.vhost_user.is_some() || opts.socket.is_some();
+    if listens && opts.connect.is_some() {
+        return Err(usage(
+            "--connect dials the frontend: it cannot be used with a vhost-user socket to listen on (--socket, --socket-fd or a socket-activated one)".into(),
+        ));
+    }
+    if !listens && opts.connect.is_none() {
+        missing.push("--socket PATH (or --socket-fd FD, a socket-activated vhost-user socket, or --connect PATH)");
     }
     if !missing.is_empty() {
         return Err(usage(format!(
@@ -119,8 +128,7 @@ pub fn fresh(
         unix_socket::bind_unix,
         &mut files,
     )
-    .map_err(|e| usage(e.to_string()))?
-    .ok_or_else(|| usage("no vhost-user socket".into()))?;
+    .map_err(|e| usage(e.to_string()))?;
     let api_listener = inherited_or_bound(
         inherited.api,
         opts.api.as_ref(),
@@ -131,10 +139,12 @@ pub fn fresh(
     .map_err(|e| usage(e.to_string()))?;
     let backend =
         NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
-    let socket_name = opts
-        .socket
-        .as_ref()
-        .map_or_else(|| listener_name(&listener), |p| p.display().to_string());
+    let socket_name = match (&opts.connect, &opts.socket, &listener) {
+        (Some(path), _, _) => format!("dialling {}", path.display()),
+        (None, Some(path), _) => path.display().to_string(),
+        (None, None, Some(listener)) => listener_name(listener),
+        (None, None, None) => unreachable!("checked above: a socket or --connect"),
+    };
     info!(
         socket = %socket_name,
         tap = tap.name(),
@@ -146,9 +156,10 @@ pub fn fresh(
     );
     Ok(Serving {
         backend,
-        listener: Some(listener),
+        listener,
         api_listener,
         connection: None,
+        connect: opts.connect.clone(),
         socket_files: files,
     })
 }
