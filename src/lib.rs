@@ -11,6 +11,7 @@ pub mod harness;
 pub mod migration;
 pub mod ping;
 pub mod qmp;
+pub mod service_manager;
 pub mod soak;
 pub mod steering;
 pub mod traffic;

@@ -96,6 +96,12 @@ pub enum Command {
         /// the process with a report), log (the kernel logs it), off.
         #[arg(long, default_value = "trap")]
         seccomp: Mode,
+        /// Keep the device's fds in the service manager's fd store, which
+        /// holds N (`FileDescriptorStoreMax=`), so that a sandnic restarted
+        /// after a crash picks the device up with no disconnect. systemd
+        /// 254 and later pass N in $FDSTORE, which needs no flag.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        fd_store: Option<u64>,
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
@@ -207,6 +213,7 @@ pub fn main() -> ExitCode {
             datapath_threads,
             user,
             seccomp,
+            fd_store,
         } => {
             if incoming.is_some() {
                 let device_flags = [
@@ -255,6 +262,7 @@ pub fn main() -> ExitCode {
                 },
                 user,
                 seccomp,
+                fd_store: fd_store.map(|n| n as usize),
             };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -62,6 +62,34 @@ pub fn recv(
     Ok(msg.bytes)
 }
 
+/// Sends one datagram, `bytes` with `fds` attached, from the unbound
+/// datagram socket `sock` to `to` (the service manager's notify socket).
+pub fn send_datagram(
+    sock: BorrowedFd<'_>,
+    to: &UnixAddr,
+    bytes: &[u8],
+    fds: &[RawFd],
+) -> Result<(), Errno> {
+    let iov = [IoSlice::new(bytes)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(fds)]
+    };
+    loop {
+        match sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(to),
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
 /// Sends all of `parts` (one message, gathered), with `fds` attached to its
 /// first bytes. A stream socket may take part of a message; the rest goes
 /// plainly.

@@ -297,6 +297,26 @@ impl NetBackend {
         self.datapath.set_settings(&self.settings);
     }
 
+    /// After the process that served the device died (`serve::restart`):
+    /// every ring goes on from the used index in the guest's memory, as a
+    /// frontend restores a ring whose backend is gone. Chains the dead
+    /// process took but never completed are taken again: a TX frame is sent
+    /// a second time (at most a batch of them), an RX buffer is filled as
+    /// if new.
+    pub fn rebase_on_used_index(&mut self) {
+        let session = self.adopted();
+        let Some(memory) = session.memory.clone() else {
+            return;
+        };
+        for (q, setup) in session.vrings.iter_mut().enumerate() {
+            let Some(addrs) = setup.addrs else { continue };
+            match addrs.used_index(&memory) {
+                Some(used) => setup.base = used,
+                None => tracing::warn!(queue = q, "the used ring is outside guest memory"),
+            }
+        }
+    }
+
     /// Touches every page of every ring once, so that the first pass over a
     /// ring after the pause takes no page fault on the fresh mapping.
     fn prefault_rings(&self) {

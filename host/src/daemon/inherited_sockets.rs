@@ -14,6 +14,10 @@ use std::os::unix::net::UnixListener;
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_SYSTEMD_FD: RawFd = 3;
 
+/// Most fds accepted from the service manager: the sockets and a stored
+/// device (`fd_store::fds_needed` for 64 pairs is 600).
+const MAX_INHERITED: RawFd = 1024;
+
 /// The `FileDescriptorName=` of the vhost-user socket unit.
 pub const VHOST_USER_NAME: &str = "vhost-user";
 /// The `FileDescriptorName=` of the API socket unit.
@@ -50,6 +54,9 @@ pub enum InheritError {
 pub struct InheritedSockets {
     pub vhost_user: Option<UnixListener>,
     pub api: Option<UnixListener>,
+    /// Fds a previous sandnic put in the service manager's store
+    /// (`daemon::fd_store`), by name: its device, for `serve::restart`.
+    pub stored: Vec<(String, OwnedFd)>,
 }
 
 /// Collects the sockets of `--socket-fd` / `--api-fd` and of systemd socket
@@ -76,12 +83,20 @@ pub fn take(
     {
         return Err(InheritError::Claimed(fd));
     }
-    let sockets = InheritedSockets {
+    let mut sockets = InheritedSockets {
         vhost_user: pick(socket_fd, VHOST_USER_NAME)?,
         api: pick(api_fd, API_NAME)?,
+        stored: Vec::new(),
     };
-    if let Some(name) = named.into_keys().next() {
-        return Err(InheritError::UnknownName(name));
+    for (name, fd) in named {
+        if !name.starts_with(super::fd_store::NAME_PREFIX) {
+            return Err(InheritError::UnknownName(name));
+        }
+        // SAFETY: the service manager passed this fd for sandnic (under a
+        // name sandnic stored it with); it is taken once, here.
+        sockets
+            .stored
+            .push((name, unsafe { OwnedFd::from_raw_fd(fd) }));
     }
     Ok(sockets)
 }
@@ -106,7 +121,7 @@ fn systemd_fds() -> Result<HashMap<String, RawFd>, InheritError> {
     let count: RawFd = count
         .parse()
         .ok()
-        .filter(|n| (1..=16).contains(n))
+        .filter(|n| (1..=MAX_INHERITED).contains(n))
         .ok_or(InheritError::Count(count))?;
     let names: Vec<String> = match names {
         Some(names) => names.split(':').map(str::to_string).collect(),

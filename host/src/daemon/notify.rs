@@ -5,6 +5,8 @@
 //! `MAINPID=` itself, so that systemd (`NotifyAccess=all`) follows the
 //! device to it and the old process's exit does not end the service.
 
+use nix::sys::socket::UnixAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// `$NOTIFY_SOCKET` names no socket this process can send to.
@@ -20,6 +22,8 @@ pub struct NotifySocketError {
 pub struct Notifier {
     socket: UnixDatagram,
     target: SocketAddr,
+    /// The same address for `sendmsg` (fds attached: the fd store).
+    target_addr: UnixAddr,
 }
 
 impl Notifier {
@@ -36,15 +40,26 @@ impl Notifier {
             error,
         };
         let bytes = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str());
-        let target = match bytes.strip_prefix(b"@") {
+        let errno = |e: nix::errno::Errno| std::io::Error::from(e);
+        let (target, target_addr) = match bytes.strip_prefix(b"@") {
             Some(name) => {
                 use std::os::linux::net::SocketAddrExt;
-                SocketAddr::from_abstract_name(name).map_err(bad)?
+                (
+                    SocketAddr::from_abstract_name(name).map_err(bad)?,
+                    UnixAddr::new_abstract(name).map_err(|e| bad(errno(e)))?,
+                )
             }
-            None => SocketAddr::from_pathname(&value).map_err(bad)?,
+            None => (
+                SocketAddr::from_pathname(&value).map_err(bad)?,
+                UnixAddr::new(std::path::Path::new(&value)).map_err(|e| bad(errno(e)))?,
+            ),
         };
         let socket = UnixDatagram::unbound().map_err(bad)?;
-        Ok(Some(Self { socket, target }))
+        Ok(Some(Self {
+            socket,
+            target,
+            target_addr,
+        }))
     }
 
     /// Serving: this process is the service's main process.
@@ -58,6 +73,36 @@ impl Notifier {
     /// Shutting down on a signal.
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=shutting down");
+    }
+
+    /// Puts `fd` in the service manager's fd store under `name`
+    /// (`FDSTORE=1`); `poll: false` asks it not to drop the fd when it
+    /// reports POLLHUP or POLLERR (`FDPOLL=0`: a detached TAP queue does).
+    /// The manager answers nothing, whether it kept the fd or not.
+    pub fn store_fd(&self, name: &str, fd: BorrowedFd<'_>, poll: bool) -> nix::Result<()> {
+        let message = format!(
+            "FDSTORE=1\nFDNAME={name}{}",
+            if poll { "" } else { "\nFDPOLL=0" }
+        );
+        use std::os::fd::AsRawFd;
+        crate::fd_passing::send_datagram(
+            self.socket.as_fd(),
+            &self.target_addr,
+            message.as_bytes(),
+            &[fd.as_raw_fd()],
+        )
+    }
+
+    /// Takes the fds stored under `name` out of the store (`FDSTOREREMOVE`):
+    /// the manager closes its copies.
+    pub fn remove_fds(&self, name: &str) -> nix::Result<()> {
+        let message = format!("FDSTOREREMOVE=1\nFDNAME={name}");
+        crate::fd_passing::send_datagram(
+            self.socket.as_fd(),
+            &self.target_addr,
+            message.as_bytes(),
+            &[],
+        )
     }
 
     /// A lost notification is logged, never fatal: the device serves the

@@ -61,6 +61,14 @@ impl RingAddrs {
             ),
         ]
     }
+
+    /// The used ring's index as the guest's memory holds it: how many
+    /// chains the device has completed, all published. None if the ring
+    /// lies outside `mem`.
+    pub fn used_index(&self, mem: &GuestMemory) -> Option<u16> {
+        let gpa = mem.va_to_gpa(self.used + 2, 2)?;
+        mem.mmap().read_obj::<u16>(gpa).ok().map(u16::from_le)
+    }
 }
 
 /// What the frontend configured for one virtqueue.

@@ -223,6 +223,34 @@ pub fn receive(
     })
 }
 
+/// Rebuilds a device from what a process that died left in the service
+/// manager's store (`serve::restart`): the same steps as a handover's
+/// destination, with the offer and the device state from the state record
+/// and the fds from the store. The rings keep the positions of the offer,
+/// which the caller moves to where the guest's memory says.
+pub fn rebuild(
+    offer: &Offer,
+    device_state: &[u8],
+    fds: &mut HashMap<FdRole, OwnedFd>,
+    runtime: Arc<Runtime>,
+    component: Option<Arc<DeviceComponent>>,
+    options: DatapathOptions,
+) -> Result<NetBackend, Refusal> {
+    state::validate(offer, false)?;
+    let component = match component {
+        Some(component) => component,
+        None => component_for(offer, &runtime)?,
+    };
+    let prepared = Prepared::build(offer, fds, runtime, component, false, options)?;
+    let commit = Commit {
+        stopped_at_ns: 0,
+        host: offer.host.clone(),
+        device_state: device_state.to_vec(),
+        fds: Vec::new(),
+    };
+    prepared.finish(&commit, fds, false, &mut DestinationMarks::default())
+}
+
 /// The component a destination runs when `--component` names none:
 ///
 /// - the one the source runs, when that is not built into sandnic (it was

@@ -142,21 +142,7 @@ pub fn offer(
     // The device's memory and TAP go only to a process of our own user.
     crate::hardening::peer::same_user(&sock).map_err(HandoverError::Peer)?;
     let offered_ns = monotonic_ns();
-    let (host, fds) = collect(backend, sockets, new_tap);
-    let offer = Offer {
-        magic: stream::MAGIC.into(),
-        version: stream::VERSION,
-        source_component: backend.device().info().clone(),
-        component_wasm: backend
-            .device()
-            .component()
-            .wasm
-            .as_deref()
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default(),
-        host,
-        fds: fds.iter().map(|(role, _)| *role).collect(),
-    };
+    let (offer, fds) = describe_device(backend, sockets, new_tap);
     stream::send(&sock, &offer)?;
     let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
     stream::send_fds(&sock, &raw)?;
@@ -288,6 +274,32 @@ impl Pending {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// The device as an offer describes it (host state, component, the roles
+/// of its fds), and those fds: what a handover sends, and what the fd
+/// store keeps (`daemon::fd_store`).
+pub fn describe_device(
+    backend: &NetBackend,
+    sockets: Sockets,
+    new_tap: bool,
+) -> (Offer, Vec<(FdRole, RawFd)>) {
+    let (host, fds) = collect(backend, sockets, new_tap);
+    let offer = Offer {
+        magic: stream::MAGIC.into(),
+        version: stream::VERSION,
+        source_component: backend.device().info().clone(),
+        component_wasm: backend
+            .device()
+            .component()
+            .wasm
+            .as_deref()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+        host,
+        fds: fds.iter().map(|(role, _)| *role).collect(),
+    };
+    (offer, fds)
 }
 
 /// The host state and every fd that carries the device, sockets included.

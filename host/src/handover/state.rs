@@ -19,7 +19,7 @@ pub use crate::backend::handover::{FdRole, HostState, TapState, VringState};
 /// The first frame of a handover, sent while the source's device still
 /// runs: everything that does not change when the device stops, so the
 /// destination can build its device before the pause. Its fds follow.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offer {
     pub magic: String,
     pub version: u32,
@@ -227,7 +227,7 @@ fn validate_manifest(h: &HostState, fds: &[FdRole], new_tap: bool) -> Result<(),
 }
 
 /// `Vec<u8>` as a msgpack binary rather than an array of integers.
-mod serde_bytes_compat {
+pub(crate) mod serde_bytes_compat {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -250,13 +250,13 @@ mod serde_bytes_compat {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::memory::guest_memory::RegionInfo;
     use sandnic_device::{Compat, DeviceConfig, Offloads};
 
     /// A one-pair device with one memory region, offered with every fd.
-    fn offer() -> Offer {
+    pub(crate) fn offer() -> Offer {
         let ring = VringState {
             num: 256,
             addrs: None,

@@ -182,6 +182,15 @@ fn control(rules: &mut Rules) {
             libc::SYS_sched_getaffinity,
         ],
     );
+    // The fd store's state record is written in place; an fd about to be
+    // stored is compared with those stored (kcmp KCMP_FILE, nothing else
+    // kcmp can tell: the manager merges the same open file).
+    allow(rules, &[libc::SYS_pwrite64]);
+    allow_if(
+        rules,
+        libc::SYS_kcmp,
+        vec![eq(2, 0, SeccompCmpArgLen::Dword)],
+    );
     // Signals: SIGINT/SIGTERM arrive on a signalfd; the sandbox's trap
     // handlers (installed at start) run and return.
     allow(rules, &[libc::SYS_rt_sigaction, libc::SYS_tgkill]);

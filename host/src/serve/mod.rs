@@ -6,8 +6,10 @@
 mod dialer;
 mod handover_driver;
 mod reactor;
+mod restart;
 mod setup;
 
+use crate::daemon::fd_store::{self, FdStore};
 use crate::daemon::notify::Notifier;
 use crate::datapath::DatapathOptions;
 use crate::hardening::allowlists::Role;
@@ -53,6 +55,10 @@ pub struct ServeOptions {
     pub datapath: DatapathOptions,
     /// Become this user once everything that needs root is open.
     pub user: Option<Target>,
+    /// `FileDescriptorStoreMax=` for a systemd that does not pass it in
+    /// `$FDSTORE` (before 254): keep the device's fds in the service
+    /// manager's store (`daemon::fd_store`).
+    pub fd_store: Option<usize>,
     pub seccomp: Mode,
 }
 
@@ -68,7 +74,15 @@ pub enum ServeError {
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let usage = |e: String| ServeError::Usage(e);
     seccomp::install_violation_reporter();
-    let notifier = Notifier::from_env().map_err(|e| usage(e.to_string()))?;
+    let notifier = Notifier::from_env()
+        .map_err(|e| usage(e.to_string()))?
+        .map(Arc::new);
+    let store_limit = fd_store::limit_from_env(opts.fd_store);
+    if store_limit > 0 && notifier.is_none() {
+        return Err(usage(
+            "--fd-store (or $FDSTORE) needs a service manager's NOTIFY_SOCKET".into(),
+        ));
+    }
     let signals = setup::block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))
         .map_err(ServeError::Runtime)?;
@@ -76,6 +90,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         Some(source) => Some(runtime.load(source).map_err(|e| usage(format!("{e:#}")))?),
         None => None,
     };
+    let mut store = None;
     let serving = match &opts.incoming {
         Some(path) => match setup::incoming(&opts, path, runtime.clone(), component, &signals)? {
             Some(serving) => serving,
@@ -85,18 +100,45 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         },
         None => {
-            let component = match component {
-                Some(component) => component,
-                None => runtime
-                    .load(&ComponentSource::Builtin)
-                    .map_err(ServeError::Runtime)?,
+            let mut inherited = setup::inherited(&opts)?;
+            let stored = std::mem::take(&mut inherited.stored);
+            let picked_up = match &notifier {
+                Some(notifier) if !stored.is_empty() => restart::pick_up(
+                    &opts,
+                    runtime.clone(),
+                    component.clone(),
+                    stored,
+                    notifier,
+                    store_limit,
+                ),
+                _ => restart::PickedUp::Nothing,
             };
-            let serving = setup::fresh(&opts, runtime.clone(), component)?;
+            let serving = match picked_up {
+                restart::PickedUp::Device(serving, adopted) => {
+                    store = Some(adopted);
+                    serving
+                }
+                restart::PickedUp::Nothing => {
+                    let component = match component {
+                        Some(component) => component,
+                        None => runtime
+                            .load(&ComponentSource::Builtin)
+                            .map_err(ServeError::Runtime)?,
+                    };
+                    setup::fresh(&opts, runtime.clone(), component, inherited)?
+                }
+            };
             drop_privileges(&opts)?;
             serving
         }
     };
-    let mut server = Server::new(serving, runtime, signals);
+    if let (None, Some(notifier), true) = (&store, &notifier, store_limit > 0) {
+        store = Some(
+            FdStore::create(notifier.clone(), store_limit)
+                .map_err(|e| ServeError::Runtime(e.into()))?,
+        );
+    }
+    let mut server = Server::new(serving, runtime, signals, store);
     confine(&opts, &server).map_err(ServeError::Runtime)?;
     if let Some(notifier) = &notifier {
         notifier.ready();
@@ -107,12 +149,15 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 notifier.stopping();
             }
             let rings = server.stop_for_exit();
+            server.empty_store();
             info!(rings, "rings stopped, used entries published; exiting");
             Ok(())
         }
         Exit::HandedOver => {
-            // The destination owns the sockets (and their files) now.
+            // The destination owns the sockets (and their files) now, and
+            // stores the device's fds itself.
             server.forget_socket_files();
+            server.empty_store();
             Ok(())
         }
     }

@@ -8,6 +8,7 @@ use super::handover_driver::{Ended, HandoverDriver};
 use super::setup::{Serving, SocketFiles};
 use crate::api::{self, ApiClient, ApiContext};
 use crate::backend::NetBackend;
+use crate::daemon::fd_store::FdStore;
 use crate::datapath::Datapath;
 use crate::handover::source;
 use crate::sandbox::Runtime;
@@ -95,10 +96,17 @@ pub struct Server {
     ctrl_kick: Option<Arc<OwnedFd>>,
     socket_files: SocketFiles,
     handover: HandoverDriver,
+    /// The service manager's fd store, kept current (`daemon::fd_store`).
+    store: Option<FdStore>,
 }
 
 impl Server {
-    pub fn new(serving: Serving, runtime: Arc<Runtime>, signals: SignalFd) -> Self {
+    pub fn new(
+        serving: Serving,
+        runtime: Arc<Runtime>,
+        signals: SignalFd,
+        store: Option<FdStore>,
+    ) -> Self {
         let Serving {
             mut backend,
             listener,
@@ -124,6 +132,44 @@ impl Server {
             ctrl_kick: None,
             socket_files,
             handover: HandoverDriver::default(),
+            store,
+        }
+    }
+
+    /// Takes everything this process stored out of the service manager's
+    /// store: the device is closed or went to another process.
+    pub fn empty_store(&mut self) {
+        if let Some(store) = &mut self.store {
+            store.empty();
+        }
+    }
+
+    /// Brings the fd store and its record in line with the device: after
+    /// every event (a new fd, a negotiated feature, a control command, a
+    /// swap). Left as it was while a VM migration or a handover is under
+    /// way: what a restart would need then (a second frontend, the dirty
+    /// log) is not in the record, and a restart in that window closes the
+    /// connection instead.
+    fn sync_store(&mut self) {
+        if self.store.is_none()
+            || self.backend.handover_blocker().is_some()
+            || self.handover.under_way()
+        {
+            return;
+        }
+        let Some(sockets) = self.sockets() else {
+            return;
+        };
+        let (offer, fds) = source::describe_device(&self.backend, sockets, false);
+        let state = match self.backend.device_mut().save() {
+            Ok(state) => state,
+            Err(e) => {
+                warn!("saving the device state for the fd store's record: {e}");
+                return;
+            }
+        };
+        if let Some(store) = &mut self.store {
+            store.sync(offer, &fds, state);
         }
     }
 
@@ -158,6 +204,7 @@ impl Server {
             epoll.add(api.as_fd(), Token::ApiListener.event())?;
         }
         let mut events = [EpollEvent::empty(); 16];
+        self.sync_store();
         loop {
             // Before every wait, not only after events: a destination of a
             // handover starts with the control queue already running, and a
@@ -198,6 +245,7 @@ impl Server {
             if (destination_answered || out_of_time) && self.finish_handover(&epoll) {
                 return Ok(Exit::HandedOver);
             }
+            self.sync_store();
         }
     }
 
@@ -334,7 +382,14 @@ impl Server {
         let Some(at) = self.frontends.iter().position(|f| f.session == session) else {
             return;
         };
-        if let Err(why) = self.frontends[at].serve_one(&mut self.backend) {
+        if let Some(store) = &self.store {
+            store.set_busy(true);
+        }
+        let served = self.frontends[at].serve_one(&mut self.backend);
+        if let Some(store) = &self.store {
+            store.set_busy(false);
+        }
+        if let Err(why) = served {
             let connection = self.frontends.remove(at);
             connection.log_close(&why);
             let _ = epoll.delete(connection.stream().as_fd());

@@ -4,7 +4,7 @@
 
 use super::{drop_privileges, ServeError, ServeOptions, TapSource};
 use crate::backend::NetBackend;
-use crate::daemon::inherited_sockets;
+use crate::daemon::inherited_sockets::{self, InheritedSockets};
 use crate::handover::destination;
 use crate::sandbox::{DeviceComponent, Runtime, SandboxedDevice};
 use crate::tap::Tap;
@@ -74,19 +74,25 @@ pub fn incoming(
     }))
 }
 
+/// The sockets the process was started with (`--socket-fd`, `--api-fd`,
+/// socket activation) and the fds of a stored device.
+pub fn inherited(opts: &ServeOptions) -> Result<InheritedSockets, ServeError> {
+    let claimed = match &opts.tap {
+        Some(TapSource::Fds(fds)) => fds.as_slice(),
+        _ => &[],
+    };
+    inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed)
+        .map_err(|e| ServeError::Usage(e.to_string()))
+}
+
 /// A new device on a TAP, listening on the vhost-user socket.
 pub fn fresh(
     opts: &ServeOptions,
     runtime: Arc<Runtime>,
     component: Arc<DeviceComponent>,
+    inherited: InheritedSockets,
 ) -> Result<Serving, ServeError> {
     let usage = |e: String| ServeError::Usage(e);
-    let claimed = match &opts.tap {
-        Some(TapSource::Fds(fds)) => fds.as_slice(),
-        _ => &[],
-    };
-    let inherited = inherited_sockets::take(opts.socket_fd, opts.api_fd, claimed)
-        .map_err(|e| usage(e.to_string()))?;
     let mut missing = Vec::new();
     if opts.tap.is_none() {
         missing.push("--tap NAME (or --tap-fd FD)");
