@@ -252,6 +252,9 @@ pub struct QemuOptions {
     /// QEMU listens on the vhost-user socket (`server=on,wait=off`) and
     /// sandnic dials it (client mode, `serve --connect`).
     pub server: bool,
+    /// More options of the vhost-user chardev, like `reconnect=1` (QEMU
+    /// 7.2) or `reconnect-ms=100` (QEMU 9.2 and later).
+    pub chardev_options: Option<String>,
 }
 
 pub struct GuestOptions<'a> {
@@ -330,9 +333,14 @@ impl Guest {
                     }
                     None => {
                         let listen = if q.server { ",server=on,wait=off" } else { "" };
+                        let extra = q
+                            .chardev_options
+                            .as_ref()
+                            .map(|o| format!(",{o}"))
+                            .unwrap_or_default();
                         c.arg("-chardev")
                             .arg(format!(
-                                "socket,id=c0,path={}{listen}",
+                                "socket,id=c0,path={}{listen}{extra}",
                                 opts.socket.display()
                             ))
                             .arg("-netdev")

@@ -48,8 +48,9 @@ struct State {
     starts: Vec<Instant>,
     /// The service's current process.
     main_pid: Option<u32>,
-    /// READY=1 messages so far.
+    /// READY=1 messages so far, and when each came.
     ready: usize,
+    ready_at: Vec<Instant>,
     /// The start limit was hit: no more restarts.
     failed: bool,
     /// Fds dropped because they polled as hung up or in error.
@@ -122,6 +123,11 @@ impl ServiceManager {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
+    }
+
+    /// When each READY=1 came.
+    pub fn ready_times(&self) -> Vec<Instant> {
+        self.lock().ready_at.clone()
     }
 
     pub fn main_pid(&self) -> Option<u32> {
@@ -327,6 +333,7 @@ fn apply(text: &str, fds: Vec<OwnedFd>, limit: usize, st: &mut State) {
     };
     if field("READY") == Some("1") {
         st.ready += 1;
+        st.ready_at.push(Instant::now());
     }
     if let Some(pid) = field("MAINPID").and_then(|p| p.parse().ok()) {
         st.main_pid = Some(pid);

@@ -137,7 +137,9 @@ pub fn run<R: Send>(
             // Until all came, or nothing for a read timeout after the
             // guest's last frame (not before: a loaded machine may run
             // the guest side late).
-            while (got.len() as u64) < total {
+            // (A frame that came twice, as after a crash, must not end the
+            // count before the last one came: it goes on until that one.)
+            while (got.len() as u64) < total || got.last().copied() != total.checked_sub(1) {
                 match host_rx.recv_from(&mut buf) {
                     Ok((n, _)) => {
                         got.extend(seq_of(&buf[..n]));
@@ -188,7 +190,8 @@ pub fn run<R: Send>(
                 guest_done.store(true, Ordering::Release);
             }
             if done_sending
-                && (guest_got.len() as u64 == total
+                && ((guest_got.len() as u64 >= total
+                    && guest_got.last().copied() == total.checked_sub(1))
                     || quiet_since
                         .is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(500)))
             {

@@ -143,3 +143,357 @@ fn a_killed_sandnic_is_picked_up_with_no_disconnect() {
         m.manager.dropped_on_poll()
     );
 }
+
+/// A QEMU 7.2 guest with QEMU's defaults (no `reconnect=`: a closed
+/// connection would leave its NIC dead until the VM restarts), pinged
+/// every 2 ms from the host: sandnic is killed with SIGKILL three times,
+/// and each time the process the manager starts picks the device up.
+/// Traffic comes back every time, QEMU prints nothing about it (its
+/// connection never closed), and the largest gap is reported.
+#[test]
+fn a_qemu_guest_without_reconnect_keeps_its_nic_through_three_kills() {
+    use sandnic::guest::{self, Guest, GuestOptions, Kind, QemuBuild, QemuOptions};
+    let test = "a_qemu_guest_without_reconnect_keeps_its_nic_through_three_kills";
+    require_network!(test);
+    if let Some(why) = guest::unavailable(Kind::Qemu) {
+        sandnic::harness::skip(test, &why);
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
+    let dir = ScratchDir::new().unwrap();
+    let vhost = dir.path("vhost.sock");
+    let args = ["--socket", vhost.to_str().unwrap(), "--tap", "tap0"];
+    let manager = ServiceManager::start(&ns, &dir, &args, 64).unwrap();
+    let script = "ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\necho GUEST-UP\n\
+                  i=0; while [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n";
+    let script = format!("{}{script}", guest::STEP_FN);
+    let qemu = Guest::boot(GuestOptions {
+        kind: Kind::Qemu,
+        socket: &vhost,
+        script: &script,
+        hostdir: None,
+        console: dir.path("console.log"),
+        qemu: QemuOptions {
+            build: QemuBuild::Debian,
+            ..QemuOptions::default()
+        },
+    })
+    .unwrap();
+    let answers = || {
+        ns.command("ping")
+            .args(["-c", "1", "-W", "1", "10.88.0.2"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(qemu.console().contains("GUEST-UP") && answers()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}\n{}",
+            qemu.console(),
+            manager.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let qemu_said = |console: &str| -> Vec<String> {
+        console
+            .lines()
+            .filter(|l| l.starts_with("qemu-system"))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = qemu_said(&qemu.console());
+    let ping =
+        sandnic::ping::FloodPing::every(&ns, "10.88.0.2", "0.002", &dir.path("ping.log")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+        manager
+            .wait_ready(round + 2, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", manager.log()));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let report = ping.stop().unwrap();
+    eprintln!(
+        "3 kills: {} of {} probes answered, largest gap {:.1} ms, top gaps {:?}",
+        report.received,
+        report.transmitted,
+        report.largest_gap() * 1000.0,
+        report.top_gaps(4)
+    );
+    assert!(answers(), "the guest answers after the third kill");
+    assert!(
+        report.largest_gap() < 1.0,
+        "traffic came back each time (largest gap {:.0} ms)\n{}",
+        report.largest_gap() * 1000.0,
+        manager.log()
+    );
+    assert_eq!(
+        qemu_said(&qemu.console()),
+        before,
+        "QEMU saw nothing: its connection never closed"
+    );
+    assert_eq!(manager.starts(), 4);
+}
+
+/// Receive counters summed over the pairs: (delivered, filtered).
+fn rx_totals(m_api: &std::path::Path) -> (u64, u64) {
+    let (stats, _) = sandnic_host::api::client(m_api, json!({"cmd": "stats"})).expect("stats");
+    let queues = stats["queues"].as_array().expect("queues");
+    let sum = |f: &str| queues.iter().map(|q| q[f].as_u64().unwrap_or(0)).sum();
+    (sum("rx_packets"), sum("rx_filtered"))
+}
+
+/// A UML guest (its control queue is served by sandnic's device model)
+/// sets its receive filters — promiscuous mode off, a multicast group
+/// joined, VLAN 100 added — and sandnic is killed with SIGKILL. The
+/// process the manager starts filters exactly as before: the device
+/// model's state came back from the record, not from the guest.
+#[test]
+fn a_uml_guests_receive_filters_survive_a_kill() {
+    use sandnic::frames::{self, Mac};
+    use sandnic::guest::{self, Guest, GuestOptions, HostDir, Kind};
+    let test = "a_uml_guests_receive_filters_survive_a_kill";
+    require_network!(test);
+    if let Some(why) = guest::unavailable(Kind::Uml) {
+        sandnic::harness::skip(test, &why);
+        return;
+    }
+    const GUEST_MAC: Mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let ns = NetNs::new().unwrap();
+    ns.add_tap("tap0", "10.88.0.1/24").unwrap();
+    ns.add_static_neighbour("10.88.0.2", "52:54:00:12:34:56", "tap0")
+        .unwrap();
+    // No IPv6 chatter (neighbour discovery, MLD) from the host's side to
+    // blur the counts: only the frames injected below reach the guest.
+    ns.command("sysctl")
+        .args(["-qw", "net.ipv6.conf.tap0.disable_ipv6=1"])
+        .status()
+        .unwrap();
+    let dir = ScratchDir::new().unwrap();
+    let (vhost, api) = (dir.path("vhost.sock"), dir.path("api.sock"));
+    let args = [
+        "--socket",
+        vhost.to_str().unwrap(),
+        "--api",
+        api.to_str().unwrap(),
+        "--tap",
+        "tap0",
+        "--mac",
+        "52:54:00:12:34:56",
+    ];
+    let manager = ServiceManager::start(&ns, &dir, &args, 64).unwrap();
+    let hostdir = HostDir(dir.path("share"));
+    std::fs::create_dir_all(&hostdir.0).unwrap();
+    let script = format!(
+        "{}ip link set eth0 up\nip addr add 10.88.0.2/24 dev eth0\n\
+         ip maddr add 01:00:5e:01:02:03 dev eth0\n\
+         ip link add link eth0 name eth0.100 type vlan id 100\nip link set eth0.100 up\n\
+         step set x\nstep done x\n",
+        guest::STEP_FN
+    );
+    let guest = Guest::boot(GuestOptions {
+        kind: Kind::Uml,
+        socket: &vhost,
+        script: &script,
+        hostdir: Some(&hostdir.0),
+        console: dir.path("console.log"),
+        qemu: Default::default(),
+    })
+    .unwrap();
+    hostdir
+        .wait_for("set", Duration::from_secs(60), &guest)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", manager.log()));
+    let sock = ns.packet_socket("tap0").unwrap();
+    // Injects `count` copies of `frame`; true if they were delivered (or,
+    // `pass` false, filtered), all of them and nothing the other way. The
+    // guest's own traffic may add deliveries, never filtered frames.
+    let deliver = |frame: &[u8], count: u64, pass: bool| -> (u64, u64) {
+        use std::os::fd::AsRawFd;
+        let (rx0, f0) = rx_totals(&api);
+        for _ in 0..count {
+            // SAFETY: `frame` is a live buffer of its length.
+            let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            assert_eq!(n, frame.len() as isize);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (rx, f) = rx_totals(&api);
+            let counted = if pass { rx - rx0 } else { f - f0 };
+            if counted >= count || std::time::Instant::now() > deadline {
+                // Late frames of the wrong kind would show by now.
+                std::thread::sleep(Duration::from_millis(100));
+                let (rx, f) = rx_totals(&api);
+                return if pass {
+                    ((rx - rx0).min(count), f - f0)
+                } else {
+                    (0, f - f0)
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let to = |dst: Mac| {
+        frames::udp_frame(
+            dst,
+            [0x02, 0, 0, 0, 0, 1],
+            ([10, 88, 0, 1], [10, 88, 0, 2]),
+            (7, 9),
+            &[0x5a; 64],
+        )
+    };
+    let tagged = |vid| {
+        let inner = frames::ipv4(
+            [10, 88, 0, 1],
+            [10, 88, 0, 2],
+            17,
+            &frames::udp(7, 9, &[1; 32]),
+        );
+        frames::ethernet_vlan(
+            GUEST_MAC,
+            [0x02, 0, 0, 0, 0, 1],
+            vid,
+            frames::ETH_IPV4,
+            &inner,
+        )
+    };
+    let filters_hold = |when: &str| {
+        let checks: [(&str, Vec<u8>, (u64, u64)); 6] = [
+            ("own MAC", to(GUEST_MAC), (5, 0)),
+            (
+                "foreign unicast (promiscuous off)",
+                to([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]),
+                (0, 5),
+            ),
+            ("the joined group", to([1, 0, 0x5e, 1, 2, 3]), (5, 0)),
+            ("another group", to([1, 0, 0x5e, 9, 9, 9]), (0, 5)),
+            ("VLAN 100 (added)", tagged(100), (5, 0)),
+            ("VLAN 200 (not added)", tagged(200), (0, 5)),
+        ];
+        for (what, frame, expected) in checks {
+            assert_eq!(
+                deliver(&frame, 5, expected.0 > 0),
+                expected,
+                "{when}: {what} (delivered, filtered)\n{}\n{}",
+                guest.console(),
+                manager.log()
+            );
+        }
+    };
+    filters_hold("before the kill");
+    manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", manager.log()));
+    filters_hold("after the kill");
+    hostdir.release("set");
+    hostdir
+        .wait_for("done", Duration::from_secs(30), &guest)
+        .unwrap_or_else(|e| panic!("the guest runs on: {e:#}"));
+    hostdir.release("done");
+}
+
+/// Waits until the process's main (control) thread blocks in a receive
+/// system call (recvfrom, recvmsg or read: inside a frontend message)
+/// rather than in epoll.
+fn wait_until_receiving(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        let nr = syscall.split_whitespace().next().unwrap_or("");
+        let receiving = [libc::SYS_recvfrom, libc::SYS_recvmsg, libc::SYS_read]
+            .iter()
+            .any(|n| nr == n.to_string());
+        if receiving {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// `kill -9` while sandnic is inside a frontend message: a request is half
+/// sent, sandnic has read its header and waits for the rest. The next
+/// process cannot know whether a reply is owed or where the next message
+/// starts, so it does not pick the device up: it takes everything out of
+/// the store, the frontend sees its connection close, and sandnic serves
+/// afresh, where a new frontend connects and passes traffic.
+#[test]
+fn a_kill_inside_a_frontend_message_closes_the_connection_and_starts_afresh() {
+    require_network!("a_kill_inside_a_frontend_message_closes_the_connection_and_starts_afresh");
+    let m = Managed::start();
+    let old_pid = m.manager.main_pid().unwrap();
+    // SET_FEATURES (2), version 1, 8 bytes of payload that never come.
+    let header: Vec<u8> = [2u32, 1, 8].iter().flat_map(|w| w.to_le_bytes()).collect();
+    // SAFETY: `header` is a live buffer of its length; the fd is the test
+    // frontend's open connection.
+    let sent = unsafe { libc::send(m.nic.socket_fd(), header.as_ptr().cast(), header.len(), 0) };
+    assert_eq!(sent, header.len() as isize);
+    assert!(
+        wait_until_receiving(old_pid),
+        "sandnic never read the header"
+    );
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    assert!(
+        m.manager
+            .log()
+            .contains("the process died while handling a frontend message"),
+        "{}",
+        m.manager.log()
+    );
+    // The old connection is closed.
+    let mut byte = [0u8; 1];
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval, which lives for the call; recv
+    // writes at most one byte into `byte`.
+    let got = unsafe {
+        libc::setsockopt(
+            m.nic.socket_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        libc::recv(m.nic.socket_fd(), byte.as_mut_ptr().cast(), 1, 0)
+    };
+    assert_eq!(got, 0, "the frontend sees its connection closed");
+    // Nothing of the dead process's is left in the store.
+    let stale = format!("sandnic-{old_pid}-");
+    let names = m.manager.stored_names();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with(&stale) || n.ends_with(&format!("-{old_pid}"))),
+        "{names:?}"
+    );
+    // A new frontend is served afresh.
+    let mut nic = TestNic::connect(&m.dir.path("vhost.sock"), &NicConfig::default())
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    let host =
+        m.ns.inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", 6003))?))
+            .unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let frame = sandnic::frames::udp_frame(
+        m.tap_mac,
+        RIG_GUEST_MAC,
+        (
+            sandnic::harness::RIG_GUEST_IP,
+            sandnic::harness::RIG_HOST_IP,
+        ),
+        (5000, 6003),
+        b"afresh",
+    );
+    nic.send(0, &frame).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = host
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.manager.log()));
+    assert_eq!(&buf[..n], b"afresh");
+}

@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
 const GUEST_MAC: &str = "52:54:00:12:34:56";
 
-/// The test's stand-in for systemd's notification socket.
+/// The test's stand-in for systemd's notification socket. A thread reads
+/// it all the time, as systemd does: a sender whose datagrams are not read
+/// blocks once the socket's queue (10 datagrams) is full, and sandnic sends
+/// one per fd it stores.
 struct NotifySocket {
-    socket: UnixDatagram,
+    messages: std::sync::mpsc::Receiver<String>,
     path: PathBuf,
 }
 
@@ -32,21 +35,28 @@ impl NotifySocket {
         // after it dropped to its --user).
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Self { socket, path }
+        let (tx, messages) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Fds that come with a message (FDSTORE=1) are closed by the
+            // kernel: this stand-in keeps no store.
+            while let Ok(n) = socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if tx.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { messages, path }
     }
 
     /// The next message carrying the line `line`, skipping others.
     fn wait_for(&self, line: &str) -> String {
-        let mut buf = [0u8; 4096];
         loop {
-            let n = self
-                .socket
-                .recv(&mut buf)
+            let message = self
+                .messages
+                .recv_timeout(Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("no {line} notification: {e}"));
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
             if message.lines().any(|l| l == line) {
                 return message;
             }
@@ -55,11 +65,9 @@ impl NotifySocket {
 
     /// Messages that arrive within `wait`.
     fn drain(&self, wait: Duration) -> Vec<String> {
-        self.socket.set_read_timeout(Some(wait)).unwrap();
-        let mut buf = [0u8; 4096];
         let mut out = Vec::new();
-        while let Ok(n) = self.socket.recv(&mut buf) {
-            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        while let Ok(message) = self.messages.recv_timeout(wait) {
+            out.push(message);
         }
         out
     }

@@ -62,8 +62,15 @@ pub fn recv(
     Ok(msg.bytes)
 }
 
+/// Longest a datagram to the service manager may wait for room: its
+/// socket's queue is short (10 datagrams), and a manager that does not
+/// read must not stop the device (the control thread sends these).
+const DATAGRAM_PATIENCE_MS: u64 = 1000;
+
 /// Sends one datagram, `bytes` with `fds` attached, from the unbound
 /// datagram socket `sock` to `to` (the service manager's notify socket).
+/// Waits for room in the receiver's queue for DATAGRAM_PATIENCE_MS at
+/// most, then fails with EAGAIN.
 pub fn send_datagram(
     sock: BorrowedFd<'_>,
     to: &UnixAddr,
@@ -76,15 +83,17 @@ pub fn send_datagram(
     } else {
         &[ControlMessage::ScmRights(fds)]
     };
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(DATAGRAM_PATIENCE_MS);
     loop {
-        match sendmsg(
-            sock.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            Some(to),
-        ) {
+        match sendmsg(sock.as_raw_fd(), &iov, cmsgs, flags, Some(to)) {
             Err(Errno::EINTR) => continue,
+            // An unbound sender polls writable whatever the receiver's
+            // queue holds: wait a little and try again.
+            Err(Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             other => return other.map(drop),
         }
     }

@@ -42,13 +42,12 @@ pub const RECORD_PREFIX: &str = "sandnic-record-";
 pub const NAME_PREFIX: &str = "sandnic-";
 
 /// How many fds a device stores at most, for `FileDescriptorStoreMax=`:
-/// per queue pair a TAP queue and two rings' kick, call and err (9), the
+/// per queue pair a TAP queue and two rings' kick, call and err (7), the
 /// control queue's three, per memory region one (QEMU sends up to 8 on
 /// x86), the connection, the backend channel, the listening and API
-/// sockets and the record (5). During a VM migration's switch a second
-/// frontend's connection comes too (1).
+/// sockets and the record (5).
 pub fn fds_needed(pairs: u16, regions: usize) -> usize {
-    9 * usize::from(pairs) + 3 + regions + 5 + 1
+    7 * usize::from(pairs) + 3 + regions + 5
 }
 
 /// One fd in the store: its name, and a copy of it to tell a new fd that
@@ -65,6 +64,9 @@ pub struct FdStore {
     limit: usize,
     record: RecordFile,
     record_name: String,
+    /// The record's fd is in the store (not after `empty`, until the next
+    /// `sync`).
+    record_stored: bool,
     stored: Vec<Stored>,
     next_name: u64,
     /// When processes started from this record (see `Record::restarts`).
@@ -85,6 +87,7 @@ impl FdStore {
             limit,
             record,
             record_name,
+            record_stored: true,
             stored: Vec::new(),
             next_name: 0,
             restarts: Vec::new(),
@@ -108,6 +111,7 @@ impl FdStore {
             limit,
             record,
             record_name,
+            record_stored: true,
             stored: found
                 .into_iter()
                 .map(|(name, fd)| Stored { name, fd })
@@ -150,6 +154,15 @@ impl FdStore {
         if let Err(e) = self.record.write(&record) {
             warn!("writing the state record: {e}");
             return;
+        }
+        if !self.record_stored {
+            match self
+                .notifier
+                .store_fd(&self.record_name, self.record.fd(), true)
+            {
+                Ok(()) => self.record_stored = true,
+                Err(e) => warn!("storing the state record: {e}"),
+            }
         }
         let kept: Vec<&str> = record.names.iter().map(|(_, n)| n.as_str()).collect();
         let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stored)
@@ -201,13 +214,19 @@ impl FdStore {
         self.record.set_busy(busy);
     }
 
-    /// The device left this process (a handover) or is closed for good:
-    /// nothing it stored stays in the store, record included.
+    /// Takes everything out of the store, record included: the device is
+    /// closed for good, or about to go to another process. A handover
+    /// empties the store before its pause, so that the destination's fds,
+    /// which are the same open files, are not merged into names this
+    /// process then removes; if the handover fails, the next `sync` stores
+    /// everything again, under new names.
     pub fn empty(&mut self) {
         for stored in std::mem::take(&mut self.stored) {
             self.remove(&stored.name);
         }
-        self.remove(&self.record_name);
+        if std::mem::take(&mut self.record_stored) {
+            self.remove(&self.record_name);
+        }
     }
 }
 
@@ -254,8 +273,8 @@ mod tests {
 
     #[test]
     fn the_store_limit_counts_every_fd_of_a_device() {
-        // One pair, two memory regions: 9 + 3 + 2 + 5 + 1.
-        assert_eq!(fds_needed(1, 2), 20);
-        assert_eq!(fds_needed(4, 8), 53);
+        // One pair, two memory regions: 7 + 3 + 2 + 5.
+        assert_eq!(fds_needed(1, 2), 17);
+        assert_eq!(fds_needed(16, 8), 128);
     }
 }

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixListener;
 const FIRST_SYSTEMD_FD: RawFd = 3;
 
 /// Most fds accepted from the service manager: the sockets and a stored
-/// device (`fd_store::fds_needed` for 64 pairs is 600).
+/// device (`fd_store::fds_needed` for 128 pairs is 912).
 const MAX_INHERITED: RawFd = 1024;
 
 /// The `FileDescriptorName=` of the vhost-user socket unit.

@@ -79,9 +79,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .map(Arc::new);
     let store_limit = fd_store::limit_from_env(opts.fd_store);
     if store_limit > 0 && notifier.is_none() {
-        return Err(usage(
-            "--fd-store (or $FDSTORE) needs a service manager's NOTIFY_SOCKET".into(),
-        ));
+        tracing::warn!("--fd-store (or $FDSTORE) without a service manager's NOTIFY_SOCKET: nothing is stored, and a crash closes the frontend's connection");
     }
     let signals = setup::block_signals().map_err(ServeError::Runtime)?;
     let runtime = Runtime::with_defaults_for(opts.user.map(|t| (t.uid, t.gid)))

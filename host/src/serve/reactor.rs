@@ -293,6 +293,9 @@ impl Server {
             let _ = epoll.delete(fd);
         }
         let sockets = self.sockets();
+        // Before the pause: see `FdStore::empty` (stored again by the next
+        // sync if the device stays here).
+        self.empty_store();
         let Some(Ended {
             client,
             reply,

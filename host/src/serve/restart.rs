@@ -85,8 +85,31 @@ pub fn pick_up(
             for name in &names {
                 let _ = notifier.remove_fds(name);
             }
+            wait_for_release(opts);
             PickedUp::Nothing
         }
+    }
+}
+
+/// The manager closes what it removes from its store when it reads the
+/// message, not before: a fresh start right away would find the TAP's
+/// queues still held (and refuse it) or the socket still listening. Waits
+/// until neither is, for a second at most.
+fn wait_for_release(opts: &ServeOptions) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let tap_held = || match &opts.tap {
+        Some(super::TapSource::Name(name)) => {
+            crate::tap::Tap::queues_open(name).is_some_and(|q| q.any())
+        }
+        _ => false,
+    };
+    let socket_held = || {
+        opts.socket
+            .as_ref()
+            .is_some_and(|path| UnixStream::connect(path).is_ok())
+    };
+    while (tap_held() || socket_held()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -168,6 +168,13 @@ impl Tap {
         }
     }
 
+    /// The queues processes hold of TAP `name` (None: no such device, or
+    /// the kernel did not say).
+    pub fn queues_open(name: &str) -> Option<QueuesOpen> {
+        let index = nix::net::if_::if_nametoindex(name).ok()?;
+        in_use::queues_open(index).ok()
+    }
+
     /// Attaches `queues` queues to the TAP device `name`, which no one else
     /// may hold queues of: the device a new `sandnic serve --tap NAME`
     /// starts on. (A handover's destination opening the TAP by name shares
