@@ -273,14 +273,16 @@ fn start(service: &Service, st: &mut State) -> Option<Child> {
 }
 
 /// Puts `fds` at 3, 4, … in the child: all first moved out of the way
-/// (above 1000), so that no target number is one still to be moved.
+/// (above 1000, close-on-exec: the service must not inherit these copies,
+/// or a file it lets go of would stay open), so that no target number is
+/// one still to be moved. dup2 leaves the targets open across exec.
 fn pass_fds(fds: &[RawFd]) -> std::io::Result<()> {
     const OUT_OF_THE_WAY: RawFd = 1000;
     let mut high = [0 as RawFd; 1024];
     let high = &mut high[..fds.len().min(1024)];
     for (slot, &fd) in high.iter_mut().zip(fds) {
         // SAFETY: plain fcntl on an open fd (see the caller).
-        *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD, OUT_OF_THE_WAY) };
+        *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, OUT_OF_THE_WAY) };
         if *slot < 0 {
             return Err(std::io::Error::last_os_error());
         }

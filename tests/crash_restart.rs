@@ -445,7 +445,13 @@ fn a_kill_inside_a_frontend_message_closes_the_connection_and_starts_afresh() {
         "{}",
         m.manager.log()
     );
-    // The old connection is closed.
+    closed_then_served_afresh(&m, old_pid);
+}
+
+/// After a device was not picked up: the old connection is closed (the
+/// frontend reads end of file), nothing of process `old_pid` is left in
+/// the store, and a new frontend is served afresh.
+fn closed_then_served_afresh(m: &Managed, old_pid: u32) {
     let mut byte = [0u8; 1];
     let timeout = libc::timeval {
         tv_sec: 5,
@@ -496,4 +502,37 @@ fn a_kill_inside_a_frontend_message_closes_the_connection_and_starts_afresh() {
         .recv_from(&mut buf)
         .unwrap_or_else(|e| panic!("{e}\n{}", m.manager.log()));
     assert_eq!(&buf[..n], b"afresh");
+}
+
+/// A device that keeps dying (here: killed four times in a row) is picked
+/// up three times, then given up: whatever kills it would kill the next
+/// process too. The fifth process says why, closes the frontend's
+/// connection (its reconnect, if any, applies) and serves afresh — before
+/// the manager's start limit (5 starts in 10 s) would end the service
+/// with the connection stuck open in the store.
+#[test]
+fn a_device_that_keeps_dying_is_given_up_and_its_connection_closed() {
+    require_network!("a_device_that_keeps_dying_is_given_up_and_its_connection_closed");
+    let m = Managed::start();
+    let mut last_pid = 0;
+    for start in 2..=5 {
+        last_pid = m.manager.main_pid().unwrap();
+        m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+        m.manager
+            .wait_ready(start, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("start {start}: {e:#}\n{}", m.manager.log()));
+    }
+    let log = m.manager.log();
+    assert_eq!(
+        log.matches("picked the device up from the service manager's fd store")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        log.contains("the device was restarted 3 times within"),
+        "{log}"
+    );
+    assert!(!m.manager.failed(), "within the manager's start limit");
+    closed_then_served_afresh(&m, last_pid);
 }

@@ -138,6 +138,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
     let mut server = Server::new(serving, runtime, signals, store);
     confine(&opts, &server).map_err(ServeError::Runtime)?;
+    // The store and its record hold this process's device (and, after a
+    // pick-up, count it) before the manager hears it is ready.
+    server.sync_store();
     if let Some(notifier) = &notifier {
         notifier.ready();
     }

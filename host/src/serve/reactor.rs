@@ -150,7 +150,7 @@ impl Server {
     /// way: what a restart would need then (a second frontend, the dirty
     /// log) is not in the record, and a restart in that window closes the
     /// connection instead.
-    fn sync_store(&mut self) {
+    pub fn sync_store(&mut self) {
         if self.store.is_none()
             || self.backend.handover_blocker().is_some()
             || self.handover.under_way()

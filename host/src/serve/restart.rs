@@ -36,9 +36,13 @@ use tracing::{error, info, warn};
 /// A device that died this often within `RESTART_WINDOW` is not picked up
 /// again: whatever kills it (a frontend message, a guest's control
 /// command) would kill the next process too, and the manager's own start
-/// limit would end the service with the guest's connection stuck open.
-const MAX_RESTARTS: usize = 5;
-const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// limit would end the service with the guest's connection stuck open. A
+/// loop like that dies within moments of each pick-up; the window is
+/// systemd's default start-limit interval, and the count stays below its
+/// default burst (5 starts: the fifth, after three pick-ups, gives up), so
+/// sandnic gives up first and closes the connection itself.
+const MAX_RESTARTS: usize = 3;
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
 /// Why a stored device is not picked up.
 #[derive(Debug, thiserror::Error)]
