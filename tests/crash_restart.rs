@@ -212,7 +212,16 @@ fn a_qemu_guest_without_reconnect_keeps_its_nic_through_three_kills() {
         manager
             .wait_ready(round + 2, Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", manager.log()));
-        std::thread::sleep(Duration::from_millis(700));
+        // Traffic comes back (how fast is the crash bench's to measure).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !answers() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the guest does not answer\n{}\n{}",
+                qemu.console(),
+                manager.log()
+            );
+        }
     }
     let report = ping.stop().unwrap();
     eprintln!(
@@ -221,13 +230,6 @@ fn a_qemu_guest_without_reconnect_keeps_its_nic_through_three_kills() {
         report.transmitted,
         report.largest_gap() * 1000.0,
         report.top_gaps(4)
-    );
-    assert!(answers(), "the guest answers after the third kill");
-    assert!(
-        report.largest_gap() < 1.0,
-        "traffic came back each time (largest gap {:.0} ms)\n{}",
-        report.largest_gap() * 1000.0,
-        manager.log()
     );
     assert_eq!(
         qemu_said(&qemu.console()),
@@ -535,4 +537,113 @@ fn a_device_that_keeps_dying_is_given_up_and_its_connection_closed() {
     );
     assert!(!m.manager.failed(), "within the manager's start limit");
     closed_then_served_afresh(&m, last_pid);
+}
+
+/// One UDP datagram each way between the test frontend and the host
+/// (port `port` on the host side), through whichever process serves now.
+fn one_each_way(m: &mut Managed, port: u16, tag: &[u8]) {
+    let host =
+        m.ns.inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", port))?))
+            .unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let frame = sandnic::frames::udp_frame(
+        m.tap_mac,
+        RIG_GUEST_MAC,
+        (
+            sandnic::harness::RIG_GUEST_IP,
+            sandnic::harness::RIG_HOST_IP,
+        ),
+        (5000, port),
+        tag,
+    );
+    m.nic.send(0, &frame).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = host
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("guest → host: {e}\n{}", m.manager.log()));
+    assert_eq!(&buf[..n], tag);
+    host.send_to(tag, "10.77.0.2:5000").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(f) = m.nic.recv(0, Duration::from_millis(100)) {
+            if sandnic::frames::udp_payload(&f) == Some(tag) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host → guest\n{}",
+            m.manager.log()
+        );
+    }
+}
+
+/// A handover that fails (its destination dies after reading the offer)
+/// takes the device out of the store before its pause; the source, which
+/// serves on, stores it again. So a `kill -9` of the source afterwards is
+/// picked up like any other.
+#[test]
+fn after_a_failed_handover_the_store_holds_the_device_again() {
+    require_network!("after_a_failed_handover_the_store_holds_the_device_again");
+    let mut m = Managed::start();
+    let path = m.dir.path("fake.handover");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut sock, &mut buf);
+        drop(sock);
+    });
+    let reply = m.api(json!({"cmd": "handover", "path": path}));
+    assert_eq!(reply["kind"], "handover_stream_broken", "{reply}");
+    fake.join().unwrap();
+    one_each_way(&mut m, 6004, b"before");
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    assert!(
+        m.manager
+            .log()
+            .contains("picked the device up from the service manager's fd store"),
+        "{}",
+        m.manager.log()
+    );
+    one_each_way(&mut m, 6005, b"after");
+}
+
+/// `kill -9` while a hot swap runs (the swap asked for, the process killed
+/// 0, 2 and 10 ms later): one process serves the device afterwards, on the
+/// frontend's unbroken connection, running one component or the other.
+#[test]
+fn a_kill_during_a_swap_leaves_one_device_serving() {
+    require_network!("a_kill_during_a_swap_leaves_one_device_serving");
+    let mut m = Managed::start();
+    for (round, delay_ms) in [0u64, 2, 10].into_iter().enumerate() {
+        let api = m.dir.path("api.sock");
+        let swap = std::thread::spawn(move || {
+            sandnic_host::api::client(&api, json!({"cmd": "swap", "component": "builtin:0.2.0"}))
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+        let _ = swap.join();
+        m.manager
+            .wait_ready(round + 2, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", m.manager.log()));
+        one_each_way(&mut m, 6010 + round as u16, b"swapped?");
+        let status = m.api(json!({"cmd": "status"}));
+        let version = status["component"]["version"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            version == "0.1.0" || version == "0.2.0",
+            "round {round}: {status}"
+        );
+        assert_eq!(status["frontend_connected"], true, "{status}");
+        // Swap back for the next round.
+        let _ = m.api(json!({"cmd": "swap", "component": "builtin:0.1.0"}));
+    }
+    let stats = m.api(json!({"cmd": "stats"}));
+    assert_eq!(stats["control"]["disconnects"], 0, "{stats}");
 }

@@ -302,8 +302,13 @@ impl Server {
             handed_over,
         }) = self.handover.finish(&mut self.backend, sockets)
         else {
+            self.sync_store();
             return false;
         };
+        if !handed_over {
+            // Stored again before the client hears the handover failed.
+            self.sync_store();
+        }
         self.answer_api(client, &reply);
         handed_over
     }
