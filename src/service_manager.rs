@@ -192,10 +192,7 @@ fn manage(service: Service, notify: UnixDatagram, state: Arc<Mutex<State>>, stop
         if stop.load(Ordering::Acquire) && stopping_since.is_none() {
             stopping_since = Some(Instant::now());
         }
-        let exited = match &mut child {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        };
+        let (exited, failed) = main_gone(&mut child, lock().main_pid);
         if let Some(since) = stopping_since {
             if exited || since.elapsed() > Duration::from_secs(5) {
                 if let Some(c) = &mut child {
@@ -205,11 +202,48 @@ fn manage(service: Service, notify: UnixDatagram, state: Arc<Mutex<State>>, stop
                 lock().stored.clear();
                 return;
             }
-        } else if exited {
+        } else if exited && failed {
+            // Restart=on-failure: a clean exit (a handover's source, whose
+            // successor said MAINPID=) is no reason to start another.
             child = restart(&service, &mut lock());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Whether the service's main process is gone. That is the process the
+/// manager started until another one says `MAINPID=` (a handover's
+/// destination, which NotifyAccess=all lets systemd follow); the one it
+/// started may then exit without ending the service.
+/// Returns (gone, failed): whether it exited other than cleanly (a
+/// process the manager did not start is taken to have failed: its status
+/// is not the manager's to read).
+fn main_gone(child: &mut Option<Child>, main_pid: Option<u32>) -> (bool, bool) {
+    let status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+    match main_pid {
+        Some(pid) if child.as_ref().is_none_or(|c| c.id() != pid) => {
+            let gone = !alive(pid);
+            (gone, gone)
+        }
+        _ => match (child.is_some(), status) {
+            (false, _) => (true, false),
+            (true, Some(status)) => (true, !status.success()),
+            (true, None) => (false, false),
+        },
+    }
+}
+
+/// A process that runs (not a zombie): one the manager did not start is
+/// not its to reap.
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z') | Some('X'))
 }
 
 /// Restart=always, RestartSec=0, within the start limit.

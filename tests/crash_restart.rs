@@ -647,3 +647,59 @@ fn a_kill_during_a_swap_leaves_one_device_serving() {
     let stats = m.api(json!({"cmd": "stats"}));
     assert_eq!(stats["control"]["disconnects"], 0, "{stats}");
 }
+
+/// After a handover the new process is the service (`MAINPID=`) and keeps
+/// the store itself: the old one took its fds out before the pause, the
+/// new one stores them under names of its own. A `kill -9` of the new
+/// process is picked up by the process the manager starts.
+#[test]
+fn after_a_handover_the_new_process_keeps_the_store() {
+    require_network!("after_a_handover_the_new_process_keeps_the_store");
+    let mut m = Managed::start();
+    let source_pid = m.manager.main_pid().unwrap();
+    let incoming = m.dir.path("next.handover");
+    let log = m.dir.path("destination.log");
+    let mut cmd =
+        m.ns.command(sandnic::harness::sandnic_binary().to_str().unwrap());
+    cmd.args([
+        "serve",
+        "--incoming",
+        incoming.to_str().unwrap(),
+        "--fd-store",
+        "64",
+    ])
+    .env("NOTIFY_SOCKET", m.dir.path("notify.sock"))
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let mut destination = sandnic::harness::spawn(cmd).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !incoming.exists() {
+        assert!(std::time::Instant::now() < deadline, "no destination");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = m.api(json!({"cmd": "handover", "path": incoming}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    m.manager
+        .wait_ready(2, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(m.manager.main_pid(), Some(destination.id()));
+    one_each_way(&mut m, 6020, b"handed over");
+    let names = m.manager.stored_names();
+    let own = format!("sandnic-{}-", destination.id());
+    assert!(names.iter().any(|n| n.starts_with(&own)), "{names:?}");
+    let old = format!("sandnic-{source_pid}-");
+    assert!(!names.iter().any(|n| n.starts_with(&old)), "{names:?}");
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    let _ = destination.wait();
+    m.manager
+        .wait_ready(3, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    assert!(
+        m.manager
+            .log()
+            .contains("picked the device up from the service manager's fd store"),
+        "{}",
+        m.manager.log()
+    );
+    one_each_way(&mut m, 6021, b"picked up");
+}

@@ -70,6 +70,14 @@ impl Notifier {
         ));
     }
 
+    /// A handover's destination is the service's main process from now on:
+    /// said before it tells the source it runs (after which the source
+    /// exits), so that the manager never sees the main process exit with
+    /// no successor named. systemd reads notifications before it reaps.
+    pub fn main_pid(&self) {
+        self.send(&format!("MAINPID={}", std::process::id()));
+    }
+
     /// Shutting down on a signal.
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=shutting down");

@@ -90,7 +90,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     };
     let mut store = None;
     let serving = match &opts.incoming {
-        Some(path) => match setup::incoming(&opts, path, runtime.clone(), component, &signals)? {
+        Some(path) => match setup::incoming(
+            &opts,
+            path,
+            runtime.clone(),
+            component,
+            &signals,
+            notifier.as_deref(),
+        )? {
             Some(serving) => serving,
             None => {
                 info!("signal received while waiting for a handover; exiting");

@@ -49,6 +49,7 @@ pub fn incoming(
     runtime: Arc<Runtime>,
     component: Option<Arc<DeviceComponent>>,
     signals: &SignalFd,
+    notifier: Option<&crate::daemon::notify::Notifier>,
 ) -> Result<Option<Serving>, ServeError> {
     let runtime_error = |e: destination::IncomingError| ServeError::Runtime(e.into());
     let listener = destination::listen(path, opts.user).map_err(runtime_error)?;
@@ -63,6 +64,9 @@ pub fn incoming(
     let mut incoming =
         destination::receive(source, runtime, component, opts.new_tap, opts.datapath)
             .map_err(runtime_error)?;
+    if let Some(notifier) = notifier {
+        notifier.main_pid();
+    }
     incoming.resume();
     Ok(Some(Serving {
         api_listener: incoming.api_listener.take(),
