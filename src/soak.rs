@@ -50,7 +50,10 @@ pub const SLACK: f64 = 0.05;
 /// A copy migration's window therefore ends 50 ms after the destination's
 /// backend first sent anything out of its TAP (the announcement, or the
 /// guest's own first frame), which is when the bridge can learn the new
-/// port: on a loaded machine that comes well after `resumed` plus this.
+/// port: on a loaded machine that comes well after `resumed` plus this —
+/// or, if later, when the first probe answered after `resumed` went out
+/// (the kernel may process that first frame, and the bridge learn from
+/// it, tens of ms after the backend wrote it).
 /// With no counters to see it by (DPDK), the window ends this long after
 /// `resumed` plus the slack.
 pub const ANNOUNCE_INITIAL: f64 = 0.05;
@@ -492,6 +495,18 @@ fn one_migration(
                 None => migration.resumed + ANNOUNCE_INITIAL,
             },
         };
+    // The bridge learns the new port from the first frame the destination
+    // sends, when the kernel gets to process it: on a loaded machine that
+    // can be tens of ms after the backend wrote it. Until then the bridge
+    // sends to the old port. The first probe answered after the
+    // destination resumed went out once the path was there, so no probe
+    // sent before it counts against a copy migration.
+    let window_end = match variant.kind {
+        MigrationKind::Local => window_end,
+        MigrationKind::Copy => {
+            window_end.max(first_answered_after(&ping, migration.resumed).unwrap_or(0.0))
+        }
+    };
     let window = (migration.started - SLACK, window_end);
     let lost_outside = ping.lost_outside(window.0, window.1);
     let gap = largest_gap(&ping.times);
@@ -525,6 +540,15 @@ fn largest_gap(times: &[f64]) -> Option<(f64, f64)> {
 }
 
 /// When side `side` was first seen sending a frame after `after`.
+/// When the first probe sent after `after` that was answered went out.
+fn first_answered_after(ping: &crate::ping::PingReport, after: f64) -> Option<f64> {
+    ping.sent_times
+        .iter()
+        .copied()
+        .filter(|&t| t > after)
+        .min_by(f64::total_cmp)
+}
+
 fn first_sent_after(samples: &[Sample], side: usize, after: f64) -> Option<f64> {
     let mut before = samples
         .iter()
