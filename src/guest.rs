@@ -489,8 +489,11 @@ impl HostDir {
 }
 
 /// The shell function guest scripts use for the handshake.
+/// The guest writes its step's file under another name and renames it:
+/// the host, which waits for the name, must never read it half written
+/// (it once read an empty file on a loaded machine).
 pub const STEP_FN: &str =
-    "step() { echo \"$2\" > /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
+    "step() { echo \"$2\" > /mnt/.guest-$1; mv /mnt/.guest-$1 /mnt/guest-$1; while [ ! -e /mnt/host-$1 ]; do sleep 0.05; done; }\n";
 
 /// A guest on its own sandnic: a namespace with `tap0` (10.88.0.1/24; the
 /// guest takes 10.88.0.2), `sandnic serve` on it with `serve_args`, running
