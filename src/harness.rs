@@ -712,8 +712,9 @@ impl Rig {
         })
     }
 
-    /// The rig's namespace with `tap0` and the guest as its neighbour.
-    fn namespace(steered: bool) -> anyhow::Result<(NetNs, ScratchDir)> {
+    /// The rig's namespace with `tap0` (10.77.0.1/24), the guest as its
+    /// neighbour, and (`steered`) the TAP steering host frames by priority.
+    pub fn namespace(steered: bool) -> anyhow::Result<(NetNs, ScratchDir)> {
         let ns = NetNs::new()?;
         ns.add_tap("tap0", "10.77.0.1/24")?;
         ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")?;

@@ -27,12 +27,7 @@ struct Managed {
 
 impl Managed {
     fn start() -> Self {
-        let ns = NetNs::new().unwrap();
-        ns.add_tap("tap0", "10.77.0.1/24").unwrap();
-        ns.add_static_neighbour("10.77.0.2", "52:54:00:12:34:56", "tap0")
-            .unwrap();
-        sandnic::steering::steer_by_priority(&ns, "tap0").unwrap();
-        let dir = ScratchDir::new().unwrap();
+        let (ns, dir) = sandnic::harness::Rig::namespace(true).unwrap();
         let (vhost, api) = (dir.path("vhost.sock"), dir.path("api.sock"));
         let args = [
             "--socket",
@@ -484,26 +479,7 @@ fn closed_then_served_afresh(m: &Managed, old_pid: u32) {
     // A new frontend is served afresh.
     let mut nic = TestNic::connect(&m.dir.path("vhost.sock"), &NicConfig::default())
         .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
-    let host =
-        m.ns.inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", 6003))?))
-            .unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let frame = sandnic::frames::udp_frame(
-        m.tap_mac,
-        RIG_GUEST_MAC,
-        (
-            sandnic::harness::RIG_GUEST_IP,
-            sandnic::harness::RIG_HOST_IP,
-        ),
-        (5000, 6003),
-        b"afresh",
-    );
-    nic.send(0, &frame).unwrap();
-    let mut buf = [0u8; 64];
-    let (n, _) = host
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("{e}\n{}", m.manager.log()));
-    assert_eq!(&buf[..n], b"afresh");
+    exchange(&m.ns, m.tap_mac, &m.manager, &mut nic, 6003, b"afresh");
 }
 
 /// A device that keeps dying (here: killed four times in a row) is picked
@@ -542,12 +518,25 @@ fn a_device_that_keeps_dying_is_given_up_and_its_connection_closed() {
 /// One UDP datagram each way between the test frontend and the host
 /// (port `port` on the host side), through whichever process serves now.
 fn one_each_way(m: &mut Managed, port: u16, tag: &[u8]) {
-    let host =
-        m.ns.inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", port))?))
-            .unwrap();
+    exchange(&m.ns, m.tap_mac, &m.manager, &mut m.nic, port, tag);
+}
+
+/// One UDP datagram each way between `nic` and the host (port `port`
+/// on the host side).
+fn exchange(
+    ns: &NetNs,
+    tap_mac: sandnic::frames::Mac,
+    manager: &ServiceManager,
+    nic: &mut TestNic,
+    port: u16,
+    tag: &[u8],
+) {
+    let host = ns
+        .inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", port))?))
+        .unwrap();
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let frame = sandnic::frames::udp_frame(
-        m.tap_mac,
+        tap_mac,
         RIG_GUEST_MAC,
         (
             sandnic::harness::RIG_GUEST_IP,
@@ -556,16 +545,16 @@ fn one_each_way(m: &mut Managed, port: u16, tag: &[u8]) {
         (5000, port),
         tag,
     );
-    m.nic.send(0, &frame).unwrap();
+    nic.send(0, &frame).unwrap();
     let mut buf = [0u8; 64];
     let (n, _) = host
         .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("guest → host: {e}\n{}", m.manager.log()));
+        .unwrap_or_else(|e| panic!("guest → host: {e}\n{}", manager.log()));
     assert_eq!(&buf[..n], tag);
     host.send_to(tag, "10.77.0.2:5000").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(f) = m.nic.recv(0, Duration::from_millis(100)) {
+        if let Some(f) = nic.recv(0, Duration::from_millis(100)) {
             if sandnic::frames::udp_payload(&f) == Some(tag) {
                 return;
             }
@@ -573,7 +562,7 @@ fn one_each_way(m: &mut Managed, port: u16, tag: &[u8]) {
         assert!(
             std::time::Instant::now() < deadline,
             "host → guest\n{}",
-            m.manager.log()
+            manager.log()
         );
     }
 }
