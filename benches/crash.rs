@@ -14,6 +14,18 @@
 //! process took to say READY. Per mode: the gaps' distribution, probes
 //! lost, duplicate replies, and kills after which traffic never came back.
 //! `SANDNIC_CRASH_KILLS` kills per mode (default 20).
+//!
+//! A second table says where each gap goes. A packet socket on the TAP's
+//! host side timestamps the ARP requests the host sends and the guest's
+//! ARP replies, and the API is polled for the moment the new process has
+//! both rings of the pair running again (the frontend reconnected and set
+//! them up; QEMU brings the guest's link back up then):
+//! - *device back*: kill → rings running (the new process's start, QEMU's
+//!   reconnect timer, the setup);
+//! - *neighbour wait*: rings running → the host's ARP request that was
+//!   answered (the host flushed its neighbour entry when the TAP lost its
+//!   carrier, and asks again at ARP's retransmit);
+//! - the kills after which the host needed ARP at all.
 
 use sandnic::guest::{self, Guest, GuestOptions, Kind, QemuBuild, QemuOptions};
 use sandnic::harness::{bench_should_run, network_unavailable, NetNs, ScratchDir};
@@ -51,6 +63,19 @@ struct ModeReport {
     ready_ms: Vec<f64>,
     lost: usize,
     duplicates: usize,
+    /// Per kill, where its gap went (None: not measured).
+    breakdown: Vec<Option<Breakdown>>,
+}
+
+/// Where one kill's gap went, in ms after the kill.
+#[derive(Debug, Clone, Copy)]
+struct Breakdown {
+    /// Both rings of the pair running again in the new process.
+    device_back: f64,
+    /// The host's ARP request the guest answered, if the host asked.
+    arp_answered: Option<f64>,
+    /// ARP requests the host sent after the kill, answered or not.
+    arp_requests: usize,
 }
 
 fn main() {
@@ -73,12 +98,47 @@ fn main() {
     ];
     println!("| how it comes back | kills | traffic back | gap median | gap p90 | gap max | probes lost | duplicates | new process ready (median) |");
     println!("|---|---|---|---|---|---|---|---|---|");
+    let mut reports = Vec::new();
     for mode in modes {
         match run(mode, kills) {
-            Ok(r) => print_row(mode, &r),
+            Ok(r) => {
+                print_row(mode, &r);
+                reports.push((mode, r));
+            }
             Err(e) => println!("| {} | failed: {e:#} |", mode.name()),
         }
     }
+    println!();
+    println!("| where the gap goes | device back (median / max) | kills whose reply waited for ARP | of those, waited for ARP's 1 s retransmit | neighbour wait after device back (median / max) |");
+    println!("|---|---|---|---|---|");
+    for (mode, r) in &reports {
+        print_breakdown(*mode, r);
+    }
+}
+
+fn print_breakdown(mode: Mode, r: &ModeReport) {
+    let measured: Vec<Breakdown> = r.breakdown.iter().flatten().copied().collect();
+    let median_max = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        match (v.get(v.len() / 2), v.last()) {
+            (Some(m), Some(x)) => format!("{m:.0} / {x:.0} ms"),
+            _ => "-".into(),
+        }
+    };
+    let back = median_max(measured.iter().map(|b| b.device_back).collect());
+    let arped: Vec<&Breakdown> = measured.iter().filter(|b| b.arp_requests > 0).collect();
+    let waits: Vec<f64> = arped
+        .iter()
+        .filter_map(|b| b.arp_answered.map(|a| (a - b.device_back).max(0.0)))
+        .collect();
+    let retransmits = waits.iter().filter(|&&w| w > 500.0).count();
+    println!(
+        "| {} | {back} | {}/{} | {retransmits} | {} |",
+        mode.name(),
+        arped.len(),
+        measured.len(),
+        median_max(waits)
+    );
 }
 
 fn print_row(mode: Mode, r: &ModeReport) {
@@ -121,7 +181,15 @@ fn run(mode: Mode, kills: usize) -> anyhow::Result<ModeReport> {
         }
         Mode::ServerReconnect(b) => ("--socket", 0, b, false, Some("reconnect-ms=100")),
     };
-    let args = [flag, vhost_arg, "--tap", "tap0"];
+    let api = dir.path("api.sock");
+    let args = [
+        flag,
+        vhost_arg,
+        "--tap",
+        "tap0",
+        "--api",
+        api.to_str().expect("utf-8 path"),
+    ];
     // Client mode: QEMU listens first (it waits for the backend at start).
     let (manager, qemu) = if server {
         let qemu = boot(&dir, &vhost, build, server, chardev)?;
@@ -145,10 +213,12 @@ fn run(mode: Mode, kills: usize) -> anyhow::Result<ModeReport> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let capture = ArpCapture::start(&ns)?;
     let ping = FloodPing::every(&ns, "10.88.0.2", "0.002", &dir.path("ping.log"))?;
     std::thread::sleep(Duration::from_millis(500));
     let mut killed_at = Vec::new();
     let mut ready_ms = Vec::new();
+    let mut back_at = Vec::new();
     for i in 0..kills {
         let at = Instant::now();
         killed_at.push(unix_now());
@@ -158,9 +228,12 @@ fn run(mode: Mode, kills: usize) -> anyhow::Result<ModeReport> {
                 ready_ms.push(ready.duration_since(at).as_secs_f64() * 1000.0);
             }
         }
-        std::thread::sleep(SPACING);
+        back_at.push(rings_running_again(&api, at + SPACING));
+        let spent = at.elapsed();
+        std::thread::sleep(SPACING.saturating_sub(spent));
     }
     let report = ping.stop()?;
+    let arp = capture.stop();
     drop(qemu);
     drop(manager);
     Ok(ModeReport {
@@ -169,7 +242,136 @@ fn run(mode: Mode, kills: usize) -> anyhow::Result<ModeReport> {
         ready_ms,
         lost: report.lost().len(),
         duplicates: duplicates(&report),
+        breakdown: killed_at
+            .iter()
+            .zip(&back_at)
+            .enumerate()
+            .map(|(i, (&kill, back))| {
+                // ARP that closed this gap: sent before the first reply
+                // after the kill (and before the next kill).
+                let next_kill = killed_at.get(i + 1).copied().unwrap_or(f64::MAX);
+                let first_reply = report.times.iter().copied().find(|&x| x > kill);
+                let until = first_reply.unwrap_or(f64::MAX).min(next_kill);
+                back.map(|back| breakdown(&arp, kill, back, until))
+            })
+            .collect(),
     })
+}
+
+/// When (seconds since the epoch) the API first shows pair 0's rings both
+/// running, polled every 2 ms until `deadline`. The API answers only once
+/// the new process serves.
+fn rings_running_again(api: &std::path::Path, deadline: Instant) -> Option<f64> {
+    while Instant::now() < deadline {
+        let status = sandnic_host::api::client(api, serde_json::json!({"cmd": "status"}));
+        if let Ok((status, _)) = status {
+            let pair = &status["pairs"][0];
+            if pair["rx_running"] == true && pair["tx_running"] == true {
+                return Some(unix_now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// Where the gap after the kill at `kill` went, from the ARP frames seen
+/// before `until` (the first reply after the kill).
+fn breakdown(arp: &[(f64, ArpSeen)], kill: f64, back: f64, until: f64) -> Breakdown {
+    let window: Vec<&(f64, ArpSeen)> = arp
+        .iter()
+        .filter(|(t, _)| *t > kill && *t < until)
+        .collect();
+    let first_reply = window
+        .iter()
+        .find(|(_, seen)| *seen == ArpSeen::GuestReply)
+        .map(|(t, _)| *t);
+    let requests: Vec<f64> = window
+        .iter()
+        .filter(|(_, seen)| *seen == ArpSeen::HostRequest)
+        .map(|(t, _)| *t)
+        .collect();
+    let answered = first_reply.and_then(|r| requests.iter().copied().rfind(|&q| q <= r));
+    let ms = |t: f64| (t - kill) * 1000.0;
+    Breakdown {
+        device_back: ms(back),
+        arp_answered: answered.map(ms),
+        arp_requests: requests.len(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArpSeen {
+    HostRequest,
+    GuestReply,
+}
+
+/// A packet socket on the TAP's host side that timestamps the ARP
+/// requests the host sends and the ARP replies that come from the guest.
+struct ArpCapture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(f64, ArpSeen)>>,
+}
+
+impl ArpCapture {
+    fn start(ns: &NetNs) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let fd = ns.packet_socket("tap0")?;
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval, which lives for the call.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut frame = [0u8; 2048];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                // SAFETY: `frame` and `from` are live buffers of the sizes
+                // passed; the fd is open for the thread's life.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd.as_raw_fd(),
+                        frame.as_mut_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut len,
+                    )
+                };
+                let at = unix_now();
+                if n < 22 || frame[12..14] != [0x08, 0x06] {
+                    continue;
+                }
+                let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+                match (outgoing, u16::from_be_bytes([frame[20], frame[21]])) {
+                    (true, 1) => seen.push((at, ArpSeen::HostRequest)),
+                    (false, 2) => seen.push((at, ArpSeen::GuestReply)),
+                    _ => {}
+                }
+            }
+            seen
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) -> Vec<(f64, ArpSeen)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 fn boot(

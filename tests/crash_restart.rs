@@ -692,3 +692,87 @@ fn after_a_handover_the_new_process_keeps_the_store() {
     );
     one_each_way(&mut m, 6021, b"picked up");
 }
+
+/// Kills between API round trips wait for this: the reactor answers the
+/// API only after the loop turn that served the frontend's last message,
+/// and that turn ends by bringing the record up to date.
+fn record_settled(m: &Managed) {
+    m.api(json!({"cmd": "status"}));
+}
+
+/// A VM migration's dirty log is not in the record, and a source VMM that
+/// a restarted process served unlogged would hand the destination stale
+/// pages: a kill while the log is on closes the connection (QEMU's
+/// reconnect, if any, applies; the migration fails) and the device is
+/// served afresh. A migration that ended leaves the record current, and a
+/// kill after it is picked up.
+#[test]
+fn a_kill_during_a_vm_migration_closes_the_connection_and_starts_afresh() {
+    require_network!("a_kill_during_a_vm_migration_closes_the_connection_and_starts_afresh");
+    let mut m = Managed::start();
+    let log = std::fs::File::from(
+        nix::sys::memfd::memfd_create(c"log", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .unwrap(),
+    );
+    log.set_len(1 << 20).unwrap();
+    m.nic.start_dirty_log(&log, 1 << 20, 0).unwrap();
+    m.nic.stop_dirty_log().unwrap();
+    record_settled(&m);
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    one_each_way(&mut m, 6005, b"after-migration");
+
+    m.nic.start_dirty_log(&log, 1 << 20, 0).unwrap();
+    record_settled(&m);
+    let pid = m.manager.main_pid().unwrap();
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(3, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    let log = m.manager.log();
+    assert_eq!(
+        log.matches("picked the device up from the service manager's fd store")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("during a VM migration"), "{log}");
+    closed_then_served_afresh(&m, pid);
+}
+
+/// A migration's destination VMM connected (a standby session): a kill
+/// closes both connections, and the device is served afresh.
+#[test]
+fn a_kill_with_a_migrations_destination_connected_closes_both_connections() {
+    require_network!("a_kill_with_a_migrations_destination_connected_closes_both_connections");
+    let m = Managed::start();
+    let standby =
+        TestNic::connect_standby(&m.dir.path("vhost.sock"), &NicConfig::default()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while m.api(json!({"cmd": "status"}))["sessions"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "no second session");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    record_settled(&m);
+    let pid = m.manager.main_pid().unwrap();
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    assert!(
+        m.manager.log().contains("during a VM migration"),
+        "{}",
+        m.manager.log()
+    );
+    closed_then_served_afresh(&m, pid);
+    assert!(
+        standby.start().is_err(),
+        "the destination's connection is closed"
+    );
+}

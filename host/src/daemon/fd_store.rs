@@ -73,6 +73,8 @@ pub struct FdStore {
     restarts: Vec<u64>,
     /// Said once: the store cannot hold the device.
     said_too_small: bool,
+    /// What the record's busy byte says now, to skip writing it again.
+    busy: std::cell::Cell<bool>,
 }
 
 impl FdStore {
@@ -92,6 +94,7 @@ impl FdStore {
             next_name: 0,
             restarts: Vec::new(),
             said_too_small: false,
+            busy: std::cell::Cell::new(false),
         })
     }
 
@@ -119,14 +122,16 @@ impl FdStore {
             next_name: 0,
             restarts,
             said_too_small: false,
+            busy: std::cell::Cell::new(false),
         }
     }
 
     /// Brings the store in line with the device: stores each fd it does
     /// not hold yet, writes the record naming them all, then removes what
     /// the record no longer names. In that order, a death at any point
-    /// leaves a record whose names are all in the store.
-    pub fn sync(&mut self, offer: Offer, fds: &[(FdRole, RawFd)], device_state: Vec<u8>) {
+    /// leaves a record whose names are all in the store. True when the
+    /// record now describes the device.
+    pub fn sync(&mut self, offer: Offer, fds: &[(FdRole, RawFd)], device_state: Vec<u8>) -> bool {
         if fds.len() + 1 > self.limit && !self.said_too_small {
             warn!(
                 needed = fds.len() + 1,
@@ -142,7 +147,7 @@ impl FdStore {
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             match self.name_of(fd, role) {
                 Some(name) => names.push((role, name)),
-                None => return,
+                None => return false,
             }
         }
         let record = Record {
@@ -153,7 +158,7 @@ impl FdStore {
         };
         if let Err(e) = self.record.write(&record) {
             warn!("writing the state record: {e}");
-            return;
+            return false;
         }
         if !self.record_stored {
             match self
@@ -172,6 +177,7 @@ impl FdStore {
         for stored in gone {
             self.remove(&stored.name);
         }
+        true
     }
 
     /// The name `fd` is stored under, storing it first if no stored fd is
@@ -209,9 +215,14 @@ impl FdStore {
         }
     }
 
-    /// Brackets every frontend message (see `RecordFile::set_busy`).
+    /// Says whether the record may be behind the device (see
+    /// `RecordFile::set_busy`): set as a frontend message is taken and
+    /// while a VM migration is under way, cleared by the reactor once a
+    /// `sync` wrote the record.
     pub fn set_busy(&self, busy: bool) {
-        self.record.set_busy(busy);
+        if self.busy.replace(busy) != busy {
+            self.record.set_busy(busy);
+        }
     }
 
     /// Takes everything out of the store, record included: the device is

@@ -9,11 +9,16 @@
 //! generation. A torn write spoils at most the copy being written, whose
 //! checksum then fails, and the other still holds the previous record.
 //!
-//! The first page holds one more byte, written on its own: whether a
-//! frontend message is being handled (`set_busy`). A process that died
-//! there may owe the frontend a reply, or have read half a message; the
-//! next one cannot know which, so it closes that connection rather than
-//! guess (see `serve::restart`).
+//! The first page holds one more byte, written on its own: whether the
+//! record may be behind the device (`set_busy`). It is set when a frontend
+//! message is taken and cleared once a record written after it is whole;
+//! it stays set while a VM migration is under way. A process that died
+//! mid-message may owe the frontend a reply, or have read half a message;
+//! one that died mid-migration leaves a second frontend and a dirty log
+//! the record does not hold, and a source VMM whose log a restarted
+//! process would not fill (the migrated guest would read stale pages).
+//! The next process cannot finish either, so it closes that connection
+//! rather than guess (see `serve::restart`).
 //!
 //! File layout: `[busy page][copy A][copy B]`, each copy a 32-byte header
 //! (magic, generation, length, FNV-1a of the payload) and its payload.
@@ -146,14 +151,14 @@ impl RecordFile {
         Ok(())
     }
 
-    /// Marks whether a frontend message is being handled (one byte, one
-    /// system call: it brackets every message).
+    /// Marks whether the record may be behind the device (one byte, one
+    /// system call: it brackets every frontend message).
     pub fn set_busy(&self, busy: bool) {
         let _ = pwrite_all(self.fd.as_fd(), &[u8::from(busy)], 0);
     }
 
-    /// Whether the process that wrote this died while handling a frontend
-    /// message.
+    /// Whether the process that wrote this died with the record behind the
+    /// device: inside a frontend message, or during a VM migration.
     pub fn was_busy(&self) -> bool {
         let mut byte = [0u8; 1];
         matches!(nix::sys::uio::pread(&self.fd, &mut byte, 0), Ok(1) if byte[0] != 0)

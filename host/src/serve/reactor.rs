@@ -146,15 +146,21 @@ impl Server {
 
     /// Brings the fd store and its record in line with the device: after
     /// every event (a new fd, a negotiated feature, a control command, a
-    /// swap). Left as it was while a VM migration or a handover is under
-    /// way: what a restart would need then (a second frontend, the dirty
-    /// log) is not in the record, and a restart in that window closes the
-    /// connection instead.
+    /// swap), and then says the record is current (`FdStore::set_busy`).
+    /// Left as it was while a handover is under way (the store is emptied
+    /// at its pause). While a VM migration is under way the record is
+    /// marked behind: what a restart would need then (a second frontend,
+    /// the dirty log) is not in it, and a restart in that window closes
+    /// the connection instead of serving the source VMM unlogged.
     pub fn sync_store(&mut self) {
-        if self.store.is_none()
-            || self.backend.handover_blocker().is_some()
-            || self.handover.under_way()
-        {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if self.backend.handover_blocker().is_some() {
+            store.set_busy(true);
+            return;
+        }
+        if self.handover.under_way() {
             return;
         }
         let Some(sockets) = self.sockets() else {
@@ -169,7 +175,9 @@ impl Server {
             }
         };
         if let Some(store) = &mut self.store {
-            store.sync(offer, &fds, state);
+            if store.sync(offer, &fds, state) {
+                store.set_busy(false);
+            }
         }
     }
 
@@ -390,13 +398,12 @@ impl Server {
         let Some(at) = self.frontends.iter().position(|f| f.session == session) else {
             return;
         };
+        // Cleared by the next `sync_store`, once the record holds what
+        // this message changed.
         if let Some(store) = &self.store {
             store.set_busy(true);
         }
         let served = self.frontends[at].serve_one(&mut self.backend);
-        if let Some(store) = &self.store {
-            store.set_busy(false);
-        }
         if let Err(why) = served {
             let connection = self.frontends.remove(at);
             connection.log_close(&why);

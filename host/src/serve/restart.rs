@@ -51,8 +51,8 @@ pub enum NotPickedUp {
     NoRecord,
     #[error(transparent)]
     Record(#[from] crate::daemon::record::RecordError),
-    #[error("the process died while handling a frontend message (a reply may be owed, or a message half read)")]
-    MidMessage,
+    #[error("the process died while handling a frontend message (a reply may be owed, or a message half read) or during a VM migration (the record holds neither the second frontend nor the dirty log)")]
+    RecordBehind,
     #[error("the device was restarted {0} times within {RESTART_WINDOW:?}")]
     TooManyRestarts(usize),
     #[error("the record names {0:?}, which the store did not return")]
@@ -127,7 +127,7 @@ fn rebuild(
 ) -> Result<(Serving, FdStore), NotPickedUp> {
     let (file, record_name, mut record) = newest_record(&mut stored)?;
     if file.was_busy() {
-        return Err(NotPickedUp::MidMessage);
+        return Err(NotPickedUp::RecordBehind);
     }
     file.set_busy(false);
     let now = now_ms();
