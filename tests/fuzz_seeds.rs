@@ -129,6 +129,7 @@ fn offer_frame() -> Vec<u8> {
         connect: None,
         counters: Default::default(),
         queue_stats: vec![],
+        limits: Default::default(),
     };
     let offer = Offer {
         magic: sandnic_host::handover::stream::MAGIC.into(),

@@ -456,6 +456,7 @@ fn corrupted_and_truncated_streams_are_refused_cleanly() {
             connect: None,
             counters: Default::default(),
             queue_stats: vec![],
+            limits: Default::default(),
         },
         component_wasm: vec![],
         fds: vec![],

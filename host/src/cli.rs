@@ -1,5 +1,6 @@
 //! The `sandnic` command line.
 
+use crate::datapath::rate_limit::{LimitSpecs, RateSpec, SpecError};
 use crate::datapath::DatapathOptions;
 use crate::hardening::privileges::Target;
 use crate::hardening::seccomp::Mode;
@@ -24,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: a large variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a virtio-net device over vhost-user, backed by a TAP device.
@@ -102,6 +105,17 @@ pub enum Command {
         /// 254 and later pass N in $FDSTORE, which needs no flag.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
         fd_store: Option<u64>,
+        /// Rate limit guest → TAP, shared by all queue pairs:
+        /// `bytes=N[,frames=N][,burst-bytes=N][,burst-frames=N]` per
+        /// second, Ethernet frame bytes as the TAP counts them; suffixes
+        /// k, M, G (decimal). Chains wait in the guest's ring: nothing is
+        /// dropped for the limit. A burst defaults to 0.1 s of the rate.
+        #[arg(long, value_name = "SPEC")]
+        tx_limit: Option<RateSpec>,
+        /// Rate limit TAP → guest, as --tx-limit. Frames wait in the TAP,
+        /// whose queue drops what overflows (`stats` counts it).
+        #[arg(long, value_name = "SPEC")]
+        rx_limit: Option<RateSpec>,
     },
     /// Talk to a running `sandnic serve` through its control socket.
     Ctl {
@@ -144,6 +158,15 @@ pub enum CtlCommand {
     Save { file: PathBuf },
     /// Ask the guest to announce itself (GUEST_ANNOUNCE).
     Announce,
+    /// Set rate limits at once: `--tx SPEC`, `--rx SPEC` (as `serve
+    /// --tx-limit`), or `none` to remove one; a direction not named is
+    /// left as it is.
+    Limit {
+        #[arg(long, value_name = "SPEC|none", value_parser = parse_limit_arg)]
+        tx: Option<LimitArg>,
+        #[arg(long, value_name = "SPEC|none", value_parser = parse_limit_arg)]
+        rx: Option<LimitArg>,
+    },
     /// Hand the whole device to a `sandnic serve --incoming PATH`.
     Handover {
         path: PathBuf,
@@ -151,6 +174,31 @@ pub enum CtlCommand {
         #[arg(long)]
         new_tap: bool,
     },
+}
+
+/// `ctl limit`'s value for a direction: a limit, or `none` to remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitArg {
+    Set(RateSpec),
+    Remove,
+}
+
+fn parse_limit_arg(text: &str) -> Result<LimitArg, SpecError> {
+    if text == "none" {
+        Ok(LimitArg::Remove)
+    } else {
+        text.parse().map(LimitArg::Set)
+    }
+}
+
+impl LimitArg {
+    /// The API's form: a spec object, or null.
+    fn to_json(self) -> serde_json::Value {
+        match self {
+            Self::Set(spec) => serde_json::to_value(spec).expect("plain fields"),
+            Self::Remove => serde_json::Value::Null,
+        }
+    }
 }
 
 /// A `--mac` the device cannot use.
@@ -214,6 +262,8 @@ pub fn main() -> ExitCode {
             user,
             seccomp,
             fd_store,
+            tx_limit,
+            rx_limit,
         } => {
             if incoming.is_some() {
                 let device_flags = [
@@ -227,12 +277,14 @@ pub fn main() -> ExitCode {
                     ("--mtu", mtu.is_some()),
                     ("--api", api.is_some()),
                     ("--api-fd", api_fd.is_some()),
+                    ("--tx-limit", tx_limit.is_some()),
+                    ("--rx-limit", rx_limit.is_some()),
                 ];
                 if let Some((flag, _)) = device_flags.iter().find(|(_, given)| *given) {
                     eprintln!(
                         "sandnic: {flag} cannot be used with --incoming: a handover destination \
                          takes the device whole from the source (TAP, MAC, queue pairs, MTU, \
-                         vhost-user and API sockets)"
+                         vhost-user and API sockets, rate limits)"
                     );
                     return ExitCode::from(2);
                 }
@@ -263,6 +315,10 @@ pub fn main() -> ExitCode {
                 user,
                 seccomp,
                 fd_store: fd_store.map(|n| n as usize),
+                limits: LimitSpecs {
+                    tx: tx_limit,
+                    rx: rx_limit,
+                },
             };
             return match serve(opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -328,6 +384,16 @@ fn ctl(api: &std::path::Path, command: CtlCommand) -> ExitCode {
         }
         CtlCommand::Save { file } => return save(api, &file),
         CtlCommand::Announce => serde_json::json!({ "cmd": "announce" }),
+        CtlCommand::Limit { tx, rx } => {
+            let mut request = serde_json::json!({ "cmd": "limit" });
+            if let Some(tx) = tx {
+                request["tx"] = tx.to_json();
+            }
+            if let Some(rx) = rx {
+                request["rx"] = rx.to_json();
+            }
+            request
+        }
         CtlCommand::Handover { path, new_tap } => {
             let path = std::fs::canonicalize(&path).unwrap_or(path);
             serde_json::json!({ "cmd": "handover", "path": path, "new_tap": new_tap })

@@ -6,7 +6,9 @@
 //! Commands: `status`, `stats`, `link` (`"up": bool`), `swap`
 //! (`"component": "builtin[:VERSION]"` or a file), `save` (the device
 //! state, hex), `announce`, `handover` (`"path": SOCKET`, optional
-//! `"new_tap": true`).
+//! `"new_tap": true`), `limit` (`"tx"`/`"rx"`: `{"bytes": N, "frames": N,
+//! "burst_bytes": N, "burst_frames": N}` sets a direction's limit, `null`
+//! removes it, a direction left out is unchanged).
 //!
 //! - `server.rs` — a client connection as the serving process reads it
 //! - `client.rs` — the client side (`sandnic ctl`, tests)
@@ -18,6 +20,7 @@ pub use client::{client, from_hex, to_hex, ClientError};
 pub use server::ApiClient;
 
 use crate::backend::NetBackend;
+use crate::datapath::rate_limit::{LimitSpecs, RateSpec, SpecError};
 use crate::sandbox::{ComponentSource, DeviceError, Runtime, SwapError};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -43,6 +46,23 @@ pub enum Request {
         #[serde(default)]
         new_tap: bool,
     },
+    Limit {
+        /// Left out: unchanged; `null`: removed.
+        #[serde(default, deserialize_with = "present")]
+        tx: Option<Option<RateSpec>>,
+        #[serde(default, deserialize_with = "present")]
+        rx: Option<Option<RateSpec>>,
+    },
+}
+
+/// A field that is there, `null` or not: `Some(None)` for `null` (a field
+/// left out is `None` through `#[serde(default)]`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Why a request failed; `kind` names it for programs.
@@ -74,6 +94,9 @@ pub enum ApiError {
     /// The TAP device was deleted: the link stays down.
     #[error("the TAP {0:?} is gone: the link stays down (serve the device on a new TAP)")]
     TapGone(String),
+    /// A rate limit the device cannot take; neither direction changed.
+    #[error("{0} limit: {1}")]
+    Limit(&'static str, SpecError),
 }
 
 impl ApiError {
@@ -88,6 +111,7 @@ impl ApiError {
             Self::Swap(e) => e.kind(),
             Self::Handover(e) => e.kind(),
             Self::TapGone(_) => "tap_gone",
+            Self::Limit(..) => "bad_limit",
         }
     }
 
@@ -151,6 +175,7 @@ fn handle(request: Request, ctx: &mut ApiContext<'_>) -> Result<Value, ApiError>
             swap(ctx, &component)
         }
         Request::Save => save(ctx),
+        Request::Limit { tx, rx } => limit(ctx, tx, rx),
         Request::Handover { path, new_tap } => {
             if ctx.handover_under_way {
                 return Err(ApiError::Busy("handover"));
@@ -188,7 +213,49 @@ fn status(ctx: &mut ApiContext<'_>) -> Value {
         "needs_reset": b.device().needs_reset(),
         "datapath_threads": b.datapath().thread_count(),
         "pairs": b.datapath().pair_states(),
+        "limits": limits_shown(b.datapath().limits()),
     })
+}
+
+/// Sets the limits named (both checked first: a bad one changes nothing).
+fn limit(
+    ctx: &mut ApiContext<'_>,
+    tx: Option<Option<RateSpec>>,
+    rx: Option<Option<RateSpec>>,
+) -> Result<Value, ApiError> {
+    let check = |name, spec: Option<Option<RateSpec>>| {
+        spec.map(|s| s.map(RateSpec::validated).transpose())
+            .transpose()
+            .map_err(|e| ApiError::Limit(name, e))
+    };
+    let (tx, rx) = (check("tx", tx)?, check("rx", rx)?);
+    let datapath = ctx.backend.datapath();
+    let mut limits = datapath.limits();
+    if let Some(tx) = tx {
+        limits.tx = tx;
+    }
+    if let Some(rx) = rx {
+        limits.rx = rx;
+    }
+    datapath.set_limits(limits);
+    tracing::info!(tx = ?limits.tx.map(|s| s.to_string()), rx = ?limits.rx.map(|s| s.to_string()), "rate limits set");
+    Ok(json!({ "ok": true, "limits": limits_shown(limits) }))
+}
+
+/// The limits with the bursts in force (a default burst shown as its
+/// value).
+fn limits_shown(limits: LimitSpecs) -> Value {
+    let one = |spec: Option<RateSpec>| {
+        spec.map(|s| {
+            json!({
+                "bytes": s.bytes,
+                "frames": s.frames,
+                "burst_bytes": s.burst_bytes_or_default(),
+                "burst_frames": s.burst_frames_or_default(),
+            })
+        })
+    };
+    json!({ "tx": one(limits.tx), "rx": one(limits.rx) })
 }
 
 fn stats(ctx: &mut ApiContext<'_>) -> Value {
@@ -204,7 +271,13 @@ fn stats(ctx: &mut ApiContext<'_>) -> Value {
             v
         })
         .collect();
-    json!({ "ok": true, "queues": queues, "control": ctx.backend.counters, "sandbox": ctx.backend.device().stats() })
+    let datapath = ctx.backend.datapath();
+    let (tx_waits, rx_waits) = datapath.throttle_waits();
+    let limits = json!({
+        "tx": { "throttled": tx_waits },
+        "rx": { "throttled": rx_waits, "tap_dropped": datapath.tap().kernel_drops() },
+    });
+    json!({ "ok": true, "queues": queues, "control": ctx.backend.counters, "sandbox": ctx.backend.device().stats(), "limits": limits })
 }
 
 fn swap(ctx: &mut ApiContext<'_>, named: &str) -> Result<Value, ApiError> {

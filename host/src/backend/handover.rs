@@ -4,6 +4,7 @@
 
 use super::session::{Session, SessionId};
 use super::{ControlCounters, NetBackend};
+use crate::datapath::rate_limit::LimitSpecs;
 use crate::datapath::stats::StatsSnapshot;
 use crate::datapath::vring::RingAddrs;
 use crate::datapath::DatapathOptions;
@@ -85,6 +86,10 @@ pub struct HostState {
     pub counters: ControlCounters,
     #[serde(default)]
     pub queue_stats: Vec<StatsSnapshot>,
+    /// The rate limits, kept across a handover and a restart (absent from
+    /// older releases: none).
+    #[serde(default)]
+    pub limits: LimitSpecs,
 }
 
 impl NetBackend {
@@ -183,6 +188,7 @@ impl NetBackend {
             connect: None,
             counters: self.counters.clone(),
             queue_stats: self.datapath.stats(),
+            limits: self.datapath.limits(),
         };
         let mut fds = Vec::new();
         if let Some(memory) = &session.memory {
@@ -292,6 +298,7 @@ impl NetBackend {
         self.adopt_positions(host);
         self.counters = host.counters.clone();
         self.datapath.restore_stats(&host.queue_stats);
+        self.datapath.set_limits(host.limits);
         self.apply(load_effects);
         self.sync_active_pairs();
         self.datapath.set_settings(&self.settings);

@@ -8,12 +8,14 @@
 //! - `rx_filter.rs` — the native receive filter
 //! - `worker.rs` — a datapath thread and its epoll loop
 //! - `notify.rs` — kick/call fds
+//! - `rate_limit/` — the device's rate limits, shared by its pairs
 //! - `tap_gone.rs` — the alarm raised when the TAP device is deleted
 //! - `stats.rs` — counters
 //! - `testing.rs` — guest RAM, a driver's ring and a fake TAP for the unit
 //!   tests
 
 pub mod notify;
+pub mod rate_limit;
 pub mod rx;
 pub mod rx_filter;
 pub mod stats;
@@ -29,6 +31,7 @@ use crate::memory::dirty_log::DirtyLog;
 use crate::memory::guest_memory::GuestMemory;
 use crate::tap::{Tap, TapQueues};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use rate_limit::{LimitSpecs, RateLimits};
 use rx::RxPending;
 use rx_filter::NativeFilter;
 use stats::{QueueStats, StatsSnapshot};
@@ -165,6 +168,8 @@ pub struct PairShared {
     tid: AtomicI32,
     /// Shared by every pair: raised when the kernel detached the queues.
     tap_gone: Arc<TapGone>,
+    /// Shared by every pair: the device's rate limits.
+    limits: Arc<RateLimits>,
 }
 
 impl PairShared {
@@ -172,6 +177,7 @@ impl PairShared {
         index: u16,
         busy_poll: std::time::Duration,
         tap_gone: Arc<TapGone>,
+        limits: Arc<RateLimits>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             index,
@@ -194,6 +200,7 @@ impl PairShared {
                 .map_err(std::io::Error::from)?,
             stop: AtomicBool::new(false),
             tap_gone,
+            limits,
         })
     }
 
@@ -224,6 +231,7 @@ pub struct Datapath<T: TapQueues = Tap> {
     pairs: Vec<Arc<PairShared>>,
     threads: Vec<JoinHandle<()>>,
     tap_gone: Arc<TapGone>,
+    limits: Arc<RateLimits>,
 }
 
 /// Which ring of a pair a virtqueue index is.
@@ -240,9 +248,16 @@ impl<T: TapQueues> Datapath<T> {
     /// queue attachment is left to `set_active_pairs`.
     pub fn start(tap: Arc<T>, options: DatapathOptions) -> std::io::Result<Self> {
         let tap_gone = Arc::new(TapGone::new()?);
+        let limits = Arc::new(RateLimits::default());
         let pairs = (0..tap.queue_count())
             .map(|index| {
-                PairShared::new(index as u16, options.busy_poll, tap_gone.clone()).map(Arc::new)
+                PairShared::new(
+                    index as u16,
+                    options.busy_poll,
+                    tap_gone.clone(),
+                    limits.clone(),
+                )
+                .map(Arc::new)
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let n = threads_for(pairs.len(), options.threads);
@@ -261,6 +276,7 @@ impl<T: TapQueues> Datapath<T> {
             pairs,
             threads,
             tap_gone,
+            limits,
         })
     }
 
@@ -272,6 +288,25 @@ impl<T: TapQueues> Datapath<T> {
     /// was deleted); the control thread watches its fd.
     pub fn tap_gone(&self) -> &TapGone {
         &self.tap_gone
+    }
+
+    /// The device's rate limits as set.
+    pub fn limits(&self) -> LimitSpecs {
+        self.limits.specs()
+    }
+
+    /// Sets both directions' limits at once (None removes one), and wakes
+    /// every pair: one waiting for a turn under the old limit looks again.
+    pub fn set_limits(&self, specs: LimitSpecs) {
+        self.limits.set(specs);
+        for pair in &self.pairs {
+            pair.wake();
+        }
+    }
+
+    /// Times a pair waited for its turn: (TX, RX).
+    pub fn throttle_waits(&self) -> (u64, u64) {
+        (self.limits.tx.waits(), self.limits.rx.waits())
     }
 
     /// The ids of the threads that run so far (a handover raises their

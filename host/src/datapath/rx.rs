@@ -9,6 +9,7 @@
 //! one. Pending chains are rewound (given back to the available ring) when
 //! the ring stops, so the guest loses no buffers.
 
+use super::rate_limit::Allowance;
 use super::rx_filter::NativeFilter;
 use super::stats::Batch;
 use super::tap_io;
@@ -63,9 +64,7 @@ impl RxPending {
 
     /// Gives every pending chain back to the available ring.
     pub fn rewind(&mut self, ring: &mut Vring) {
-        let n = self.chains.len() as u16;
-        ring.queue
-            .set_next_avail(ring.queue.next_avail().wrapping_sub(n));
+        ring.untake(self.chains.len() as u16);
         self.chains.clear();
         self.iov.clear();
     }
@@ -155,18 +154,28 @@ pub enum RxOutcome {
     TapError,
     /// The kernel detached the queue: the TAP device is gone, for good.
     TapGone,
+    /// The rate limit's allowance is spent: the next frames wait in the
+    /// TAP for the pair's next turn.
+    Throttled,
 }
 
-/// Moves up to `budget` frames from the TAP into the guest.
+/// Moves up to `budget` frames from the TAP into the guest, while
+/// `allowance` (the rate limit's) lasts. Every frame read from the TAP is
+/// charged, delivered or not: it left the TAP's queue.
 pub fn process_rx(
     ring: &mut Vring,
     pending: &mut RxPending,
     ctx: &RxContext<'_>,
     budget: usize,
+    allowance: &mut Allowance,
 ) -> (Batch, RxOutcome) {
     let mut batch = Batch::default();
     let mut outcome = RxOutcome::Budget;
     for _ in 0..budget {
+        if !allowance.allows_another() {
+            outcome = RxOutcome::Throttled;
+            break;
+        }
         if !gather(ring, pending, ctx, &mut batch) {
             outcome = RxOutcome::NeedBuffers;
             break;
@@ -193,6 +202,7 @@ pub fn process_rx(
                 break;
             }
         };
+        allowance.charge(n.saturating_sub(ctx.hdr_len as u64));
         if n >= usable.room || n <= ctx.hdr_len as u64 || !ctx.link_up {
             batch.drops += 1;
             continue;
@@ -396,7 +406,13 @@ mod tests {
                 link_up: true,
                 dirty_log: None,
             };
-            process_rx(&mut self.ring, &mut self.pending, &ctx, budget)
+            process_rx(
+                &mut self.ring,
+                &mut self.pending,
+                &ctx,
+                budget,
+                &mut Allowance::unlimited(),
+            )
         }
     }
 

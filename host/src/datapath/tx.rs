@@ -4,6 +4,7 @@
 //! out of guest memory first and goes in one piece (see `SMALL_CHAIN`); a
 //! larger one goes straight from guest memory.
 
+use super::rate_limit::Allowance;
 use super::stats::Batch;
 use super::tap_io;
 use super::vring::{chain_iovecs, read_iov, Vring};
@@ -57,46 +58,65 @@ enum Frame<'a> {
     InGuest(&'a [IoVec]),
 }
 
-/// Sends up to `budget` chains. Returns the counts and whether the ring may
-/// hold more (budget exhausted).
+/// Sends up to `budget` chains, while `allowance` (the rate limit's)
+/// lasts. Returns the counts and whether the ring may hold more (budget or
+/// allowance spent). Chains the allowance does not cover stay in the ring,
+/// untouched: the guest's queue fills and its stack slows down, and
+/// nothing is dropped for the limit.
 pub fn process_tx(
     ring: &mut Vring,
     ctx: &TxContext<'_>,
     iov: &mut Vec<IoVec>,
     budget: usize,
+    allowance: &mut Allowance,
 ) -> (Batch, bool) {
     let mut batch = Batch::default();
     let mut done = 0;
+    let mut throttled = false;
     // (head, first iovec, iovec count, frame length or 0 for a bad chain)
     let mut chains = [(0u16, 0usize, 0usize, 0u64); GATHER];
     let mut copies = [[0u8; SMALL_CHAIN]; GATHER];
     loop {
         ring.disable_notification(ctx.mem);
-        while done < budget {
+        while done < budget && !throttled {
             iov.clear();
-            let gathered = gather(ring, ctx, iov, &mut chains[..GATHER.min(budget - done)]);
+            // No more chains than the allowance has frames: the rest would
+            // only be walked and given back.
+            let room = GATHER
+                .min(budget - done)
+                .min(usize::try_from(allowance.frames.max(1)).unwrap_or(GATHER));
+            let gathered = gather(ring, ctx, iov, &mut chains[..room]);
             if gathered == 0 {
                 break;
             }
             let group = &chains[..gathered];
             copy_small_chains(group, iov, &mut copies);
+            let mut sent = 0;
             for (k, &(head, first, count, len)) in group.iter().enumerate() {
+                if !allowance.allows_another() {
+                    ring.untake((gathered - k) as u16);
+                    throttled = true;
+                    break;
+                }
                 if len > ctx.hdr_len as u64 {
                     let frame = if is_small(len) {
                         Frame::Copied(&copies[k][..len as usize])
                     } else {
                         Frame::InGuest(&iov[first..first + count])
                     };
-                    send(ctx, &frame, len, &mut batch);
+                    if send(ctx, &frame, len, &mut batch) {
+                        allowance.charge(len - ctx.hdr_len as u64);
+                    }
                 } else {
                     batch.bad_chains += 1;
                 }
                 // A TX buffer is only read: the used length is 0.
                 ring.push_used(ctx.mem, head, 0);
+                sent += 1;
             }
-            done += gathered;
+            done += sent;
         }
-        if done >= budget {
+        if done >= budget || throttled {
             break;
         }
         // Re-enable notifications, then look again: a chain added in
@@ -108,7 +128,7 @@ pub fn process_tx(
     if done > 0 {
         ring.notify(ctx.mem);
     }
-    (batch, done >= budget)
+    (batch, done >= budget || throttled)
 }
 
 /// Takes up to `out.len()` chains off the ring, resolving their buffers into
@@ -153,11 +173,11 @@ fn copy_small_chains(
     }
 }
 
-/// Writes one chain of `len` bytes to the TAP.
-fn send(ctx: &TxContext<'_>, frame: &Frame<'_>, len: u64, batch: &mut Batch) {
+/// Writes one chain of `len` bytes to the TAP; true if it went.
+fn send(ctx: &TxContext<'_>, frame: &Frame<'_>, len: u64, batch: &mut Batch) -> bool {
     if !ctx.link_up {
         batch.drops += 1;
-        return;
+        return false;
     }
     let one;
     let entries = match frame {
@@ -176,9 +196,11 @@ fn send(ctx: &TxContext<'_>, frame: &Frame<'_>, len: u64, batch: &mut Batch) {
     let written = unsafe { tap_io::writev(ctx.tap, entries) };
     if written < 0 {
         batch.drops += 1;
+        false
     } else {
         batch.packets += 1;
         batch.bytes += len - ctx.hdr_len as u64;
+        true
     }
 }
 
@@ -228,7 +250,13 @@ mod tests {
                 hdr_len: 12,
                 link_up,
             };
-            process_tx(&mut self.ring, &ctx, &mut Vec::new(), budget)
+            process_tx(
+                &mut self.ring,
+                &ctx,
+                &mut Vec::new(),
+                budget,
+                &mut Allowance::unlimited(),
+            )
         }
     }
 

@@ -330,6 +330,12 @@ impl Vring {
         if !matches!(enabled, Ok(true)) {
             return false;
         }
+        self.has_chains(mem)
+    }
+
+    /// Whether the driver has published chains not taken yet (a valid
+    /// backlog only: see `enable_and_recheck`).
+    pub fn has_chains(&self, mem: &GuestMemoryMmap) -> bool {
         match self.queue.avail_idx(mem, Ordering::Acquire) {
             Ok(avail) => {
                 let backlog = avail.0.wrapping_sub(self.queue.next_avail());
@@ -337,6 +343,13 @@ impl Vring {
             }
             Err(_) => false,
         }
+    }
+
+    /// Gives the last `n` chains taken back to the available ring (taken,
+    /// not used: the driver sees nothing).
+    pub fn untake(&mut self, n: u16) {
+        self.queue
+            .set_next_avail(self.queue.next_avail().wrapping_sub(n));
     }
 
     /// The next chain, or none when the ring is empty or its available

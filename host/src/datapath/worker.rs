@@ -15,6 +15,7 @@
 //! stopped ring, a pause for handover) lands exactly at a batch boundary.
 
 use super::notify;
+use super::rate_limit::{Allowance, DirectionLimit, Take};
 use super::rx::{process_rx, RxContext, RxOutcome};
 use super::stats::Batch;
 use super::tx::{process_tx, TxContext};
@@ -61,10 +62,17 @@ struct Served<'tap> {
 impl Served<'_> {
     /// Worth another pass without sleeping: a budget ran out, or traffic
     /// moved within the busy-poll window. A failing TAP is never polled
-    /// (that would spin).
+    /// (that would spin), and a throttled pair waits for its turn on a
+    /// timer: busy polling is for frames that move.
     fn polling(&self, now: Instant) -> bool {
+        let recent = now.duration_since(self.last_work) < self.shared.busy_poll;
         !self.last.tap_failing
-            && (self.last.more || now.duration_since(self.last_work) < self.shared.busy_poll)
+            && (self.last.more || (recent && self.last.throttled_until.is_none()))
+    }
+
+    /// Its turn under a rate limit has come.
+    fn turn_due(&self, now: Instant) -> bool {
+        self.last.throttled_until.is_some_and(|t| now >= t)
     }
 }
 
@@ -102,6 +110,9 @@ struct Pass {
     /// The TAP failed in a way that may persist: nap instead of sleeping
     /// on it (it may stay readable) or polling it (that would spin).
     tap_failing: bool,
+    /// A rate limit holds frames back (TX in the ring, RX in the TAP)
+    /// until then.
+    throttled_until: Option<Instant>,
 }
 
 /// Serves `pairs` until the datapath stops.
@@ -163,12 +174,12 @@ pub fn run<T: TapQueues>(pairs: Vec<Arc<PairShared>>, tap: Arc<T>) {
             // one of them fires (or, with its TAP failing, once its retry
             // is due): an idle pair beside a busy one costs no TAP read
             // per pass.
-            s.due = polling || !as_wanted;
+            s.due = polling || !as_wanted || s.turn_due(now);
+            sleeping &= !s.turn_due(now);
         }
-        let n = match r
-            .epoll
-            .wait(&mut events, wait_timeout(sleeping, taps_as_wanted))
-        {
+        let next_turn = served.iter().filter_map(|s| s.last.throttled_until).min();
+        let timeout = wait_timeout(sleeping, taps_as_wanted, next_turn, now);
+        let n = match r.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(e) => {
@@ -178,9 +189,10 @@ pub fn run<T: TapQueues>(pairs: Vec<Arc<PairShared>>, tap: Arc<T>) {
         };
         r.drain_fired(&events[..n], &mut served);
         let mut stale = false;
+        let now = Instant::now();
         for (slot, s) in served.iter_mut().enumerate() {
-            let retry = s.last.tap_failing && Instant::now() >= s.retry_at;
-            if !(s.due || retry) {
+            let retry = s.last.tap_failing && now >= s.retry_at;
+            if !(s.due || retry || s.turn_due(now)) {
                 continue;
             }
             let mut st = s.shared.lock();
@@ -233,14 +245,26 @@ fn confine_if_asked(served: &[Served<'_>]) {
 
 /// Poll while busy; sleep until an fd fires otherwise — but only nap if a
 /// TAP should be watched and could not be (or is failing), so frames on it
-/// are still read.
-fn wait_timeout(sleeping: bool, taps_as_wanted: bool) -> EpollTimeout {
+/// are still read — and no longer than until the next pair's turn under a
+/// rate limit (`next_turn`).
+fn wait_timeout(
+    sleeping: bool,
+    taps_as_wanted: bool,
+    next_turn: Option<Instant>,
+    now: Instant,
+) -> EpollTimeout {
     if !sleeping {
-        EpollTimeout::ZERO
-    } else if taps_as_wanted {
-        EpollTimeout::NONE
-    } else {
-        EpollTimeout::from(RETRY_NAP_MS)
+        return EpollTimeout::ZERO;
+    }
+    let nap = (!taps_as_wanted).then_some(RETRY_NAP);
+    let turn = next_turn.map(|t| t.saturating_duration_since(now));
+    match nap.into_iter().chain(turn).min() {
+        None => EpollTimeout::NONE,
+        // Rounded up: waking before the turn would only find it not due.
+        Some(d) => {
+            let ms = d.as_micros().div_ceil(1000).min(u128::from(u16::MAX));
+            EpollTimeout::from(ms as u16)
+        }
     }
 }
 
@@ -349,7 +373,7 @@ fn register(served: &[Served<'_>]) -> nix::Result<Registration> {
     })
 }
 
-/// One TX batch and one RX batch.
+/// One TX batch and one RX batch, each within its rate limit's turn.
 fn one_batch(
     shared: &PairShared,
     st: &mut PairState,
@@ -361,9 +385,12 @@ fn one_batch(
     };
     let mem = mem.mmap();
     let settings = st.settings.clone();
+    let limits = &shared.limits;
+    let now = Instant::now();
     let mut more = false;
     let mut worked = false;
     let mut tap_failing = false;
+    let mut throttled_until = None;
     if let Some(tx) = st.tx.as_mut() {
         let ctx = TxContext {
             mem,
@@ -371,14 +398,26 @@ fn one_batch(
             hdr_len: settings.hdr_len,
             link_up: settings.link_up && st.active,
         };
-        let (batch, tx_more) = process_tx(tx, &ctx, iov, BATCH);
-        worked |= batch != Batch::default();
-        shared.stats.add_tx(&batch);
-        more |= tx_more;
+        match turn(&limits.tx, shared.index, now, || tx.has_chains(mem)) {
+            Take::WaitUntil(t) => throttled_until = Some(t),
+            // Idle, `process_tx` passes nothing (its allowance is empty)
+            // but still re-enables the driver's kicks, which a pass that
+            // ended throttled or on its budget left off: skipping it would
+            // leave the next chains waiting for a kick that never comes.
+            take => {
+                let mut allowance = allowance_of(take);
+                let (batch, tx_more) = process_tx(tx, &ctx, iov, BATCH, &mut allowance);
+                give_back(&limits.tx, take, allowance);
+                worked |= batch != Batch::default();
+                shared.stats.add_tx(&batch);
+                more |= tx_more;
+            }
+        }
     }
     // RX is tried on every pass (cheap when the ring is empty), so a kick
     // that raced with a drain cannot leave the ring starved for good.
     let rx_ready = st.active && settings.link_up && !shared.tap_gone.is_gone();
+    let mut rx_throttled = false;
     if let (Some(rx), true) = (st.rx.as_mut(), rx_ready) {
         let ctx = RxContext {
             mem,
@@ -390,27 +429,84 @@ fn one_batch(
             link_up: settings.link_up,
             dirty_log: settings.dirty_log.as_deref(),
         };
-        let (batch, outcome) = process_rx(rx, &mut st.rx_pending, &ctx, BATCH);
-        worked |= batch != Batch::default();
-        shared.stats.add_rx(&batch);
-        match outcome {
-            RxOutcome::Budget => {
-                st.rx_starved = false;
-                more = true;
+        match turn(&limits.rx, shared.index, now, || tap_readable(tap_fd)) {
+            Take::WaitUntil(t) => {
+                rx_throttled = true;
+                throttled_until = Some(throttled_until.map_or(t, |u: Instant| u.min(t)));
             }
-            RxOutcome::NeedBuffers => st.rx_starved = true,
-            RxOutcome::TapEmpty => st.rx_starved = false,
-            RxOutcome::TapError => {
-                st.rx_starved = false;
-                tap_failing = true;
+            // Nothing in the TAP: it stays watched (`want_tap`).
+            Take::Idle => st.rx_starved = false,
+            take => {
+                let mut allowance = allowance_of(take);
+                let (batch, outcome) =
+                    process_rx(rx, &mut st.rx_pending, &ctx, BATCH, &mut allowance);
+                give_back(&limits.rx, take, allowance);
+                worked |= batch != Batch::default();
+                shared.stats.add_rx(&batch);
+                match outcome {
+                    // Spent: the next pass asks for the next turn.
+                    RxOutcome::Budget | RxOutcome::Throttled => {
+                        st.rx_starved = false;
+                        more = true;
+                    }
+                    RxOutcome::NeedBuffers => st.rx_starved = true,
+                    RxOutcome::TapEmpty => st.rx_starved = false,
+                    RxOutcome::TapError => {
+                        st.rx_starved = false;
+                        tap_failing = true;
+                    }
+                    RxOutcome::TapGone => shared.tap_gone.raise(),
+                }
             }
-            RxOutcome::TapGone => shared.tap_gone.raise(),
         }
     }
     Pass {
         more: more && !tap_failing,
-        want_tap: st.rx.is_some() && rx_ready && !st.rx_starved && !shared.tap_gone.is_gone(),
+        // A throttled RX leaves the TAP out of the set: it stays readable,
+        // and the turn's timer wakes the thread instead.
+        want_tap: st.rx.is_some()
+            && rx_ready
+            && !st.rx_starved
+            && !rx_throttled
+            && !shared.tap_gone.is_gone(),
         worked,
         tap_failing,
+        throttled_until,
     }
+}
+
+/// What a direction may do on this pass: `Take::Unlimited` without a look
+/// at the ring when no limit is set; under a limit, `Take::Idle` when
+/// nothing is waiting (`has_work`), so an idle pair takes no turn and
+/// holds no place.
+fn turn(limit: &DirectionLimit, pair: u16, now: Instant, has_work: impl FnOnce() -> bool) -> Take {
+    if !limit.is_limited() {
+        return Take::Unlimited;
+    }
+    if !has_work() {
+        limit.leave(pair);
+        return Take::Idle;
+    }
+    limit.take(pair, now)
+}
+
+fn allowance_of(take: Take) -> Allowance {
+    match take {
+        Take::Granted(allowance) => allowance,
+        Take::Idle => Allowance::none(),
+        Take::Unlimited | Take::WaitUntil(_) => Allowance::unlimited(),
+    }
+}
+
+fn give_back(limit: &DirectionLimit, take: Take, left: Allowance) {
+    if matches!(take, Take::Granted(_)) {
+        limit.give_back(left);
+    }
+}
+
+/// Whether the TAP queue holds a frame (a zero-timeout poll): under an RX
+/// limit a pair asks for a turn only with frames waiting.
+fn tap_readable(tap: BorrowedFd<'_>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(tap, nix::poll::PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }

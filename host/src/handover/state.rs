@@ -289,6 +289,7 @@ pub(crate) mod tests {
             connect: None,
             counters: Default::default(),
             queue_stats: vec![],
+            limits: Default::default(),
         };
         Offer {
             magic: MAGIC.into(),

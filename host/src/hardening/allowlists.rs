@@ -60,9 +60,13 @@ pub fn rules(role: Role) -> Rules {
     );
     // Frames and notifications: TAP queues, eventfds and pipes (kick, call,
     // wake), the log on stderr; epoll sets are rebuilt as rings change.
+    // Under an RX rate limit a TAP queue is asked whether a frame waits
+    // (poll with no timeout) before the pair takes a turn.
     allow(
         &mut rules,
         &[
+            libc::SYS_poll,
+            libc::SYS_ppoll,
             libc::SYS_read,
             libc::SYS_write,
             libc::SYS_readv,

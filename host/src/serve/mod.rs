@@ -11,6 +11,7 @@ mod setup;
 
 use crate::daemon::fd_store::{self, FdStore};
 use crate::daemon::notify::Notifier;
+use crate::datapath::rate_limit::LimitSpecs;
 use crate::datapath::DatapathOptions;
 use crate::hardening::allowlists::Role;
 use crate::hardening::privileges::{self, Target};
@@ -60,6 +61,9 @@ pub struct ServeOptions {
     /// manager's store (`daemon::fd_store`).
     pub fd_store: Option<usize>,
     pub seccomp: Mode,
+    /// `--tx-limit`/`--rx-limit` for a device set up here (a handover or a
+    /// restart keeps the limits the device had).
+    pub limits: LimitSpecs,
 }
 
 /// Why `serve` stopped: a usage problem (exit 2) or a runtime failure.

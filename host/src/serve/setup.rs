@@ -149,6 +149,7 @@ pub fn fresh(
     .map_err(|e| usage(e.to_string()))?;
     let backend =
         NetBackend::new(device, tap.clone(), opts.datapath).map_err(ServeError::Runtime)?;
+    backend.datapath().set_limits(opts.limits);
     let socket_name = match (&opts.connect, &opts.socket, &listener) {
         (Some(path), _, _) => format!("dialling {}", path.display()),
         (None, Some(path), _) => path.display().to_string(),
@@ -162,6 +163,8 @@ pub fn fresh(
         queues = opts.queues,
         offloads = ?tap.offload_caps(),
         component = %backend.device().info().version,
+        tx_limit = ?opts.limits.tx.map(|s| s.to_string()),
+        rx_limit = ?opts.limits.rx.map(|s| s.to_string()),
         "serving"
     );
     Ok(Serving {

@@ -6,9 +6,9 @@
 //! `struct tun_struct`), so they are set through queue 0; attach/detach is per
 //! queue.
 
-mod in_use;
+mod link_query;
 
-pub use in_use::QueuesOpen;
+pub use link_query::{LinkQuery, QueuesOpen};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
 use nix::sys::stat::Mode;
@@ -152,6 +152,9 @@ pub struct Tap {
     queues: Vec<OwnedFd>,
     multi_queue: bool,
     offload_caps: Offloads,
+    /// Asks the kernel for the TAP's drop counter (None: no netlink
+    /// socket could be opened; the count is then not reported).
+    link_query: Option<LinkQuery>,
 }
 
 impl Tap {
@@ -165,6 +168,7 @@ impl Tap {
             queues,
             multi_queue: false,
             offload_caps: Offloads::empty(),
+            link_query: None,
         }
     }
 
@@ -172,7 +176,7 @@ impl Tap {
     /// the kernel did not say).
     pub fn queues_open(name: &str) -> Option<QueuesOpen> {
         let index = nix::net::if_::if_nametoindex(name).ok()?;
-        in_use::queues_open(index).ok()
+        link_query::queues_open(index).ok()
     }
 
     /// Attaches `queues` queues to the TAP device `name`, which no one else
@@ -184,7 +188,7 @@ impl Tap {
         let Ok(index) = nix::net::if_::if_nametoindex(name) else {
             return Err(TapError::Missing(name.into()));
         };
-        let open = in_use::queues_open(index).map_err(|e| TapError::Query {
+        let open = link_query::queues_open(index).map_err(|e| TapError::Query {
             name: name.into(),
             errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
@@ -282,11 +286,13 @@ impl Tap {
         queues: Vec<OwnedFd>,
         multi_queue: bool,
     ) -> Result<Self, TapError> {
+        let link_query = LinkQuery::open(&name).ok();
         let mut tap = Self {
             name,
             queues,
             multi_queue,
             offload_caps: Offloads::empty(),
+            link_query,
         };
         tap.offload_caps = tap.probe_offloads();
         tap.set_offloads(Offloads::empty())?;
@@ -295,6 +301,13 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Frames the kernel dropped at the TAP's queues on their way to the
+    /// guest (its queue was full: the guest, or an RX rate limit, read
+    /// too slowly). None when the kernel cannot be asked.
+    pub fn kernel_drops(&self) -> Option<u64> {
+        self.link_query.as_ref()?.tx_dropped().ok()
     }
 
     pub fn queue_count(&self) -> usize {

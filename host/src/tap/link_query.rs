@@ -1,12 +1,17 @@
-//! Whether a TAP already serves someone: the kernel's count of the queues
-//! attached to it and of those detached but still open, read over
-//! rtnetlink (`ip -d link` shows them as `numqueues` and `numdisabled`).
+//! What the kernel says about a TAP device, read over rtnetlink
+//! (RTM_GETLINK):
 //!
-//! Why sandnic asks before opening a TAP by name: a multi-queue TAP takes
-//! every queue attached to it, from any process, and the kernel then
-//! spreads the guest's inbound flows over all of them. A second sandnic
-//! started on a TAP that a running one (or a service manager's fd store)
-//! still holds would quietly take half the guest's traffic.
+//! - whether it already serves someone: the count of the queues attached
+//!   to it and of those detached but still open (`ip -d link` shows them
+//!   as `numqueues` and `numdisabled`). Why sandnic asks before opening a
+//!   TAP by name: a multi-queue TAP takes every queue attached to it, from
+//!   any process, and the kernel then spreads the guest's inbound flows
+//!   over all of them. A second sandnic started on a TAP that a running
+//!   one (or a service manager's fd store) still holds would quietly take
+//!   half the guest's traffic.
+//! - the frames it dropped on the way to the guest (`tx_dropped`): the
+//!   TAP's own queue overflowed, as it does while an RX rate limit holds
+//!   frames back.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,6 +23,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_HEADER: usize = 16;
 const IFINFOMSG: usize = 16;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_STATS64: u16 = 23;
 const IFLA_INFO_DATA: u16 = 2;
 const IFLA_TUN_NUM_QUEUES: u16 = 8;
 const IFLA_TUN_NUM_DISABLED_QUEUES: u16 = 9;
@@ -42,6 +48,41 @@ impl QueuesOpen {
 /// reports no counts for.
 pub fn queues_open(ifindex: u32) -> io::Result<QueuesOpen> {
     let socket = netlink_socket()?;
+    parse_link_reply(&query(&socket, ifindex)?)
+}
+
+/// The frames the kernel dropped on the way out of the TAP (to the
+/// guest): `tx_dropped` of its 64-bit link counters. `socket` is a
+/// netlink socket opened before the process was confined (`LinkQuery`).
+pub fn tx_dropped(socket: &OwnedFd, ifindex: u32) -> io::Result<u64> {
+    parse_tx_dropped(&query(socket, ifindex)?)
+}
+
+/// A netlink socket kept for `tx_dropped`: a confined control thread may
+/// not open one.
+#[derive(Debug)]
+pub struct LinkQuery {
+    socket: OwnedFd,
+    ifindex: u32,
+}
+
+impl LinkQuery {
+    /// For the interface `name` in the calling thread's namespace.
+    pub fn open(name: &str) -> io::Result<Self> {
+        let ifindex = nix::net::if_::if_nametoindex(name)?;
+        Ok(Self {
+            socket: netlink_socket()?,
+            ifindex,
+        })
+    }
+
+    pub fn tx_dropped(&self) -> io::Result<u64> {
+        tx_dropped(&self.socket, self.ifindex)
+    }
+}
+
+/// Sends RTM_GETLINK for `ifindex` and returns the reply.
+fn query(socket: &OwnedFd, ifindex: u32) -> io::Result<Vec<u8>> {
     let request = link_request(ifindex);
     // SAFETY: `request` is a live buffer of its length; send only reads it.
     let sent = unsafe {
@@ -68,7 +109,8 @@ pub fn queues_open(ifindex: u32) -> io::Result<QueuesOpen> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    parse_link_reply(&reply[..n as usize])
+    reply.truncate(n as usize);
+    Ok(reply)
 }
 
 fn netlink_socket() -> io::Result<OwnedFd> {
@@ -110,22 +152,7 @@ fn link_request(ifindex: u32) -> Vec<u8> {
 /// from reading past it.
 fn parse_link_reply(reply: &[u8]) -> io::Result<QueuesOpen> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed RTM_NEWLINK reply");
-    let u16_at = |b: &[u8], at: usize| b.get(at..at + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
-    let u32_at = |b: &[u8], at: usize| {
-        b.get(at..at + 4)
-            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
-    };
-    let len = u32_at(reply, 0).ok_or_else(bad)? as usize;
-    let kind = u16_at(reply, 4).ok_or_else(bad)?;
-    let message = reply.get(..len).ok_or_else(bad)?;
-    if kind == NLMSG_ERROR {
-        let errno = u32_at(message, NLMSG_HEADER).ok_or_else(bad)? as i32;
-        return Err(io::Error::from_raw_os_error(-errno));
-    }
-    if kind != RTM_NEWLINK {
-        return Err(bad());
-    }
-    let attributes = message.get(NLMSG_HEADER + IFINFOMSG..).ok_or_else(bad)?;
+    let attributes = link_attributes(reply)?;
     let mut counts = QueuesOpen::default();
     let Some(info) = attribute(attributes, IFLA_LINKINFO) else {
         return Ok(counts);
@@ -140,6 +167,44 @@ fn parse_link_reply(reply: &[u8]) -> io::Result<QueuesOpen> {
         counts.detached = u32_at(v, 0).ok_or_else(bad)?;
     }
     Ok(counts)
+}
+
+/// `tx_dropped` in an RTM_NEWLINK reply's IFLA_STATS64 (a
+/// `struct rtnl_link_stats64`, eight u64 counters in, after rx/tx packets,
+/// bytes, errors and rx_dropped).
+fn parse_tx_dropped(reply: &[u8]) -> io::Result<u64> {
+    let missing = || io::Error::new(io::ErrorKind::InvalidData, "no IFLA_STATS64 in the reply");
+    let stats = attribute(link_attributes(reply)?, IFLA_STATS64).ok_or_else(missing)?;
+    let at = 7 * 8;
+    stats
+        .get(at..at + 8)
+        .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(missing)
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    b.get(at..at + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// The attributes of an RTM_NEWLINK reply, or the errno of an error reply.
+fn link_attributes(reply: &[u8]) -> io::Result<&[u8]> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed RTM_NEWLINK reply");
+    let len = u32_at(reply, 0).ok_or_else(bad)? as usize;
+    let kind = u16_at(reply, 4).ok_or_else(bad)?;
+    let message = reply.get(..len).ok_or_else(bad)?;
+    if kind == NLMSG_ERROR {
+        let errno = u32_at(message, NLMSG_HEADER).ok_or_else(bad)? as i32;
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
+    if kind != RTM_NEWLINK {
+        return Err(bad());
+    }
+    message.get(NLMSG_HEADER + IFINFOMSG..).ok_or_else(bad)
 }
 
 /// The payload of the first attribute of type `wanted` in `attributes`
@@ -197,6 +262,15 @@ mod tests {
                 detached: 1
             }
         );
+    }
+
+    #[test]
+    fn tx_dropped_is_the_eighth_stats64_counter() {
+        let counters: Vec<u8> = (1..=24u64).flat_map(|c| (c * 100).to_ne_bytes()).collect();
+        let attributes = [rtattr(3, b"tap0\0"), rtattr(IFLA_STATS64, &counters)].concat();
+        assert_eq!(parse_tx_dropped(&reply(&attributes)).unwrap(), 800);
+        let short = rtattr(IFLA_STATS64, &counters[..40]);
+        assert!(parse_tx_dropped(&reply(&short)).is_err());
     }
 
     #[test]
