@@ -776,3 +776,20 @@ fn a_kill_with_a_migrations_destination_connected_closes_both_connections() {
         "the destination's connection is closed"
     );
 }
+
+/// Rate limits are part of the device: one set live before a kill is in
+/// force in the process that picks the device up.
+#[test]
+fn rate_limits_survive_a_kill() {
+    require_network!("rate_limits_survive_a_kill");
+    let m = Managed::start();
+    let set = m.api(json!({"cmd": "limit", "tx": {"bytes": 1_000_000}, "rx": {"frames": 5000}}));
+    assert_eq!(set["ok"], true, "{set}");
+    record_settled(&m);
+    m.manager.signal_main(nix::sys::signal::Signal::SIGKILL);
+    m.manager
+        .wait_ready(2, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", m.manager.log()));
+    let status = m.api(json!({"cmd": "status"}));
+    assert_eq!(status["limits"], set["limits"], "{status}");
+}

@@ -313,3 +313,112 @@ fn rx_limits_hold_with_two_pairs_sharing_equally() {
     require_network!("rx_limits_hold_with_two_pairs_sharing_equally");
     limits_hold(Way::Rx, 2);
 }
+
+/// The limits are the device's: a hot swap and a handover keep them, and
+/// the new process goes on enforcing them.
+#[test]
+fn limits_survive_a_swap_and_a_handover() {
+    require_network!("limits_survive_a_swap_and_a_handover");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rig = Rig::new(
+        &[
+            "--tx-limit",
+            "bytes=12500k",
+            "--rx-limit",
+            "frames=10k,burst-frames=500",
+        ],
+        NicConfig::default(),
+    )
+    .unwrap();
+    let limits = |s: &Sandnic| s.api(json!({"cmd": "status"})).unwrap()["limits"].clone();
+    let set = limits(&rig.sandnic);
+    assert_eq!(set["tx"]["bytes"], 12_500_000, "{set}");
+    assert_eq!(set["tx"]["burst_bytes"], 1_250_000, "{set}");
+    assert_eq!(set["rx"]["frames"], 10_000, "{set}");
+    assert_eq!(set["rx"]["burst_frames"], 500, "{set}");
+    let swapped = rig
+        .sandnic
+        .api(json!({"cmd": "swap", "component": "builtin"}))
+        .unwrap();
+    assert_eq!(swapped["ok"], true, "{swapped}");
+    assert_eq!(limits(&rig.sandnic), set);
+    let (destination, path) =
+        Sandnic::incoming(&rig.ns, &rig.dir, "dest", &rig.sandnic, &[]).unwrap();
+    let reply = rig.sandnic.handover(&path, false).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}\n{}", destination.log());
+    assert_eq!(limits(&destination), set);
+    let (bytes, _) = flooded(&mut rig, Way::Tx, 1, FULL, |ns, _| {
+        std::thread::sleep(SPEND_BURST);
+        measure(ns, Way::Tx, Duration::from_secs(2))
+    });
+    assert!(
+        within(bytes, 12_500_000.0, 0.05),
+        "{bytes} B/s after the handover\n{}",
+        destination.log()
+    );
+}
+
+/// A malformed limit: `serve` exits 2 with the reason on one line; the
+/// API answers an error and changes neither direction; `null` removes a
+/// limit and a direction left out stays as it was.
+#[test]
+fn bad_limits_are_refused_and_change_nothing() {
+    require_network!("bad_limits_are_refused_and_change_nothing");
+    let (ns, dir) = Rig::namespace(true).unwrap();
+    for (spec, why) in [
+        ("bytes=10m", "is not a whole number"),
+        ("bits=5", "unknown key"),
+        ("bytes=0", "must be more than 0"),
+        ("", "is not key=value"),
+    ] {
+        let out = ns
+            .command(sandnic::harness::sandnic_binary().to_str().unwrap())
+            .args(["serve", "--socket"])
+            .arg(dir.path("x.sock"))
+            .args(["--tap", "tap0", "--tx-limit", spec])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {stderr}");
+        assert!(stderr.contains(why), "{spec}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{spec}: {stderr}");
+    }
+    drop((ns, dir));
+    let rig = Rig::new(&["--rx-limit", "bytes=1M"], NicConfig::default()).unwrap();
+    let limit = |request: Value| rig.sandnic.api(request).unwrap();
+    let before = limit(json!({"cmd": "status"}))["limits"].clone();
+    for bad in [
+        json!({"cmd": "limit", "tx": {"bytes": 0}, "rx": null}),
+        json!({"cmd": "limit", "tx": {"bytes": 1000000}, "rx": {"bytes": -5}}),
+        json!({"cmd": "limit", "rx": {"bytes": 1.5}}),
+        json!({"cmd": "limit", "rx": {"bits": 1000}}),
+        json!({"cmd": "limit", "tx": {}}),
+        json!({"cmd": "limit", "tx": {"frames": 10, "burst_bytes": 100000}}),
+    ] {
+        let reply = limit(bad.clone());
+        assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        assert_eq!(limit(json!({"cmd": "status"}))["limits"], before, "{bad}");
+    }
+    let reply = limit(json!({"cmd": "limit", "tx": {"frames": 5000}}));
+    assert_eq!(reply["limits"]["tx"]["frames"], 5000, "{reply}");
+    assert_eq!(reply["limits"]["rx"]["bytes"], 1_000_000, "{reply}");
+    let reply = limit(json!({"cmd": "limit", "rx": null}));
+    assert_eq!(reply["limits"]["rx"], Value::Null, "{reply}");
+    assert_eq!(reply["limits"]["tx"]["frames"], 5000, "{reply}");
+    // `ctl limit` says the same from the command line.
+    let ctl = std::process::Command::new(sandnic::harness::sandnic_binary())
+        .args(["ctl", "--api"])
+        .arg(&rig.sandnic.api)
+        .args(["limit", "--tx", "none", "--rx", "bytes=125M,burst-bytes=2M"])
+        .output()
+        .unwrap();
+    assert!(
+        ctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    let now = limit(json!({"cmd": "status"}))["limits"].clone();
+    assert_eq!(now["tx"], Value::Null, "{now}");
+    assert_eq!(now["rx"]["bytes"], 125_000_000, "{now}");
+    assert_eq!(now["rx"]["burst_bytes"], 2_000_000, "{now}");
+}
