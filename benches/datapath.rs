@@ -504,6 +504,17 @@ fn seccomp_rounds(case: Case, ns: &NetNs, ours: Ours<'_>) {
     second_process_rounds("seccomp", case, ns, &other, &["--seccomp", "off"], ours);
 }
 
+/// Sandnic with no rate limit against a second sandnic whose limits are
+/// far above any rate it can reach (1 TB/s and 1 T frames/s each way), in
+/// paired rounds: `tx-limit-*` and `rx-limit-*` record unlimited / limited
+/// throughput per round — what asking the buckets for every batch costs.
+fn limit_rounds(case: Case, ns: &NetNs, ours: Ours<'_>) {
+    let other = sandnic::harness::sandnic_binary();
+    let far = "bytes=1000G,frames=1000G";
+    let args = ["--tx-limit", far, "--rx-limit", far];
+    second_process_rounds("limit", case, ns, &other, &args, ours);
+}
+
 /// This build against another build's `sandnic` (`SANDNIC_AB_BASELINE`, a
 /// path), both as they run by default, in paired rounds: `tx-ab-*` and
 /// `rx-ab-*` record this build's throughput / the baseline's per round.
@@ -646,7 +657,7 @@ fn bench(c: &mut Criterion) {
             (&tx_frame, &tx_hdr),
             (&rx_frame, &rx_hdr),
         );
-        for rounds in [seccomp_rounds, ab_rounds] {
+        for rounds in [seccomp_rounds, limit_rounds, ab_rounds] {
             let ours = Ours {
                 nic: &mut nic,
                 inject: &inject,

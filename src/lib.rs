@@ -4,6 +4,7 @@
 //! `tests/`, the benches in `benches/`.
 
 pub mod dpdk;
+pub mod flood;
 pub mod frames;
 pub mod frontend;
 pub mod guest;
