@@ -501,3 +501,37 @@ echo $? > /mnt/rx.rc
         );
     }
 }
+
+/// A local VM migration (same process): the destination VMM's session
+/// takes the device over when the source stops its rings, and the limit
+/// holds for it as it did for the source.
+#[test]
+fn a_limit_holds_across_a_local_vm_migration() {
+    require_network!("a_limit_holds_across_a_local_vm_migration");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rig = Rig::new(&["--tx-limit", "bytes=12500k"], NicConfig::default()).unwrap();
+    let standby =
+        sandnic::frontend::TestNic::connect_standby(&rig.sandnic.socket, &NicConfig::default())
+            .unwrap();
+    rig.nic.stop_rings().unwrap();
+    let second = standby.start().unwrap();
+    let first = std::mem::replace(&mut rig.nic, second);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.sandnic.api(json!({"cmd": "status"})).unwrap()["sessions"]
+        .as_array()
+        .map_or(0, Vec::len)
+        != 1
+    {
+        assert!(Instant::now() < deadline, "the source's session never left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (bytes, _) = flooded(&mut rig, Way::Tx, 1, FULL, |ns, _| {
+        std::thread::sleep(SPEND_BURST);
+        measure(ns, Way::Tx, Duration::from_secs(2))
+    });
+    assert!(
+        within(bytes, 12_500_000.0, 0.05),
+        "{bytes} B/s after the migration"
+    );
+}
