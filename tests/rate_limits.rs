@@ -535,3 +535,102 @@ fn a_limit_holds_across_a_local_vm_migration() {
         "{bytes} B/s after the migration"
     );
 }
+
+/// A throttled direction never holds up the other on the same thread.
+/// TX held to 2 frames/s with its ring kept full (a turn every 500 ms):
+/// datagrams from the host still reach the guest at once. Then RX held to
+/// 2 frames/s with the TAP flooded: the guest's datagrams still reach the
+/// host at once. Were the two coupled, a frame would wait for the other
+/// direction's next turn (up to 500 ms); the bound is half that.
+#[test]
+fn a_throttled_direction_does_not_hold_up_the_other() {
+    require_network!("a_throttled_direction_does_not_hold_up_the_other");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let bound = Duration::from_millis(250);
+    for throttled in [Way::Tx, Way::Rx] {
+        let flag = match throttled {
+            Way::Tx => "--tx-limit",
+            Way::Rx => "--rx-limit",
+        };
+        let mut rig = Rig::new(&[flag, "frames=2,burst-frames=1"], NicConfig::default()).unwrap();
+        let host = rig
+            .ns
+            .inside(|| Ok(std::net::UdpSocket::bind(("10.77.0.1", 6100))?))
+            .unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let worst = match throttled {
+            Way::Tx => rx_delays_under_throttled_tx(&mut rig, &host),
+            Way::Rx => tx_delays_under_throttled_rx(&mut rig, &host),
+        };
+        eprintln!(
+            "{} throttled: the other way's worst delay {worst:?}",
+            throttled.name()
+        );
+        assert!(worst < bound, "{} throttled: {worst:?}", throttled.name());
+    }
+}
+
+/// TX ring kept full under its limit while the host sends 20 datagrams
+/// to the guest, 20 ms apart: the longest any took to arrive.
+fn rx_delays_under_throttled_tx(rig: &mut Rig, host: &std::net::UdpSocket) -> Duration {
+    let frame = sandnic::flood::frame_of(
+        FULL,
+        sandnic::flood::NOWHERE,
+        sandnic::harness::RIG_GUEST_MAC,
+        (sandnic::harness::RIG_GUEST_IP, [10, 77, 0, 99]),
+    );
+    let chain = rig.nic.prepare_tx(0, &[0u8; 12], &frame);
+    let mut worst = Duration::ZERO;
+    for i in 0..20u8 {
+        rig.nic.send_prepared(0, 256, chain);
+        let sent = Instant::now();
+        host.send_to(&[i; 16], "10.77.0.2:5000").unwrap();
+        loop {
+            rig.nic.send_prepared(0, 256, chain);
+            if let Some(f) = rig.nic.try_recv(0) {
+                if sandnic::frames::udp_payload(&f) == Some(&[i; 16][..]) {
+                    worst = worst.max(sent.elapsed());
+                    break;
+                }
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(5),
+                "datagram {i} never came"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    worst
+}
+
+/// The TAP flooded under the RX limit while the guest sends 20 datagrams
+/// to the host, 20 ms apart: the longest any took to arrive.
+fn tx_delays_under_throttled_rx(rig: &mut Rig, host: &std::net::UdpSocket) -> Duration {
+    let stop = AtomicBool::new(false);
+    let frames: Vec<Vec<u8>> = (0..20u8).map(|i| rig.guest_udp(6100, &[i; 16])).collect();
+    let Rig {
+        nic, ns, tap_mac, ..
+    } = rig;
+    let (ns, tap_mac) = (&*ns, *tap_mac);
+    let mut worst = Duration::ZERO;
+    std::thread::scope(|s| {
+        s.spawn(|| flood_rx(ns, tap_mac, 1, FULL, &stop));
+        std::thread::sleep(SPEND_BURST);
+        for (i, frame) in (0..20u8).zip(&frames) {
+            let sent = Instant::now();
+            nic.send(0, frame).unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                let (n, _) = host.recv_from(&mut buf).expect("the guest's datagram");
+                if buf[..n] == [i; 16] {
+                    worst = worst.max(sent.elapsed());
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    worst
+}
