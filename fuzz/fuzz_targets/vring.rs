@@ -13,6 +13,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use sandnic_host::memory::guest_memory::{GuestMemory, RegionInfo};
+use sandnic_host::datapath::rate_limit::Allowance;
 use sandnic_host::datapath::rx::{process_rx, RxContext, RxPending};
 use sandnic_host::datapath::rx_filter::NativeFilter;
 use sandnic_host::datapath::tx::{process_tx, TxContext};
@@ -85,14 +86,23 @@ fuzz_target!(|data: &[u8]| {
     let event_idx = flags & 1 != 0;
     let mergeable = flags & 2 != 0;
     let crafted = flags & 4 != 0;
+    // A rate limit's allowance of 1-16 frames: the chains beyond it must
+    // go back to the ring untouched.
+    let limited = flags & 8 != 0;
     let mem = memory(image);
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
     // TX ring at the start of memory, RX ring in the middle.
     if let Some(mut tx) = ring(1, num, &mem, BASE, event_idx) {
         let ctx = TxContext { mem: mem.mmap(), tap: null.as_fd(), hdr_len: 12, link_up: true };
         let mut iov = Vec::new();
-        let (batch, _) = process_tx(&mut tx, &ctx, &mut iov, 256);
+        let mut allowance = Allowance::unlimited();
+        if limited {
+            allowance.frames = 1 + i64::from(flags >> 4);
+        }
+        let allowed = allowance.frames;
+        let (batch, _) = process_tx(&mut tx, &ctx, &mut iov, 256, &mut allowance);
         assert!(batch.packets + batch.drops + batch.bad_chains <= 256);
+        assert!(batch.packets as i64 <= allowed, "{} sent, {allowed} allowed", batch.packets);
     }
     let (peer, tap) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
     tap.set_nonblocking(true).expect("nonblocking");
@@ -119,7 +129,7 @@ fuzz_target!(|data: &[u8]| {
             dirty_log: None,
         };
         let mut pending = RxPending::default();
-        let (batch, _) = process_rx(&mut rx, &mut pending, &ctx, 16);
+        let (batch, _) = process_rx(&mut rx, &mut pending, &ctx, 16, &mut Allowance::unlimited());
         if let Some((segments, capacity)) = crafted {
             if usize::from(segments) > MAX_SEGMENTS {
                 assert_eq!(batch.bad_chains, 1, "{segments} segments: returned unused");

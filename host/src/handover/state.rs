@@ -123,6 +123,10 @@ pub enum StateError {
     /// The memory table changed but the commit brought no fds to map it.
     #[error("the memory table changed but no fds came with it")]
     MemoryWithoutFds,
+    /// A rate limit the device could not take (a zero rate would never
+    /// refill its bucket).
+    #[error("{0} rate limit: {1}")]
+    Limit(&'static str, crate::datapath::rate_limit::SpecError),
 }
 
 use super::stream::{MAGIC, VERSION};
@@ -181,6 +185,11 @@ fn validate_host(h: &HostState) -> Result<(), StateError> {
     }
     if h.regions.len() > MAX_REGIONS {
         return Err(StateError::Regions(h.regions.len()));
+    }
+    for (way, spec) in [("tx", h.limits.tx), ("rx", h.limits.rx)] {
+        if let Some(spec) = spec {
+            spec.validated().map_err(|e| StateError::Limit(way, e))?;
+        }
     }
     crate::tap::check_name(&h.tap.name)?;
     if usize::from(h.tap.queues) < pairs {
@@ -362,6 +371,19 @@ pub(crate) mod tests {
                 queues: 0,
                 pairs: 1
             }
+        );
+        let zero = crate::datapath::rate_limit::RateSpec {
+            bytes: Some(0),
+            frames: None,
+            burst_bytes: None,
+            burst_frames: None,
+        };
+        assert_eq!(
+            refused(|o| o.host.limits.rx = Some(zero)),
+            StateError::Limit(
+                "rx",
+                crate::datapath::rate_limit::SpecError::Zero("bytes".into())
+            )
         );
     }
 
