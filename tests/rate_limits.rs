@@ -634,3 +634,28 @@ fn tx_delays_under_throttled_rx(rig: &mut Rig, host: &std::net::UdpSocket) -> Du
     });
     worst
 }
+
+/// Work-conserving: with two pairs and only one of them sending, that one
+/// gets the whole limit (the idle pair takes no turn and holds no place).
+#[test]
+fn an_idle_pairs_share_goes_to_the_busy_one() {
+    require_network!("an_idle_pairs_share_goes_to_the_busy_one");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rig = Rig::new(
+        &["--queues", "2", "--tx-limit", "bytes=12500k"],
+        NicConfig {
+            pairs: 2,
+            ..NicConfig::default()
+        },
+    )
+    .unwrap();
+    // `flooded` with one pair fills pair 0's ring only.
+    let (bytes, _) = flooded(&mut rig, Way::Tx, 1, FULL, |ns, _| {
+        std::thread::sleep(SPEND_BURST);
+        measure(ns, Way::Tx, Duration::from_secs(2))
+    });
+    assert!(
+        within(bytes, 12_500_000.0, 0.05),
+        "{bytes} B/s with one of two pairs busy"
+    );
+}
