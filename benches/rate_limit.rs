@@ -15,28 +15,11 @@
 
 use sandnic::flood::{flooded, measure, set_limit, Way, FULL};
 use sandnic::frontend::NicConfig;
-use sandnic::harness::{bench_should_run, network_unavailable, Rig};
+use sandnic::harness::{bench_should_run, cpu_seconds, network_unavailable, Rig};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 const SPAN: Duration = Duration::from_secs(3);
-
-/// CPU time (user + system) of process `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(close) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf has no memory effects.
-    (field(11) + field(12)) as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// Bytes per second through the TAP and sandnic's CPU share over `SPAN`,
 /// the flood already running.

@@ -29,7 +29,7 @@
 use sandnic::dpdk::{self, FrontendMode, Peer, Testpmd, VirtioUser};
 use sandnic::frames::{self, Mac};
 use sandnic::harness::{
-    bench_should_run, network_unavailable, record_paired, NetNs, Sandnic, ScratchDir,
+    bench_should_run, cpu_seconds, network_unavailable, record_paired, NetNs, Sandnic, ScratchDir,
 };
 use serde_json::{json, Value};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -151,24 +151,6 @@ fn pin_all_threads(pid: u32, cpu: usize) {
     let _ = Command::new("taskset")
         .args(["-a", "-cp", &cpu.to_string(), &pid.to_string()])
         .output();
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is 3rd.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line.
-    // SAFETY: sysconf reads no memory.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
 }
 
 /// `RssAnon` of a process in KiB.

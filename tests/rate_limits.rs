@@ -5,7 +5,7 @@
 
 use sandnic::flood::{flood_rx, flooded, measure, set_limit, tap_counters, Way, FULL, SMALLEST};
 use sandnic::frontend::NicConfig;
-use sandnic::harness::{NetNs, Rig, Sandnic};
+use sandnic::harness::{cpu_seconds, NetNs, Rig, Sandnic};
 use sandnic::require_network;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -306,15 +306,6 @@ fn a_burst_then_the_rate_and_live_changes_within_100_ms() {
         }
     });
     assert!(failures.is_empty(), "{failures:#?}");
-}
-
-/// CPU time (user + system) of process `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory effects.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// A throttled device does not spin: TX rings kept full and RX flooded,
